@@ -1,7 +1,8 @@
-"""Typed, validated training settings: a trial's parameters merged over the defaults.
+"""The wire contract: training settings, study specs, and the worker protocol (pydantic only).
 
-This module is the contract between the service (which samples parameters by these exact field
-names) and the trainer. It imports no torch so it can be validated anywhere.
+``TrainConfig`` is the contract between the service (which samples parameters by these exact
+field names) and the trainer. Everything here imports nothing else from the project and no torch,
+so both sides, and any client, can validate against it.
 
 Units: every ``*_epochs`` field is measured in epochs (floats allowed) and converted to optimizer
 steps by the trainer once the dataset, and so the number of steps per epoch, is known. Learning
@@ -90,7 +91,8 @@ class TrainConfig(BaseModel):
 
     # --- KL annealing (Bowman 2016; Sønderby 2016; Fu et al. 2019) -------------------------
     kl_schedule: KLScheduleName = "linear"
-    kl_warmup_epochs: float = Field(5.0, ge=0)  # linear / cosine / sigmoid warm-up length
+    # linear / cosine / sigmoid warm-up length; when not given: min(5, epochs / 2)
+    kl_warmup_epochs: float = Field(5.0, ge=0)
     kl_cycles: int = Field(4, ge=1)  # cyclical: M
     kl_ratio: float = Field(0.5, gt=0, le=1)  # cyclical: R, the rising fraction of a cycle
     kl_ramp: KLRamp = "linear"  # cyclical: shape f of the rise
@@ -129,6 +131,16 @@ class TrainConfig(BaseModel):
     decoder_lr: float | None = Field(None, gt=0)  # decoder LR; default: base_lr
     gan_equilibrium: float = Field(0.68, gt=0)  # ≈ ln 2, BCE at chance (official code)
     gan_margin: float = Field(0.35, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_warmup(cls, data: Any) -> Any:
+        """The default KL warm-up fits any run length: 5 epochs, or half of a shorter run."""
+        if isinstance(data, Mapping) and "kl_warmup_epochs" not in data:
+            epochs = data.get("epochs", 20)
+            if isinstance(epochs, int | float) and not isinstance(epochs, bool) and epochs > 0:
+                data = {**data, "kl_warmup_epochs": min(5.0, epochs / 2)}
+        return data
 
     @field_validator(
         "base_lr", "max_lr", "weight_decay", "free_bits", "eps", "gaussian_std", "disc_lr",
@@ -184,3 +196,345 @@ class TrainConfig(BaseModel):
     def from_mapping(cls, values: Mapping[str, Any]) -> TrainConfig:
         """Build from a trial's resolved parameters (lists become tuples)."""
         return cls.model_validate(dict(values))
+
+
+#: Field names of ``TrainConfig``: the only names a search space or ``fixed`` may use.
+TRAIN_CONFIG_FIELDS: frozenset[str] = frozenset(TrainConfig.model_fields)
+
+#: Reparameterised search dimensions that are not config fields themselves.
+#: ``max_lr_factor`` is sampled so that ``max_lr = base_lr * max_lr_factor`` is always larger.
+DERIVED_PARAMETERS: frozenset[str] = frozenset({"max_lr_factor"})
+
+#: Metrics a trial reports at its end that a study may optimise, with their natural direction.
+OBJECTIVE_METRICS: dict[str, Literal["minimize", "maximize"]] = {
+    "val_neg_elbo": "minimize",
+    "test_neg_elbo": "minimize",
+    "test_is_nll": "minimize",
+    "val_recon": "minimize",
+    "val_kl": "maximize",
+    "active_units": "maximize",
+}
+
+SamplerName = Literal["tpe", "gp", "cmaes", "random", "qmc", "nsga2"]
+PrunerName = Literal[
+    "none", "median", "percentile", "successive_halving", "hyperband", "wilcoxon"
+]
+Direction = Literal["minimize", "maximize"]
+StudyState = Literal["running", "stopped", "cancelled", "completed", "failed"]
+JSONScalar = str | int | float | bool | None
+ParamValue = str | int | float | bool
+
+
+def _finite_number(value: float | None, field: str) -> None:
+    if value is not None and not math.isfinite(value):
+        raise ValueError(f"`{field}` must be a finite number (got {value})")
+
+
+class ParamSpec(BaseModel):
+    """One search dimension: a float/int range, or a categorical set of choices.
+
+    Used both for the built-in defaults and for a user's overrides; an override replaces only the
+    keys it sets (``{"high": 1e-2}`` keeps the default's ``low`` and ``log``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["float", "int", "categorical"] | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool | None = None
+    step: float | None = None
+    choices: list[ParamValue] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> ParamSpec:
+        for name in ("low", "high", "step"):
+            _finite_number(getattr(self, name), name)
+        if self.choices is not None:
+            if not self.choices:
+                raise ValueError("`choices` must not be empty")
+            for choice in self.choices:
+                if isinstance(choice, float):
+                    _finite_number(choice, "choices")
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either `choices` or `low`/`high`, not both")
+        if self.step is not None and self.step <= 0:
+            raise ValueError(f"`step` must be positive (got {self.step:g})")
+        return self
+
+
+class Budget(BaseModel):
+    """How much a study may spend. Absurd budgets are refused rather than queued forever."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_trials: int = Field(20, ge=1, le=100_000, description="Trials to finish in total.")
+    timeout_s: float | None = Field(
+        None, gt=0, le=30 * 24 * 3600, description="No new trials after this many seconds."
+    )
+    max_concurrent: int = Field(4, ge=1, le=1024, description="Trials running at once.")
+    max_failed: int = Field(
+        10, ge=1, le=100_000, description="Stop the study after this many final failures."
+    )
+
+    @field_validator("timeout_s")
+    @classmethod
+    def _finite_timeout(cls, value: float | None) -> float | None:
+        _finite_number(value, "timeout_s")
+        return value
+
+
+class Objective(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    metric: str = "val_neg_elbo"
+    direction: Direction | None = None  # default: the metric's natural direction
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        if value not in OBJECTIVE_METRICS:
+            raise ValueError(
+                f"unknown objective metric {value!r}; choose one of {sorted(OBJECTIVE_METRICS)}"
+            )
+        return value
+
+    @property
+    def resolved_direction(self) -> Direction:
+        return self.direction or OBJECTIVE_METRICS[self.metric]
+
+
+class SamplerSpec(BaseModel):
+    """Optuna sampler and its settings; recorded with the study so its behaviour is reproducible."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: SamplerName = "tpe"
+    seed: int | None = 0
+    n_startup_trials: int = Field(10, ge=0, le=10_000)
+    multivariate: bool = True  # Optuna 5's TPE default, pinned explicitly
+    constant_liar: bool = True  # keeps concurrent workers from sampling the same point
+    population_size: int = Field(20, ge=2, le=10_000)  # nsga2
+
+
+class PrunerSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: PrunerName = "median"
+    n_startup_trials: int = Field(5, ge=0, le=10_000)
+    n_warmup_steps: int = Field(2, ge=0, le=100_000, description="Epochs before pruning.")
+    percentile: float = Field(25.0, gt=0, lt=100)
+    min_resource: int = Field(1, ge=1)
+    reduction_factor: int = Field(3, ge=2)
+    patience: int | None = Field(None, ge=0, description="Wrap in PatientPruner when set.")
+    min_delta: float = Field(0.0, ge=0)
+
+
+class StudySpec(BaseModel):
+    """What a user submits: the data and model, the budget, the objective, and the search."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "mnist5k-vae",
+                    "dataset": "mnist5k",
+                    "model": "mlp",
+                    "epochs": 10,
+                    "budget": {"n_trials": 40, "max_concurrent": 2},
+                    "sampler": {"name": "tpe", "seed": 0},
+                    "pruner": {"name": "median", "n_warmup_steps": 3},
+                    "search_space": {"base_lr": {"low": 1e-4, "high": 3e-3, "log": True}},
+                    "fixed": {"latent_dim": 16},
+                    "drop": ["grad_clip_norm"],
+                }
+            ]
+        },
+    )
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,119}$")
+    dataset: DatasetName = "mnist5k"
+    model: ModelKind = "mlp"
+    epochs: int = Field(10, ge=1, le=10_000, description="Epochs per trial.")
+    budget: Budget = Field(default_factory=Budget)
+    objectives: list[Objective] = Field(
+        default_factory=lambda: [Objective()], min_length=1, max_length=3
+    )
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    pruner: PrunerSpec = Field(default_factory=PrunerSpec)
+    search_space: dict[str, ParamSpec] = Field(
+        default_factory=dict, description="Overrides of the default VAE space, or new params."
+    )
+    fixed: dict[str, Any] = Field(default_factory=dict, description="Config values not searched.")
+    drop: list[str] = Field(default_factory=list, description="Default params not to search.")
+    max_retries: int = Field(2, ge=0, le=100, description="Retries of a trial whose lease expired.")
+
+    @model_validator(mode="after")
+    def _names_and_objectives(self) -> StudySpec:
+        known = TRAIN_CONFIG_FIELDS | DERIVED_PARAMETERS
+        for where, names in (("search_space", self.search_space), ("drop", self.drop)):
+            for name in names:
+                if name not in known:
+                    raise ValueError(f"`{where}.{name}`: unknown parameter")
+        for name in self.fixed:
+            if name not in TRAIN_CONFIG_FIELDS:
+                raise ValueError(f"`fixed.{name}`: unknown training setting")
+        for name in ("dataset", "model", "epochs"):
+            if name in self.fixed or name in self.search_space:
+                raise ValueError(f"`{name}` is set at the top level of the spec, not searched")
+        metrics = [objective.metric for objective in self.objectives]
+        if len(set(metrics)) != len(metrics):
+            raise ValueError("`objectives` must name distinct metrics")
+        if len(self.objectives) > 1 and self.sampler.name in {"gp", "cmaes"}:
+            raise ValueError(
+                f"`sampler.name` {self.sampler.name!r} supports one objective; "
+                "use tpe, nsga2, random or qmc for several"
+            )
+        return self
+
+    @property
+    def directions(self) -> list[Direction]:
+        return [objective.resolved_direction for objective in self.objectives]
+
+    @property
+    def metric_names(self) -> list[str]:
+        return [objective.metric for objective in self.objectives]
+
+
+# --- REST resources --------------------------------------------------------------------------
+
+
+class TrialCounts(BaseModel):
+    waiting: int = 0
+    running: int = 0
+    complete: int = 0
+    pruned: int = 0
+    fail: int = 0
+
+
+class TrialSummary(BaseModel):
+    number: int
+    trial_id: int
+    state: str
+    params: dict[str, Any]
+    values: list[float] | None
+    intermediate_values: dict[int, float]
+    metrics: dict[str, Any]
+    worker_id: str | None
+    retry_of: int | None
+    datetime_start: str | None
+    datetime_complete: str | None
+    duration_s: float | None
+
+
+class StudyInfo(BaseModel):
+    name: str
+    study_id: int
+    state: StudyState
+    directions: list[Direction]
+    metric_names: list[str]
+    counts: TrialCounts
+    best_trials: list[TrialSummary]
+    spec: StudySpec
+    created_at: str
+    links: dict[str, str] = Field(default_factory=dict)
+
+
+class TrialPage(BaseModel):
+    study: str
+    total: int
+    offset: int
+    limit: int
+    trials: list[TrialSummary]
+
+
+class EnqueueRequest(BaseModel):
+    """Known configurations to try first (for example the untuned default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    params: list[dict[str, ParamValue]] = Field(..., min_length=1, max_length=1000)
+
+
+class EnqueueResponse(BaseModel):
+    enqueued: int
+
+
+# --- the worker protocol ---------------------------------------------------------------------
+
+
+class LeaseRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    worker_id: str = Field(..., min_length=1, max_length=200)
+    wait_s: float = Field(0.0, ge=0, le=60, description="Long-poll up to this many seconds.")
+    device: str | None = Field(None, max_length=100)
+
+
+class Lease(BaseModel):
+    trial_id: int
+    trial_number: int
+    study: str
+    lease_token: str
+    config: dict[str, Any]  # the full resolved TrainConfig, by field name
+    objective_metrics: list[str]  # metric names whose final values complete the trial
+    report_metric: str | None  # the metric to report per epoch (None: multi-objective)
+    heartbeat_interval_s: float
+    lease_timeout_s: float
+
+
+class LeaseToken(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lease_token: str
+
+
+class HeartbeatAnswer(BaseModel):
+    action: Literal["continue", "stop"]
+    reason: str | None = None
+
+
+class ReportRequest(LeaseToken):
+    epoch: int = Field(..., ge=0)
+    value: float | None = None  # the report_metric's value this epoch
+    metrics: dict[str, float | list[float]] = Field(default_factory=dict)
+
+
+class ReportAnswer(BaseModel):
+    action: Literal["continue", "prune", "stop"]
+    reason: str | None = None
+
+
+class CompleteRequest(LeaseToken):
+    values: list[float] = Field(..., min_length=1, max_length=3)
+    metrics: dict[str, float | list[float]] = Field(default_factory=dict)
+
+
+class CompleteAnswer(BaseModel):
+    trial_id: int
+    trial_number: int
+    state: Literal["complete"]
+    values: list[float]
+
+
+class FailRequest(LeaseToken):
+    reason: str = Field(..., max_length=4000)
+    retryable: bool = False
+    pruned: bool = False  # the worker stopped because the server said prune
+
+
+class FailAnswer(BaseModel):
+    trial_id: int
+    state: str
+    retry_trial_number: int | None = None
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

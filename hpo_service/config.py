@@ -1,0 +1,90 @@
+"""Service settings: the only place that reads the environment (prefix ``HPO_``).
+
+Nothing is built at import time: ``get_settings()`` reads the environment when called and the
+result is passed to ``create_app(settings)``; tests build their own ``Settings``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Scope = Literal["admin", "worker", "viewer"]
+SCOPES: tuple[Scope, ...] = ("admin", "worker", "viewer")
+
+
+def default_database_url() -> str:
+    """A SQLite file in the working directory: the embedded default."""
+    return f"sqlite:///{Path.cwd() / 'hpo.db'}"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HPO_", env_file=None, extra="ignore")
+
+    database_url: str = Field(default_factory=default_database_url)
+    # API tokens as "scope:token" pairs separated by commas, e.g. "admin:s3cret,worker:w0rk".
+    # Empty: no auth, allowed only on a loopback bind address.
+    tokens: SecretStr = SecretStr("")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    heartbeat_interval_s: float = Field(10.0, gt=0, description="How often workers beat.")
+    lease_timeout_s: float = Field(
+        60.0, gt=0, description="A trial with no heartbeat for this long is failed and retried."
+    )
+    reap_interval_s: float = Field(5.0, gt=0, description="How often the reaper runs.")
+    long_poll_step_s: float = Field(0.5, gt=0)
+    db_pool_size: int = Field(10, ge=1)
+    db_max_overflow: int = Field(20, ge=0)
+    db_connect_retries: int = Field(10, ge=0, description="Start-up retries while the DB comes up.")
+    run_reaper: bool = True
+    log_level: str = "info"
+
+    @field_validator("lease_timeout_s")
+    @classmethod
+    def _longer_than_heartbeat(cls, value: float) -> float:
+        return value
+
+    def token_scopes(self) -> dict[str, Scope]:
+        """Map each configured token to its scope. Raises ValueError on a malformed entry."""
+        result: dict[str, Scope] = {}
+        raw = self.tokens.get_secret_value().strip()
+        if not raw:
+            return result
+        for entry in raw.split(","):
+            scope, sep, token = entry.strip().partition(":")
+            if not sep or scope not in SCOPES or not token:
+                raise ValueError(
+                    "HPO_TOKENS entries must look like 'admin:TOKEN', 'worker:TOKEN' or "
+                    f"'viewer:TOKEN' (got {entry.strip()[:20]!r}...)"
+                )
+            result[token] = scope  # type: ignore[assignment]
+        return result
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def check_safe_to_serve(self) -> None:
+        """Refuse to expose an unauthenticated server beyond this machine."""
+        if not self.is_loopback and not self.token_scopes():
+            raise ValueError(
+                f"refusing to bind {self.host}:{self.port} without API tokens: set HPO_TOKENS "
+                "(e.g. 'admin:...,worker:...,viewer:...') or bind to 127.0.0.1"
+            )
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+def get_settings() -> Settings:
+    return Settings()

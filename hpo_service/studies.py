@@ -1,0 +1,723 @@
+"""Every state transition of a study or a trial; nothing else calls Optuna's ask/tell.
+
+Create a study from a spec; lease a trial (ask + suggest) to a worker; record heartbeats; report
+intermediate values and decide pruning; complete or fail it (tell); reap expired leases and queue a
+retry with the same parameters.
+
+Budget and concurrency are enforced under a per-study lock that holds across server replicas: a
+PostgreSQL advisory lock taken in the lease transaction, plus a process lock (SQLite has one writer
+process by design, see ARCHITECTURE.md). Optuna owns trial state; our ``hpo_leases`` row holds the
+lease token and the answer given to ``complete``, so a repeated ``complete`` gets the same answer
+and a late one after the reaper failed the trial gets ``TrialReaped`` instead of being dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import secrets
+import threading
+import time
+import warnings
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import optuna
+from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from hpo_service.config import Settings
+from hpo_service.db import Database, upgrade_schema
+from hpo_service.errors import (
+    InvalidSpec,
+    LeaseMismatch,
+    ResultConflict,
+    StudyExists,
+    StudyNotFound,
+    StudyNotRunning,
+    TrialNotFound,
+    TrialReaped,
+)
+from hpo_service.models import LeaseRow, StudyRow
+from hpo_service.optimizers import build_pruner, build_sampler, describe
+from hpo_service.schemas import (
+    CompleteAnswer,
+    FailAnswer,
+    HeartbeatAnswer,
+    Lease,
+    ReportAnswer,
+    StudyInfo,
+    StudySpec,
+    StudyState,
+    TrialCounts,
+    TrialPage,
+    TrialSummary,
+)
+from hpo_service.search_space import Param, check_spec, resolve_config, suggest
+from hpo_service.storage import build_storage
+
+log = logging.getLogger(__name__)
+
+SPEC_ATTR = "spec"
+ACTIVE_STATES = ("running", "stopped", "cancelled")
+
+
+@dataclass
+class _Loaded:
+    """A study as this process drives it: Optuna's handle, its spec and its space."""
+
+    study: optuna.Study
+    spec: StudySpec
+    space: list[Param]
+
+
+def _fingerprint(values: Sequence[float]) -> str:
+    return hashlib.sha256(json.dumps([float(v) for v in values]).encode()).hexdigest()
+
+
+def _finite_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Metrics as JSON-safe values: non-finite floats become None rather than breaking JSON."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    return {key: clean(value) for key, value in metrics.items()}
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+class StudyService:
+    """The domain layer. One per process; thread-safe."""
+
+    def __init__(
+        self, settings: Settings, storage: optuna.storages.RDBStorage | None = None
+    ) -> None:
+        self.settings = settings
+        self.storage = storage or build_storage(settings, on_stale=self._on_stale_trial)
+        if storage is not None:
+            storage.heartbeat_stale_trial_callback = self._on_stale_trial
+        self.db = Database(self.storage.engine)
+        upgrade_schema(self.storage.engine)
+        self._is_postgres = self.storage.engine.dialect.name == "postgresql"
+        self._guard = threading.Lock()
+        self._locks: dict[int, threading.RLock] = {}
+        self._loaded: dict[int, _Loaded] = {}
+
+    # --- locking and loading ----------------------------------------------------------------
+
+    @contextmanager
+    def _study_lock(self, study_id: int) -> Iterator[Session]:
+        """Serialise lease/complete/fail of one study across threads and server replicas.
+
+        Yields a session whose transaction holds the lock; commit releases it. On SQLite only
+        the process lock applies (one writer process) and our own writes must come after
+        Optuna's in the same critical section, or the two connections would deadlock.
+        """
+        with self._guard:
+            lock = self._locks.setdefault(study_id, threading.RLock())
+        with lock, self.db.session() as session:
+            if self._is_postgres:
+                key = zlib.crc32(f"hpo-study-{study_id}".encode())
+                session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+            yield session
+
+    def _load(self, study_id: int) -> _Loaded:
+        loaded = self._loaded.get(study_id)
+        if loaded is not None:
+            return loaded
+        name = self.storage.get_study_name_from_id(study_id)
+        attrs = self.storage.get_study_user_attrs(study_id)
+        spec = StudySpec.model_validate(attrs[SPEC_ATTR])
+        study = optuna.load_study(
+            study_name=name,
+            storage=self.storage,
+            sampler=build_sampler(spec.sampler),
+            pruner=build_pruner(spec.pruner, spec.epochs),
+        )
+        loaded = _Loaded(study=study, spec=spec, space=check_spec(spec))
+        with self._guard:
+            self._loaded.setdefault(study_id, loaded)
+            return self._loaded[study_id]
+
+    def _row(self, session: Session, name: str) -> StudyRow:
+        row = session.scalar(select(StudyRow).where(StudyRow.name == name))
+        if row is None:
+            raise StudyNotFound(name)
+        return row
+
+    # --- studies ------------------------------------------------------------------------------
+
+    def create_study(self, spec: StudySpec) -> StudyInfo:
+        """Validate everything first, then write; a failure half-way deletes what was written.
+
+        Raises ``InvalidSpec`` (field and reason) or ``StudyExists``.
+        """
+        space = check_spec(spec)
+        sampler = build_sampler(spec.sampler)
+        pruner = build_pruner(spec.pruner, spec.epochs)
+        with self.db.session() as session:
+            if session.scalar(select(StudyRow).where(StudyRow.name == spec.name)) is not None:
+                raise StudyExists(spec.name)
+        try:
+            study = optuna.create_study(
+                study_name=spec.name,
+                storage=self.storage,
+                sampler=sampler,
+                pruner=pruner,
+                directions=spec.directions,
+            )
+        except optuna.exceptions.DuplicatedStudyError as error:
+            raise StudyExists(spec.name) from error
+        study_id = study._study_id
+        try:
+            study.set_user_attr(SPEC_ATTR, spec.model_dump(mode="json"))
+            study.set_user_attr("sampler", describe(sampler))
+            study.set_user_attr("pruner", describe(pruner))
+            study.set_user_attr("search_space", [p.name for p in space])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                study.set_metric_names(spec.metric_names)
+            with self.db.session() as session:
+                session.add(
+                    StudyRow(
+                        study_id=study_id,
+                        name=spec.name,
+                        state="running",
+                        n_trials=spec.budget.n_trials,
+                        max_concurrent=spec.budget.max_concurrent,
+                    )
+                )
+        except BaseException:
+            self.storage.delete_study(study_id)
+            raise
+        with self._guard:
+            self._loaded[study_id] = _Loaded(study=study, spec=spec, space=space)
+        log.info("created study %s (id %d)", spec.name, study_id)
+        return self.get_study(spec.name)
+
+    def list_studies(self, state: StudyState | None = None) -> list[StudyInfo]:
+        with self.db.session() as session:
+            names = list(session.scalars(select(StudyRow.name).order_by(StudyRow.study_id)))
+        infos = [self.get_study(name) for name in names]
+        return [info for info in infos if state is None or info.state == state]
+
+    def get_study(self, name: str) -> StudyInfo:
+        with self.db.session() as session:
+            row = self._row(session, name)
+        loaded = self._load(row.study_id)
+        trials = self.storage.get_all_trials(row.study_id, deepcopy=False)
+        counts = TrialCounts(**{
+            state.name.lower(): sum(1 for t in trials if t.state == state)
+            for state in (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE,
+                          TrialState.PRUNED, TrialState.FAIL)
+        })
+        return StudyInfo(
+            name=row.name,
+            study_id=row.study_id,
+            state=self._effective_state(row, trials, loaded.spec),  # type: ignore[arg-type]
+            directions=loaded.spec.directions,
+            metric_names=loaded.spec.metric_names,
+            counts=counts,
+            best_trials=[self._summary(t) for t in self._best(loaded.study)],
+            spec=loaded.spec,
+            created_at=_aware(row.created_at).isoformat(),
+        )
+
+    def _best(self, study: optuna.Study) -> list[FrozenTrial]:
+        try:
+            if len(study.directions) == 1:
+                return [study.best_trial]
+            return list(study.best_trials)
+        except ValueError:  # no completed trial yet
+            return []
+
+    def list_trials(self, name: str, offset: int = 0, limit: int = 100) -> TrialPage:
+        with self.db.session() as session:
+            row = self._row(session, name)
+            workers = dict(
+                session.execute(
+                    select(LeaseRow.trial_id, LeaseRow.worker_id).where(
+                        LeaseRow.study_id == row.study_id
+                    )
+                ).tuples()
+            )
+        trials = sorted(
+            self.storage.get_all_trials(row.study_id, deepcopy=False), key=lambda t: t.number
+        )
+        page = trials[offset : offset + limit]
+        return TrialPage(
+            study=name,
+            total=len(trials),
+            offset=offset,
+            limit=limit,
+            trials=[self._summary(t, workers.get(t._trial_id)) for t in page],
+        )
+
+    def _summary(self, trial: FrozenTrial, worker_id: str | None = None) -> TrialSummary:
+        duration = trial.duration.total_seconds() if trial.duration is not None else None
+        history = trial.system_attrs.get("retry_history") or []
+        return TrialSummary(
+            number=trial.number,
+            trial_id=trial._trial_id,
+            state=trial.state.name.lower(),
+            params=trial.params,
+            values=trial.values,
+            intermediate_values=trial.intermediate_values,
+            metrics=trial.user_attrs.get("metrics", {}),
+            worker_id=worker_id or trial.user_attrs.get("worker_id"),
+            retry_of=history[-1] if history else None,
+            datetime_start=trial.datetime_start.isoformat() if trial.datetime_start else None,
+            datetime_complete=(
+                trial.datetime_complete.isoformat() if trial.datetime_complete else None
+            ),
+            duration_s=duration,
+        )
+
+    def set_state(self, name: str, state: StudyState) -> StudyInfo:
+        """stop: no new trials, running ones finish. cancel: running ones are told to stop."""
+        with self.db.session() as session:
+            row = self._row(session, name)
+            if row.state in ("running", "stopped") or (
+                row.state == state and state in ("stopped", "cancelled")
+            ):
+                row.state = state
+            elif row.state != state:
+                raise StudyNotRunning(f"study {name!r} is {row.state}; it cannot be {state}")
+        return self.get_study(name)
+
+    def delete_study(self, name: str) -> None:
+        with self.db.session() as session:
+            row = self._row(session, name)
+            study_id = row.study_id
+            session.delete(row)
+            session.query(LeaseRow).filter(LeaseRow.study_id == study_id).delete()
+        with self._guard:
+            self._loaded.pop(study_id, None)
+        self.storage.delete_study(study_id)
+
+    def enqueue(self, name: str, param_sets: list[dict[str, Any]]) -> int:
+        """Queue known configurations; each is checked against the study's space first.
+
+        Raises ``InvalidSpec`` naming ``params[i].<name>``; nothing is queued if any set is bad.
+        """
+        with self.db.session() as session:
+            row = self._row(session, name)
+        loaded = self._load(row.study_id)
+        by_name = {p.name: p for p in loaded.space}
+        for index, params in enumerate(param_sets):
+            for key, value in params.items():
+                param = by_name.get(key)
+                if param is None:
+                    raise InvalidSpec(f"params[{index}].{key}", "not a parameter of this study")
+                if not param.distribution()._contains(param.distribution().to_internal_repr(
+                    value
+                )):
+                    raise InvalidSpec(f"params[{index}].{key}", f"{value!r} is outside the space")
+            try:
+                resolve_config(loaded.spec, params)
+            except InvalidSpec as error:
+                raise InvalidSpec(f"params[{index}].{error.field}", error.reason) from error
+        with self._study_lock(row.study_id):
+            for params in param_sets:
+                loaded.study.enqueue_trial(params, user_attrs={"enqueued": True})
+        return len(param_sets)
+
+    # --- budget -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _tally(trials: Sequence[FrozenTrial]) -> tuple[int, int, int, int]:
+        """(finished-or-running toward the budget, running, waiting, final failures).
+
+        A failed trial that was retried does not count: its retry stands in for it.
+        """
+        retried = {n for t in trials for n in (t.system_attrs.get("retry_history") or [])}
+        running = waiting = done = final_failures = 0
+        for trial in trials:
+            if trial.state == TrialState.RUNNING:
+                running += 1
+            elif trial.state == TrialState.WAITING:
+                waiting += 1
+            elif trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+                done += 1
+            elif trial.state == TrialState.FAIL and trial.number not in retried:
+                final_failures += 1
+        return done + running + final_failures, running, waiting, final_failures
+
+    def _effective_state(
+        self, row: StudyRow, trials: Sequence[FrozenTrial], spec: StudySpec
+    ) -> str:
+        if row.state != "running":
+            return row.state
+        counted, running, _waiting, failures = self._tally(trials)
+        if failures >= spec.budget.max_failed:
+            return "failed"
+        if counted >= spec.budget.n_trials and running == 0:
+            return "completed"
+        return "running"
+
+    # --- the worker protocol ---------------------------------------------------------------
+
+    def lease(self, worker_id: str, wait_s: float = 0.0) -> Lease | None:
+        """Hand a trial to a worker, long-polling up to ``wait_s`` seconds; None if no work.
+
+        A worker that comes back with the same id gets its own running trial back.
+        """
+        deadline = time.monotonic() + wait_s
+        while True:
+            lease = self._own_running_trial(worker_id) or self._try_lease(worker_id)
+            if lease is not None:
+                return lease
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            time.sleep(min(self.settings.long_poll_step_s, remaining))
+
+    def _own_running_trial(self, worker_id: str) -> Lease | None:
+        with self.db.session() as session:
+            rows = list(
+                session.scalars(
+                    select(LeaseRow).where(
+                        LeaseRow.worker_id == worker_id, LeaseRow.outcome.is_(None)
+                    )
+                )
+            )
+        for row in rows:
+            try:
+                trial = self.storage.get_trial(row.trial_id)
+            except KeyError:
+                continue
+            if trial.state == TrialState.RUNNING:
+                self.storage.record_heartbeat(row.trial_id)
+                loaded = self._load(row.study_id)
+                return self._lease_answer(loaded, trial, row.token)
+        return None
+
+    def _try_lease(self, worker_id: str) -> Lease | None:
+        with self.db.session() as session:
+            # Fairness: the running study served longest ago goes first.
+            candidates = list(
+                session.execute(
+                    select(StudyRow.study_id)
+                    .where(StudyRow.state == "running")
+                    .order_by(StudyRow.last_leased_at.asc().nulls_first(), StudyRow.study_id)
+                ).scalars()
+            )
+        for study_id in candidates:
+            lease = self._lease_from(study_id, worker_id)
+            if lease is not None:
+                return lease
+        return None
+
+    def _lease_from(self, study_id: int, worker_id: str) -> Lease | None:
+        loaded = self._load(study_id)
+        budget = loaded.spec.budget
+        with self._study_lock(study_id) as session:
+            row = session.get(StudyRow, study_id)
+            if row is None or row.state != "running":
+                return None
+            if budget.timeout_s is not None and (
+                _now() - _aware(row.created_at)
+            ).total_seconds() > budget.timeout_s:
+                row.state = "stopped"
+                log.info("study %s reached its timeout; no new trials", row.name)
+                return None
+            trials = self.storage.get_all_trials(study_id, deepcopy=False)
+            counted, running, _waiting, failures = self._tally(trials)
+            if failures >= budget.max_failed or counted >= budget.n_trials:
+                return None
+            if running >= min(budget.max_concurrent, row.max_concurrent):
+                return None
+            with warnings.catch_warnings():
+                # Optuna warns that its heartbeat thread only runs in optimize(); we record
+                # every heartbeat ourselves (OPTUNA5_NOTES.md), so the warning does not apply.
+                warnings.filterwarnings("ignore", message="Heartbeat of storage", module="optuna")
+                trial = loaded.study.ask()  # pops WAITING trials (enqueued, retries) first
+            try:
+                params = suggest(trial, loaded.spec, loaded.space)
+                config = resolve_config(loaded.spec, params)
+            except InvalidSpec as error:
+                trial.set_user_attr("fail_reason", f"invalid config: {error}")
+                loaded.study.tell(trial, state=TrialState.FAIL)
+                log.warning("trial %d of %s has an invalid config: %s", trial.number,
+                            row.name, error)
+                return None
+            trial_id = trial._trial_id
+            token = secrets.token_urlsafe(24)
+            self.storage.record_heartbeat(trial_id)  # Optuna never reaps a trial with no beat
+            trial.set_user_attr("worker_id", worker_id)
+            trial.set_user_attr("config", config)
+            session.add(
+                LeaseRow(
+                    trial_id=trial_id,
+                    study_id=study_id,
+                    trial_number=trial.number,
+                    token=token,
+                    worker_id=worker_id,
+                )
+            )
+            row.last_leased_at = _now()
+            frozen = self.storage.get_trial(trial_id)
+        log.info("leased trial %d of %s to %s", trial.number, row.name, worker_id)
+        return self._lease_answer(loaded, frozen, token, config)
+
+    def _lease_answer(
+        self,
+        loaded: _Loaded,
+        trial: FrozenTrial,
+        token: str,
+        config: dict[str, Any] | None = None,
+    ) -> Lease:
+        if config is None:
+            config = trial.user_attrs.get("config") or resolve_config(loaded.spec, trial.params)
+        single = len(loaded.spec.objectives) == 1
+        return Lease(
+            trial_id=trial._trial_id,
+            trial_number=trial.number,
+            study=loaded.spec.name,
+            lease_token=token,
+            config=config,
+            objective_metrics=loaded.spec.metric_names,
+            report_metric=loaded.spec.metric_names[0] if single else None,
+            heartbeat_interval_s=self.settings.heartbeat_interval_s,
+            lease_timeout_s=self.settings.lease_timeout_s,
+        )
+
+    def _check_lease(self, session: Session, trial_id: int, token: str) -> LeaseRow:
+        row = session.get(LeaseRow, trial_id)
+        if row is None:
+            raise TrialNotFound(trial_id)
+        if not secrets.compare_digest(row.token, token):
+            raise LeaseMismatch(f"the lease token does not match trial {trial_id}'s lease")
+        return row
+
+    def _running_trial(self, row: LeaseRow) -> FrozenTrial:
+        """The trial behind a lease, which must still be running. Raises ``TrialReaped``."""
+        trial = self.storage.get_trial(row.trial_id)
+        if trial.state != TrialState.RUNNING:
+            raise TrialReaped(
+                f"trial {row.trial_number} is {trial.state.name.lower()}: its lease expired "
+                "and it was failed (a retry was queued if retries remained)"
+            )
+        return trial
+
+    def _stop_reason(self, study_id: int) -> str | None:
+        with self.db.session() as session:
+            row = session.get(StudyRow, study_id)
+        if row is None:
+            return "study deleted"
+        return "study cancelled" if row.state == "cancelled" else None
+
+    def heartbeat(self, trial_id: int, token: str) -> HeartbeatAnswer:
+        with self.db.session() as session:
+            row = self._check_lease(session, trial_id, token)
+        self._running_trial(row)
+        self.storage.record_heartbeat(trial_id)
+        reason = self._stop_reason(row.study_id)
+        if reason is not None:
+            return HeartbeatAnswer(action="stop", reason=reason)
+        return HeartbeatAnswer(action="continue")
+
+    def report(
+        self,
+        trial_id: int,
+        token: str,
+        epoch: int,
+        value: float | None,
+        metrics: Mapping[str, Any],
+    ) -> ReportAnswer:
+        """Store the epoch's objective value as an intermediate value and its metrics as a user
+        attribute, then ask the study's pruner. A repeated report of an epoch is not re-stored.
+        """
+        if value is not None and not math.isfinite(value):
+            raise InvalidSpec("value", f"must be a finite number (got {value})")
+        with self.db.session() as session:
+            row = self._check_lease(session, trial_id, token)
+        trial = self._running_trial(row)
+        self.storage.record_heartbeat(trial_id)
+        loaded = self._load(row.study_id)
+        live = optuna.Trial(loaded.study, trial_id)
+        live.set_user_attr("metrics", _finite_metrics({"epoch": epoch, **metrics}))
+        reason = self._stop_reason(row.study_id)
+        if reason is not None:
+            return ReportAnswer(action="stop", reason=reason)
+        if value is None or len(loaded.spec.objectives) != 1:
+            return ReportAnswer(action="continue")
+        if epoch not in trial.intermediate_values:
+            live.report(value, epoch)
+        if live.should_prune():
+            return ReportAnswer(action="prune", reason=f"pruned at epoch {epoch}")
+        return ReportAnswer(action="continue")
+
+    def complete(
+        self,
+        trial_id: int,
+        token: str,
+        values: Sequence[float],
+        metrics: Mapping[str, Any],
+    ) -> CompleteAnswer:
+        """Tell the trial's values, exactly once.
+
+        The same token and values again get the same answer; different values, or values after
+        the reaper failed the trial, raise ``ResultConflict`` / ``TrialReaped`` (never dropped).
+        """
+        bad = [v for v in values if not math.isfinite(v)]
+        if bad:
+            raise InvalidSpec("values", f"must be finite numbers (got {bad})")
+        fingerprint = _fingerprint(values)
+        with self.db.session() as session:
+            study_id = self._check_lease(session, trial_id, token).study_id
+        loaded = self._load(study_id)
+        if len(values) != len(loaded.spec.objectives):
+            raise InvalidSpec(
+                "values",
+                f"this study has {len(loaded.spec.objectives)} objective(s) "
+                f"({', '.join(loaded.spec.metric_names)}); got {len(values)} value(s)",
+            )
+        with self._study_lock(study_id) as session:
+            row = self._check_lease(session, trial_id, token)
+            previous = self._previous_answer(row, fingerprint)
+            if previous is not None:
+                return CompleteAnswer.model_validate(previous)
+            trial = self.storage.get_trial(trial_id)
+            if trial.state == TrialState.COMPLETE and trial.values is not None:
+                # tell() committed but our record of it did not: answer from Optuna's state.
+                if _fingerprint(trial.values) != fingerprint:
+                    raise ResultConflict(
+                        f"trial {trial.number} already completed with values {trial.values}"
+                    )
+            else:
+                self._running_trial(row)
+                optuna.Trial(loaded.study, trial_id).set_user_attr(
+                    "metrics", _finite_metrics(dict(metrics))
+                )
+                try:
+                    loaded.study.tell(row.trial_number, list(values))
+                except (UpdateFinishedTrialError, ValueError, RuntimeError) as error:
+                    # The reaper failed it between our check and tell().
+                    raise TrialReaped(f"trial {row.trial_number} finished meanwhile: {error}") \
+                        from error
+            answer = CompleteAnswer(
+                trial_id=trial_id,
+                trial_number=row.trial_number,
+                state="complete",
+                values=list(values),
+            )
+            row.outcome, row.fingerprint = "complete", fingerprint
+            row.answer = answer.model_dump(mode="json")
+        return answer
+
+    @staticmethod
+    def _previous_answer(row: LeaseRow, fingerprint: str) -> dict[str, Any] | None:
+        if row.outcome is None:
+            return None
+        if row.outcome == "complete" and row.fingerprint == fingerprint:
+            return row.answer
+        raise ResultConflict(
+            f"trial {row.trial_number} was already finished ({row.outcome}) with a different "
+            "result; the first result stands"
+        )
+
+    def fail(
+        self, trial_id: int, token: str, reason: str, retryable: bool, pruned: bool = False
+    ) -> FailAnswer:
+        """A worker gives a trial up: pruned (told PRUNED), or failed and maybe retried."""
+        with self.db.session() as session:
+            study_id = self._check_lease(session, trial_id, token).study_id
+        loaded = self._load(study_id)
+        with self._study_lock(study_id) as session:
+            row = self._check_lease(session, trial_id, token)
+            if row.outcome == "fail" and row.answer is not None:
+                return FailAnswer.model_validate(row.answer)
+            if row.outcome is not None:
+                raise ResultConflict(f"trial {row.trial_number} already completed")
+            self._running_trial(row)
+            retry_number: int | None = None
+            if pruned:
+                loaded.study.tell(row.trial_number, state=TrialState.PRUNED)
+                state = "pruned"
+            else:
+                optuna.Trial(loaded.study, trial_id).set_user_attr("fail_reason", reason[:2000])
+                loaded.study.tell(row.trial_number, state=TrialState.FAIL)
+                state = "fail"
+                study_row = session.get(StudyRow, study_id)
+                if retryable and study_row is not None and study_row.state == "running":
+                    retry_number = self._requeue(loaded, self.storage.get_trial(trial_id))
+            answer = FailAnswer(trial_id=trial_id, state=state, retry_trial_number=retry_number)
+            row.outcome, row.fingerprint = "fail", state
+            row.answer = answer.model_dump(mode="json")
+        return answer
+
+    # --- reaping and retries ----------------------------------------------------------------
+
+    def _requeue(self, loaded: _Loaded, failed: FrozenTrial) -> int | None:
+        """Queue a WAITING copy of a failed trial with the same parameters, within the retry
+        bound; the same attributes as Optuna's ``RetryHeartbeatStaleTrialCallback``. Returns the
+        new trial's number, or None when retries are exhausted.
+        """
+        history = [*(failed.system_attrs.get("retry_history") or []), failed.number]
+        if len(history) > loaded.spec.max_retries:
+            log.warning("trial %d of %s failed for good after %d retries", failed.number,
+                        loaded.spec.name, len(history) - 1)
+            return None
+        keep = {k: v for k, v in failed.user_attrs.items() if k in ("enqueued",)}
+        loaded.study.add_trial(
+            optuna.create_trial(
+                state=TrialState.WAITING,
+                params=failed.params,
+                distributions=failed.distributions,
+                user_attrs={**keep, "retry_history": history},
+                system_attrs={"failed_trial": history[0], "retry_history": history},
+            )
+        )
+        newest = max(
+            self.storage.get_all_trials(loaded.study._study_id, deepcopy=False,
+                                        states=(TrialState.WAITING,)),
+            key=lambda t: t.number,
+        )
+        log.info("trial %d of %s queued again as trial %d", failed.number, loaded.spec.name,
+                 newest.number)
+        return newest.number
+
+    def _on_stale_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """Optuna's stale-trial callback: the lease expired, so retry if the study still runs."""
+        study_id = study._study_id
+        with self.db.session() as session:
+            row = session.get(StudyRow, study_id)
+            running = row is not None and row.state == "running"
+        if running:
+            self._requeue(self._load(study_id), trial)
+
+    def reap(self) -> int:
+        """Fail every trial whose lease expired (by the database clock) and queue retries.
+
+        Returns how many studies were checked. Safe to run in several replicas at once:
+        Optuna fails a trial with a compare-and-set, so only one replica retries it.
+        """
+        with self.db.session() as session:
+            study_ids = list(
+                session.scalars(select(StudyRow.study_id).where(StudyRow.state.in_(ACTIVE_STATES)))
+            )
+        for study_id in study_ids:
+            loaded = self._load(study_id)
+            with self._study_lock(study_id), warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                optuna.storages.fail_stale_trials(loaded.study)
+        return len(study_ids)
