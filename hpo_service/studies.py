@@ -252,13 +252,14 @@ class StudyService:
     def list_trials(self, name: str, offset: int = 0, limit: int = 100) -> TrialPage:
         with self.db.session() as session:
             row = self._row(session, name)
-            workers = dict(
-                session.execute(
+            workers = {
+                trial_id: worker_id
+                for trial_id, worker_id in session.execute(
                     select(LeaseRow.trial_id, LeaseRow.worker_id).where(
                         LeaseRow.study_id == row.study_id
                     )
-                ).tuples()
-            )
+                )
+            }
         trials = sorted(
             self.storage.get_all_trials(row.study_id, deepcopy=False), key=lambda t: t.number
         )

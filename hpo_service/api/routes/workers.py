@@ -1,0 +1,65 @@
+"""The worker protocol: lease, heartbeat, report, complete, fail."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response, status
+
+from hpo_service.api.deps import ServiceDep, Worker
+from hpo_service.schemas import (
+    CompleteAnswer,
+    CompleteRequest,
+    ErrorResponse,
+    FailAnswer,
+    FailRequest,
+    HeartbeatAnswer,
+    Lease,
+    LeaseRequest,
+    LeaseToken,
+    ReportAnswer,
+    ReportRequest,
+)
+
+router = APIRouter(tags=["workers"], dependencies=[Worker])
+
+_ERRORS: dict[int | str, dict[str, object]] = {
+    404: {"model": ErrorResponse, "description": "No lease for this trial"},
+    409: {
+        "model": ErrorResponse,
+        "description": "Wrong token, the lease expired and the trial was reaped "
+        "(`trial_reaped`), or a different result was already recorded (`result_conflict`)",
+    },
+    422: {"model": ErrorResponse, "description": "Non-finite values or a malformed body"},
+}
+
+
+@router.post(
+    "/leases",
+    response_model=Lease,
+    responses={204: {"description": "No trial available within `wait_s`"}},
+)
+def lease(service: ServiceDep, body: LeaseRequest) -> Lease | Response:
+    """Long-poll for a trial; WAITING trials (enqueued, retries) go first."""
+    granted = service.lease(body.worker_id, body.wait_s)
+    if granted is None:
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+    return granted
+
+
+@router.post("/trials/{trial_id}/heartbeat", response_model=HeartbeatAnswer, responses=_ERRORS)
+def heartbeat(service: ServiceDep, trial_id: int, body: LeaseToken) -> HeartbeatAnswer:
+    return service.heartbeat(trial_id, body.lease_token)
+
+
+@router.post("/trials/{trial_id}/report", response_model=ReportAnswer, responses=_ERRORS)
+def report(service: ServiceDep, trial_id: int, body: ReportRequest) -> ReportAnswer:
+    return service.report(trial_id, body.lease_token, body.epoch, body.value, body.metrics)
+
+
+@router.post("/trials/{trial_id}/complete", response_model=CompleteAnswer, responses=_ERRORS)
+def complete(service: ServiceDep, trial_id: int, body: CompleteRequest) -> CompleteAnswer:
+    return service.complete(trial_id, body.lease_token, body.values, body.metrics)
+
+
+@router.post("/trials/{trial_id}/fail", response_model=FailAnswer, responses=_ERRORS)
+def fail(service: ServiceDep, trial_id: int, body: FailRequest) -> FailAnswer:
+    return service.fail(trial_id, body.lease_token, body.reason, body.retryable, body.pruned)

@@ -1,0 +1,75 @@
+"""The composition root: routers, error handlers, the reaper, and the lifespan."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio.to_thread
+import optuna
+from fastapi import FastAPI
+
+from hpo_service.api.errors import install_error_handlers
+from hpo_service.api.routes import studies, workers
+from hpo_service.config import Settings
+from hpo_service.studies import StudyService
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/v1"  # not /api: the dashboard owns /api/* when mounted at the root
+
+
+def _reaper(service: StudyService, interval_s: float, stop: threading.Event) -> None:
+    while not stop.wait(interval_s):
+        try:
+            service.reap()
+        except Exception:  # keep reaping after a transient database error
+            log.exception("reaping expired leases failed")
+
+
+def create_app(
+    settings: Settings, storage: optuna.storages.RDBStorage | None = None
+) -> FastAPI:
+    """Build the app. Raises ValueError if the settings are unsafe (open non-loopback bind)."""
+    settings.check_safe_to_serve()
+    service = StudyService(settings, storage)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Long-polling leases hold a worker thread each; allow many concurrent workers.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 200
+        stop = threading.Event()
+        reaper = threading.Thread(
+            target=_reaper, args=(service, settings.reap_interval_s, stop), daemon=True,
+            name="hpo-reaper",
+        )
+        if settings.run_reaper:
+            reaper.start()
+        yield
+        stop.set()
+        if reaper.is_alive():
+            reaper.join(timeout=5)
+
+    app = FastAPI(
+        title="VAE HPO service",
+        version="1",
+        description="Optuna studies for VAE training over REST; GPU workers pull trials.",
+        lifespan=lifespan,
+        docs_url=f"{API_PREFIX}/docs",
+        openapi_url=f"{API_PREFIX}/openapi.json",
+        redoc_url=None,
+    )
+    app.state.service = service
+    app.state.settings = settings
+    app.state.tokens = settings.token_scopes()
+    install_error_handlers(app)
+    app.include_router(studies.router, prefix=API_PREFIX)
+    app.include_router(workers.router, prefix=API_PREFIX)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
