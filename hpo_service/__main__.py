@@ -1,0 +1,3 @@
+from hpo_service.cli import main
+
+main()

@@ -1,0 +1,164 @@
+"""A typed client of the REST API over an injected ``httpx.Client``.
+
+Used by the ``hpo`` CLI and by the trainer worker. Tests hand it FastAPI's ``TestClient`` so the
+real server code runs without sockets.
+
+Exceptions::
+
+    ClientError                 any failed call
+    ├── ServerUnavailable       connection refused / timed out / 502-504: worth retrying
+    └── APIError                the server answered with an error body (``status``, ``code``)
+        ├── LeaseLost           409/404 on a trial: the lease is gone (reaped, mismatch, deleted)
+        └── RequestRejected     422: the request is invalid (``details`` name the fields)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from pydantic import BaseModel
+
+from hpo_service.schemas import (
+    CompleteAnswer,
+    EnqueueResponse,
+    FailAnswer,
+    HeartbeatAnswer,
+    Lease,
+    ReportAnswer,
+    StudyInfo,
+    StudySpec,
+    TrialPage,
+)
+
+API_PREFIX = "/v1"
+
+
+class ClientError(Exception):
+    pass
+
+
+class ServerUnavailable(ClientError):
+    pass
+
+
+class APIError(ClientError):
+    def __init__(self, status: int, code: str, message: str,
+                 details: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details or []
+
+
+class LeaseLost(APIError):
+    pass
+
+
+class RequestRejected(APIError):
+    pass
+
+
+def make_http_client(base_url: str, token: str | None = None, timeout_s: float = 90.0
+                     ) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s)
+
+
+class HPOClient:
+    def __init__(self, http: httpx.Client) -> None:
+        self.http = http
+
+    # --- plumbing -------------------------------------------------------------------------------
+
+    def _call(self, method: str, path: str, *, json: Any = None,
+              params: dict[str, Any] | None = None, trial: bool = False) -> httpx.Response:
+        try:
+            response = self.http.request(method, API_PREFIX + path, json=json, params=params)
+        except (httpx.TransportError, OSError) as error:
+            raise ServerUnavailable(f"{method} {path}: {error}") from error
+        if response.status_code in (502, 503, 504):
+            raise ServerUnavailable(f"{method} {path}: HTTP {response.status_code}")
+        if response.status_code >= 400:
+            try:
+                body = response.json()["error"]
+                code, message, details = body["code"], body["message"], body.get("details", [])
+            except (ValueError, KeyError, TypeError):
+                code, message, details = "http_error", response.text[:500], []
+            kind: type[APIError] = APIError
+            if response.status_code == 422:
+                kind = RequestRejected
+            elif trial and response.status_code in (404, 409):
+                kind = LeaseLost
+            raise kind(response.status_code, code, message, details)
+        return response
+
+    @staticmethod
+    def _body(model: BaseModel) -> Any:
+        return model.model_dump(mode="json")
+
+    # --- studies --------------------------------------------------------------------------------
+
+    def create_study(self, spec: StudySpec | dict[str, Any]) -> StudyInfo:
+        body = self._body(spec) if isinstance(spec, StudySpec) else spec
+        return StudyInfo.model_validate(self._call("POST", "/studies", json=body).json())
+
+    def list_studies(self, state: str | None = None) -> list[StudyInfo]:
+        params = {"state": state} if state else None
+        data = self._call("GET", "/studies", params=params).json()
+        return [StudyInfo.model_validate(item) for item in data]
+
+    def get_study(self, name: str) -> StudyInfo:
+        return StudyInfo.model_validate(self._call("GET", f"/studies/{name}").json())
+
+    def list_trials(self, name: str, offset: int = 0, limit: int = 100) -> TrialPage:
+        data = self._call("GET", f"/studies/{name}/trials",
+                          params={"offset": offset, "limit": limit}).json()
+        return TrialPage.model_validate(data)
+
+    def stop_study(self, name: str) -> StudyInfo:
+        return StudyInfo.model_validate(self._call("POST", f"/studies/{name}/stop").json())
+
+    def cancel_study(self, name: str) -> StudyInfo:
+        return StudyInfo.model_validate(self._call("POST", f"/studies/{name}/cancel").json())
+
+    def delete_study(self, name: str) -> None:
+        self._call("DELETE", f"/studies/{name}")
+
+    def enqueue(self, name: str, params: list[dict[str, Any]]) -> int:
+        data = self._call("POST", f"/studies/{name}/enqueue", json={"params": params}).json()
+        return EnqueueResponse.model_validate(data).enqueued
+
+    # --- the worker protocol ----------------------------------------------------------------
+
+    def lease(self, worker_id: str, wait_s: float = 0.0, device: str | None = None
+              ) -> Lease | None:
+        response = self._call("POST", "/leases",
+                              json={"worker_id": worker_id, "wait_s": wait_s, "device": device})
+        if response.status_code == 204:
+            return None
+        return Lease.model_validate(response.json())
+
+    def heartbeat(self, trial_id: int, token: str) -> HeartbeatAnswer:
+        response = self._call("POST", f"/trials/{trial_id}/heartbeat",
+                              json={"lease_token": token}, trial=True)
+        return HeartbeatAnswer.model_validate(response.json())
+
+    def report(self, trial_id: int, token: str, epoch: int, value: float | None,
+               metrics: dict[str, Any]) -> ReportAnswer:
+        body = {"lease_token": token, "epoch": epoch, "value": value, "metrics": metrics}
+        response = self._call("POST", f"/trials/{trial_id}/report", json=body, trial=True)
+        return ReportAnswer.model_validate(response.json())
+
+    def complete(self, trial_id: int, token: str, values: list[float],
+                 metrics: dict[str, Any]) -> CompleteAnswer:
+        body = {"lease_token": token, "values": values, "metrics": metrics}
+        response = self._call("POST", f"/trials/{trial_id}/complete", json=body, trial=True)
+        return CompleteAnswer.model_validate(response.json())
+
+    def fail(self, trial_id: int, token: str, reason: str, *, retryable: bool = False,
+             pruned: bool = False) -> FailAnswer:
+        body = {"lease_token": token, "reason": reason, "retryable": retryable, "pruned": pruned}
+        response = self._call("POST", f"/trials/{trial_id}/fail", json=body, trial=True)
+        return FailAnswer.model_validate(response.json())

@@ -1,0 +1,243 @@
+"""The process around the training loop: lease → train → report every epoch → complete.
+
+A heartbeat thread keeps the lease alive while an epoch runs. Failure mapping:
+
+* the server says *prune* at a report → the run stops and the trial is told PRUNED;
+* the study is cancelled (heartbeat/report says *stop*) → the run stops, the trial fails for good;
+* SIGTERM / ``request_shutdown()`` → the run stops at the end of the epoch and the trial is handed
+  back for a retry with the same parameters;
+* ``ConfigError`` / ``NonFiniteLossError`` → the trial fails for good (the configuration, not the
+  worker, is at fault); any other exception → fails as retryable;
+* the server is unreachable → calls are retried with capped exponential backoff and the worker
+  keeps its trial; a lease that was lost meanwhile (409/404) is dropped with a log line.
+
+The worker talks only HTTP and never needs database credentials.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from hpo_service.client import HPOClient, LeaseLost, ServerUnavailable
+from hpo_service.schemas import Lease
+from trainers.errors import ConfigError, NonFiniteLossError
+from trainers.train import EpochMetrics, TrainResult, train
+
+log = logging.getLogger("hpo.worker")
+
+T = TypeVar("T")
+TrainFn = Callable[..., TrainResult]
+
+
+@dataclass
+class WorkerOptions:
+    worker_id: str
+    device: str | None = None  # overrides the config's device ("cuda:0", "cpu")
+    wait_s: float = 20.0  # long-poll length of each lease request
+    max_trials: int | None = None  # exit after this many trials
+    idle_exit_s: float | None = None  # exit after this long without work (None: never)
+    backoff_max_s: float = 30.0
+
+
+@dataclass
+class _TrialState:
+    """Flags the heartbeat thread and ``on_epoch`` share with the trial's main thread."""
+
+    stop: threading.Event = field(default_factory=threading.Event)
+    stop_reason: str | None = None
+    pruned: bool = False
+    lost: bool = False
+
+
+class Worker:
+    def __init__(
+        self, client: HPOClient, options: WorkerOptions, train_fn: TrainFn = train
+    ) -> None:
+        self.client = client
+        self.options = options
+        self.train_fn = train_fn
+        self._shutdown = threading.Event()
+        self.trials_done = 0
+
+    def request_shutdown(self) -> None:
+        """Finish the current epoch, hand the trial back for retry, and exit."""
+        self._shutdown.set()
+
+    # --- server calls with backoff ------------------------------------------------------------
+
+    def _retrying(self, what: str, call: Callable[[], T]) -> T:
+        """Retry while the server is unreachable; the worker keeps its trial meanwhile."""
+        delay = 0.5
+        while True:
+            try:
+                return call()
+            except ServerUnavailable as error:
+                log.warning("%s: server unreachable (%s); retrying in %.1fs", what, error, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, self.options.backoff_max_s)
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Lease and train until shutdown, ``max_trials`` or ``idle_exit_s``. Returns trials."""
+        idle_since = time.monotonic()
+        while not self._shutdown.is_set():
+            if self.options.max_trials is not None and self.trials_done >= self.options.max_trials:
+                break
+            lease = self._retrying(
+                "lease",
+                lambda: self.client.lease(self.options.worker_id, self.options.wait_s,
+                                          self.options.device),
+            )
+            if lease is None:
+                idle = time.monotonic() - idle_since
+                if self.options.idle_exit_s is not None and idle >= self.options.idle_exit_s:
+                    log.info("no work for %.0fs; exiting", idle)
+                    break
+                continue
+            self.run_trial(lease)
+            self.trials_done += 1
+            idle_since = time.monotonic()
+        return self.trials_done
+
+    def run_trial(self, lease: Lease) -> str:
+        """Train one leased trial and settle it with the server. Returns the outcome."""
+        state = _TrialState()
+        config = dict(lease.config)
+        if self.options.device is not None:
+            config["device"] = self.options.device
+        beat = threading.Thread(target=self._heartbeat_loop, args=(lease, state), daemon=True,
+                                name=f"heartbeat-{lease.trial_id}")
+        beat.start()
+        started = time.monotonic()
+        try:
+            result = self.train_fn(config, self._on_epoch(lease, state))
+        except (ConfigError, NonFiniteLossError) as error:
+            return self._settle_failure(lease, state, f"{type(error).__name__}: {error}", False)
+        except Exception as error:
+            log.exception("trial %d crashed", lease.trial_number)
+            return self._settle_failure(lease, state, f"{type(error).__name__}: {error}", True)
+        finally:
+            state.stop.set()
+            beat.join(timeout=5)
+        outcome = self._settle(lease, state, result)
+        log.info(
+            "trial %d of %s: %s after %d epochs in %.1fs (%s)",
+            lease.trial_number, lease.study, outcome, result.epochs_run,
+            time.monotonic() - started,
+            ", ".join(f"{m}={result.metrics.get(m, float('nan')):.4g}"
+                      for m in lease.objective_metrics),
+        )
+        return outcome
+
+    def _on_epoch(self, lease: Lease, state: _TrialState) -> Callable[[EpochMetrics], str]:
+        def on_epoch(epoch: EpochMetrics) -> str:
+            metrics: dict[str, Any] = {**epoch.values, "kl_per_dim": epoch.kl_per_dim}
+            value = epoch.values.get(lease.report_metric) if lease.report_metric else None
+            if value is not None and not math.isfinite(value):
+                value = None
+            try:
+                answer = self._retrying(
+                    "report",
+                    lambda: self.client.report(lease.trial_id, lease.lease_token, epoch.epoch,
+                                               value, metrics),
+                )
+            except LeaseLost as error:
+                state.lost, state.stop_reason = True, str(error)
+                return "stop"
+            log.info(
+                "trial %d epoch %d: -ELBO %.2f KL %.2f AU %d beta %.3g lr %.3g",
+                lease.trial_number, epoch.epoch, epoch.values.get("val_neg_elbo", math.nan),
+                epoch.values.get("val_kl", math.nan), int(epoch.values.get("active_units", 0)),
+                epoch.values.get("beta", math.nan), epoch.values.get("lr", math.nan),
+            )
+            if answer.action == "prune":
+                state.pruned = True
+                return "stop"
+            if answer.action == "stop":
+                state.stop_reason = answer.reason or "stopped by the server"
+                return "stop"
+            if state.stop_reason is not None or state.lost or self._shutdown.is_set():
+                return "stop"
+            return "continue"
+
+        return on_epoch
+
+    def _heartbeat_loop(self, lease: Lease, state: _TrialState) -> None:
+        while not state.stop.wait(lease.heartbeat_interval_s):
+            try:
+                answer = self.client.heartbeat(lease.trial_id, lease.lease_token)
+            except ServerUnavailable as error:
+                log.warning("heartbeat: server unreachable (%s)", error)
+                continue
+            except LeaseLost as error:
+                state.lost, state.stop_reason = True, str(error)
+                return
+            if answer.action == "stop":
+                state.stop_reason = answer.reason or "stopped by the server"
+
+    # --- settling with the server ------------------------------------------------------------
+
+    def _settle(self, lease: Lease, state: _TrialState, result: TrainResult) -> str:
+        if state.lost:
+            log.warning("trial %d: lease lost (%s); result dropped", lease.trial_number,
+                        state.stop_reason)
+            return "lost"
+        if state.pruned:
+            return self._send_fail(lease, "pruned by the study's pruner", False, pruned=True)
+        if state.stop_reason is not None:
+            return self._send_fail(lease, state.stop_reason, False)
+        if result.stopped_early and self._shutdown.is_set():
+            return self._send_fail(lease, "worker shut down; handed back for retry", True)
+        values = _objective_values(result.metrics, lease.objective_metrics)
+        if values is None:
+            return self._send_fail(
+                lease, f"objective not finite: {_pick(result.metrics, lease.objective_metrics)}",
+                False,
+            )
+        final = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
+        try:
+            self._retrying(
+                "complete",
+                lambda: self.client.complete(lease.trial_id, lease.lease_token, values, final),
+            )
+        except LeaseLost as error:
+            log.warning("trial %d: result refused: %s", lease.trial_number, error)
+            return "lost"
+        return "complete"
+
+    def _settle_failure(self, lease: Lease, state: _TrialState, reason: str,
+                        retryable: bool) -> str:
+        if state.lost:
+            return "lost"
+        return self._send_fail(lease, reason, retryable)
+
+    def _send_fail(self, lease: Lease, reason: str, retryable: bool, pruned: bool = False
+                   ) -> str:
+        try:
+            self._retrying(
+                "fail",
+                lambda: self.client.fail(lease.trial_id, lease.lease_token, reason,
+                                         retryable=retryable, pruned=pruned),
+            )
+        except LeaseLost as error:
+            log.warning("trial %d: could not settle: %s", lease.trial_number, error)
+            return "lost"
+        return "pruned" if pruned else ("handed back" if retryable else "failed")
+
+
+def _pick(metrics: Mapping[str, float], names: list[str]) -> dict[str, float | None]:
+    return {name: metrics.get(name) for name in names}
+
+
+def _objective_values(metrics: Mapping[str, float], names: list[str]) -> list[float] | None:
+    values = [metrics.get(name) for name in names]
+    if any(v is None or not math.isfinite(v) for v in values):
+        return None
+    return [float(v) for v in values if v is not None]
