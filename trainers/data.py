@@ -183,16 +183,16 @@ def _torchvision_splits(
     name: str, data_dir: str | None, download: bool
 ) -> tuple[Splits, tuple[int, int, int]]:
     """The 60k/10k sets; the last 5,000 of a fixed permutation of train become validation."""
+    if data_dir is None:
+        raise ConfigError("dataset", f"{name!r} needs `data_dir` (a local folder of the files)")
+    if not download and not Path(data_dir).is_dir():
+        raise ConfigError("data_dir", f"folder {data_dir!r} does not exist (and download=False)")
     try:
         from torchvision import datasets  # lazy: the trainer runs without torchvision
     except ImportError as e:
         raise ConfigError(
             "dataset", f"{name!r} needs torchvision, which is not installed ({e})"
         ) from e
-    if data_dir is None:
-        raise ConfigError("dataset", f"{name!r} needs `data_dir` (a local folder of the files)")
-    if not download and not Path(data_dir).is_dir():
-        raise ConfigError("data_dir", f"folder {data_dir!r} does not exist (and download=False)")
     cls = datasets.MNIST if name == "mnist" else datasets.FashionMNIST
     try:
         train_set = cls(data_dir, train=True, download=download)

@@ -1,0 +1,112 @@
+"""Datasets on the device: shapes, ranges, fixed splits, the parse cache, clear errors."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trainers import data
+from trainers.config import TrainConfig
+from trainers.data import load_dataset
+from trainers.errors import ConfigError
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.setenv("HPO_CACHE_DIR", str(tmp_path))
+    data._cached_splits.cache_clear()
+    yield tmp_path
+    data._cached_splits.cache_clear()
+
+
+def test_digits_splits_shapes_and_range(fresh_cache: Path) -> None:
+    ds = load_dataset(TrainConfig(dataset="digits"), CPU)
+    assert ds.image_shape == (1, 8, 8) and ds.input_dim == 64
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (1437, 180, 180)
+    for split in (ds.train, ds.val, ds.test):
+        assert split.dtype == torch.float32 and split.device == CPU
+        assert split.min().item() >= 0.0 and split.max().item() == 1.0
+
+
+def test_mnist5k_is_a_4000_500_500_split_of_real_digits() -> None:
+    ds = load_dataset(TrainConfig(dataset="mnist5k"), CPU)
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (4000, 500, 500)
+    assert ds.image_shape == (1, 28, 28) and ds.input_dim == 784
+    assert ds.train.min().item() >= 0.0 and ds.train.max().item() == 1.0
+    assert 0.05 < ds.train.mean().item() < 0.25  # mostly-black digit images, not noise
+
+
+def test_parsed_arrays_are_cached_on_disk_and_reused(
+    fresh_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = load_dataset(TrainConfig(dataset="digits"), CPU)
+    assert sorted(p.name for p in fresh_cache.iterdir()) == [
+        "digits-v1-test.npy", "digits-v1-train.npy", "digits-v1-val.npy",
+    ]  # fmt: skip
+    data._cached_splits.cache_clear()
+
+    def no_parsing() -> data.Splits:
+        raise AssertionError("parsed again although the cache files exist")
+
+    monkeypatch.setattr(data, "_parse_digits", no_parsing)
+    second = load_dataset(TrainConfig(dataset="digits"), CPU)
+    assert torch.equal(first.train, second.train) and torch.equal(first.test, second.test)
+
+
+def test_splits_do_not_depend_on_the_run_seed_and_tensors_are_private(fresh_cache: Path) -> None:
+    a = load_dataset(TrainConfig(dataset="digits", seed=1), CPU)
+    b = load_dataset(TrainConfig(dataset="digits", seed=2), CPU)
+    assert torch.equal(a.val, b.val)
+    a.train.zero_()  # a run's tensors do not alias the in-process cache
+    c = load_dataset(TrainConfig(dataset="digits"), CPU)
+    assert c.train.max().item() == 1.0
+
+
+def test_synthetic_is_deterministic_and_sized_by_the_config() -> None:
+    a = load_dataset(TrainConfig(dataset="synthetic", synthetic_size=100, seed=0), CPU)
+    b = load_dataset(TrainConfig(dataset="synthetic", synthetic_size=100, seed=5), CPU)
+    assert (len(a.train), len(a.val), len(a.test)) == (80, 10, 10)
+    assert a.image_shape == (1, 28, 28)
+    assert torch.equal(a.train, b.train)
+    assert a.train.min().item() >= 0.0 and a.train.max().item() <= 1.0
+    # Low-dimensional structure: a handful of principal components explain nearly everything.
+    centred = a.train.double() - a.train.double().mean(0)
+    spectrum = torch.linalg.svdvals(centred) ** 2
+    assert (spectrum[:20].sum() / spectrum.sum()).item() > 0.9
+
+
+def test_torchvision_sets_name_the_missing_dependency(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import fails like when not installed
+    with pytest.raises(ConfigError) as info:
+        load_dataset(TrainConfig(dataset="mnist", data_dir=str(tmp_path)), CPU)
+    assert info.value.field == "dataset"
+    assert "torchvision" in str(info.value)
+
+
+def test_torchvision_sets_need_an_existing_data_dir(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_dataset(TrainConfig(dataset="fashion-mnist"), CPU)
+    assert info.value.field == "dataset" and "data_dir" in info.value.reason
+    with pytest.raises(ConfigError) as missing:
+        load_dataset(TrainConfig(dataset="mnist", data_dir=str(tmp_path / "absent")), CPU)
+    assert missing.value.field == "data_dir"
+
+
+def test_stratified_split_is_fixed_and_class_balanced() -> None:
+    x = np.arange(200, dtype=np.float64).reshape(100, 2)
+    y = np.repeat(np.arange(4), 25)
+    train, val, test = data._stratified_split(x, y, n_val=20, n_test=20)
+    again = data._stratified_split(x, y, n_val=20, n_test=20)
+    assert np.array_equal(test, again[2]) and np.array_equal(val, again[1])
+    test_labels = (test[:, 0] // 2 // 25).astype(int)
+    assert np.bincount(test_labels).tolist() == [5, 5, 5, 5]
+    assert len(train) == 60

@@ -1,0 +1,115 @@
+"""ELBO terms: analytic KL, likelihoods with their constants, and the three free-bits modes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from trainers.losses import (
+    elbo_terms,
+    free_bits_kl,
+    gaussian_kl_per_dim,
+    reconstruction_nll,
+)
+
+
+def test_analytic_kl_matches_monte_carlo_estimate() -> None:
+    gen = torch.Generator().manual_seed(0)
+    mu = torch.tensor([[0.0, 1.5, -0.7]], dtype=torch.float64)
+    logvar = torch.tensor([[0.0, -1.0, 0.8]], dtype=torch.float64)
+    std = torch.exp(0.5 * logvar)
+    z = mu + std * torch.randn(400_000, 3, generator=gen, dtype=torch.float64)
+    q = torch.distributions.Normal(mu, std)
+    p = torch.distributions.Normal(0.0, 1.0)
+    mc = (q.log_prob(z) - p.log_prob(z)).mean(0)
+    analytic = gaussian_kl_per_dim(mu, logvar)[0]
+    assert analytic[0].item() == pytest.approx(0.0, abs=1e-12)  # q equals the prior
+    torch.testing.assert_close(analytic, mc, atol=0.01, rtol=0.0)
+
+
+def test_gaussian_nll_is_a_proper_density_in_nats() -> None:
+    gen = torch.Generator().manual_seed(1)
+    x, means = torch.rand(4, 6, generator=gen), torch.rand(4, 6, generator=gen)
+    expected = -torch.distributions.Normal(means, 0.3).log_prob(x).sum(-1)
+    torch.testing.assert_close(reconstruction_nll(means, x, "gaussian", 0.3), expected)
+
+
+def test_bernoulli_nll_matches_the_bernoulli_log_likelihood() -> None:
+    gen = torch.Generator().manual_seed(2)
+    x = torch.bernoulli(torch.full((5, 7), 0.5), generator=gen)
+    logits = torch.randn(5, 7, generator=gen)
+    expected = -torch.distributions.Bernoulli(logits=logits).log_prob(x).sum(-1)
+    torch.testing.assert_close(reconstruction_nll(logits, x, "bernoulli", 1.0), expected)
+
+
+def _kl_grad(kl: torch.Tensor, free_bits: float, mode: str) -> torch.Tensor:
+    kl = kl.clone().requires_grad_(True)
+    objective, _ = free_bits_kl(kl, free_bits, mode)  # type: ignore[arg-type]
+    (grad,) = torch.autograd.grad(objective, kl)
+    return grad
+
+
+def test_batch_mean_free_bits_zero_gradient_below_floor_unchanged_above() -> None:
+    # Dim 0: batch mean 0.1 < λ (example 1 alone is above λ: the clamp is on the mean).
+    # Dim 1: batch mean 0.9 > λ.
+    kl = torch.tensor([[0.0, 0.8], [0.2, 1.0]])
+    grad = _kl_grad(kl, 0.15, "batch_mean_per_group")
+    unclamped = _kl_grad(kl, 0.0, "batch_mean_per_group")
+    assert torch.equal(grad[:, 0], torch.zeros(2))
+    assert torch.equal(grad[:, 1], unclamped[:, 1])
+    assert torch.equal(unclamped, torch.full((2, 2), 0.5))  # d mean_b Σ_j KL_bj / d KL_bj
+
+
+def test_per_example_free_bits_clamps_each_example_separately() -> None:
+    kl = torch.tensor([[0.0, 0.8], [0.2, 1.0]])
+    grad = _kl_grad(kl, 0.15, "per_example_per_group")
+    assert torch.equal(grad, torch.tensor([[0.0, 0.5], [0.5, 0.5]]))
+    _, floor = free_bits_kl(kl, 0.15, "per_example_per_group")
+    assert floor.item() == pytest.approx(0.5)  # one of four (example, dim) pairs, per example
+
+
+def test_global_free_bits_clamps_the_total() -> None:
+    kl = torch.tensor([[0.1, 0.1], [0.1, 0.1]])  # total 0.2 per example
+    below = _kl_grad(kl, 0.2, "global")  # floor 0.4 > 0.2
+    above = _kl_grad(kl, 0.05, "global")  # floor 0.1 < 0.2
+    assert torch.equal(below, torch.zeros(2, 2))
+    assert torch.equal(above, torch.full((2, 2), 0.5))
+    value, floor = free_bits_kl(kl, 0.2, "global")
+    assert value.item() == pytest.approx(0.4)
+    assert floor.item() == 2.0
+
+
+@pytest.mark.parametrize("mode", ["batch_mean_per_group", "per_example_per_group", "global"])
+def test_zero_free_bits_is_the_plain_kl(mode: str) -> None:
+    kl = torch.tensor([[0.0, 0.8], [0.2, 1.0]])
+    value, floor = free_bits_kl(kl, 0.0, mode)  # type: ignore[arg-type]
+    assert value.item() == pytest.approx(1.0)
+    assert floor.item() == 0.0
+
+
+def test_floor_count_counts_dims_below_lambda() -> None:
+    kl = torch.tensor([[0.0, 0.8, 0.1], [0.2, 1.0, 0.0]])
+    value, floor = free_bits_kl(kl, 0.15, "batch_mean_per_group")
+    assert floor.item() == 2.0
+    assert value.item() == pytest.approx(0.15 + 0.9 + 0.15)
+
+
+def test_elbo_terms_report_objective_and_true_neg_elbo_separately() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(8, 5, generator=gen)
+    logits = torch.randn(8, 5, generator=gen)
+    mu, logvar = 0.1 * torch.randn(8, 3, generator=gen), torch.zeros(8, 3)
+    plain = elbo_terms(logits, x, mu, logvar, beta=1.0, likelihood="bernoulli", gaussian_std=1.0)
+    annealed = elbo_terms(
+        logits, x, mu, logvar, beta=0.25, likelihood="bernoulli", gaussian_std=1.0,
+        free_bits=0.5, free_bits_mode="batch_mean_per_group",
+    )  # fmt: skip
+    assert annealed.neg_elbo.item() == pytest.approx(plain.neg_elbo.item())  # β, λ don't touch it
+    assert plain.objective.item() == pytest.approx(plain.neg_elbo.item())
+    assert annealed.kl_objective.item() == pytest.approx(1.5)  # every dim below 0.5 → 3·0.5
+    assert annealed.objective.item() == pytest.approx(annealed.reconstruction.item() + 0.375)
+    assert plain.kl_total.item() == pytest.approx(plain.kl_per_dim.sum().item())
+    assert annealed.free_bits_floor_dims.item() == 3.0
+    assert math.isclose(annealed.beta, 0.25)
