@@ -224,14 +224,11 @@ def train(config: TrainConfig | Mapping[str, Any], on_epoch: OnEpoch | None = No
         host = torch.cat([sums.double(), maxima.double(), first_bad.double()]).tolist()
         train_seconds = time.perf_counter() - t_epoch
         n_sums, n_max = len(stat_names), len(max_names)
-        bad_steps = [
-            (int(s), name)
-            for s, name in zip(host[n_sums + n_max :], check_names, strict=True)
-            if s >= 0
-        ]
+        # (step, position in check_names): ties name the loss before the gradient it caused
+        bad_steps = [(int(s), j) for j, s in enumerate(host[n_sums + n_max :]) if s >= 0]
         if bad_steps:
-            bad_step, term = min(bad_steps)
-            raise NonFiniteLossError(epoch, bad_step, term)
+            bad_step, j = min(bad_steps)
+            raise NonFiniteLossError(epoch, bad_step, check_names[j])
         means = {n: total / steps_per_epoch for n, total in zip(stat_names, host, strict=False)}
         peaks = dict(zip(max_names, host[n_sums : n_sums + n_max], strict=True))
         values = {
