@@ -232,3 +232,10 @@ def test_dynamic_binarization_trains_on_sampled_binary_pixels(
     run(epochs=1, binarize=True)
     assert all(set(torch.unique(x).tolist()) <= {0.0, 1.0} for x in seen)
     assert not torch.equal(seen[0], seen[1])
+
+
+def test_bf16_autocast_on_cpu_still_trains_with_fp32_losses() -> None:
+    result = run(amp="bf16", epochs=2, base_lr=3e-3)
+    first, last = result.history[0].values, result.history[-1].values
+    assert last["val_neg_elbo"] < first["val_neg_elbo"]
+    assert result.metrics != run(amp="off", epochs=2, base_lr=3e-3).metrics  # autocast was on
