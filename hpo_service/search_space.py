@@ -68,6 +68,17 @@ class Param:
             return IntDistribution(int(self.low), int(self.high), log=self.log, step=step)
         return FloatDistribution(self.low, self.high, log=self.log, step=self.step)
 
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` lies in this dimension (used to check enqueued configurations)."""
+        if self.choices is not None:
+            return any(value == c and type(value) is type(c) for c in self.choices)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if self.kind == "int" and not float(value).is_integer():
+            return False
+        assert self.low is not None and self.high is not None
+        return self.low <= value <= self.high
+
     def bounds(self) -> tuple[ParamValue, ...]:
         """The values a spec check probes: both ends of a range, or every choice."""
         if self.choices is not None:

@@ -328,9 +328,7 @@ class StudyService:
                 param = by_name.get(key)
                 if param is None:
                     raise InvalidSpec(f"params[{index}].{key}", "not a parameter of this study")
-                if not param.distribution()._contains(param.distribution().to_internal_repr(
-                    value
-                )):
+                if not param.contains(value):
                     raise InvalidSpec(f"params[{index}].{key}", f"{value!r} is outside the space")
             try:
                 resolve_config(loaded.spec, params)
@@ -405,7 +403,7 @@ class StudyService:
                 trial = self.storage.get_trial(row.trial_id)
             except KeyError:
                 continue
-            if trial.state == TrialState.RUNNING:
+            if trial.state == TrialState.RUNNING and self._stop_reason(row.study_id) is None:
                 self.storage.record_heartbeat(row.trial_id)
                 loaded = self._load(row.study_id)
                 return self._lease_answer(loaded, trial, row.token)

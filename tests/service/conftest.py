@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import TOKENS  # noqa: E402
+
+from hpo_service.app import create_app  # noqa: E402
+from hpo_service.config import Settings  # noqa: E402
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    return Settings(
+        database_url=database_url,
+        tokens=TOKENS,  # type: ignore[arg-type]
+        heartbeat_interval_s=0.2,
+        lease_timeout_s=1,
+        run_reaper=False,  # tests reap explicitly, so timing never decides an assertion
+        long_poll_step_s=0.05,
+        db_connect_retries=0,
+    )
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    app = create_app(settings)
+    with TestClient(app) as test_client:
+        yield test_client
+    app.state.service.storage.engine.dispose()
