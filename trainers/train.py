@@ -118,6 +118,10 @@ def train(config: TrainConfig | Mapping[str, Any], on_epoch: OnEpoch | None = No
     ``dec_skip_fraction``, ``disc_grad_norm_mean``, ``disc_grad_norm_max``, ``decoder_lr``,
     ``disc_lr``.
 
+    For a VAE-GAN the ``*_neg_elbo``/``*_recon`` metrics are still the pixel-space Bernoulli or
+    Gaussian ELBO of the generator (comparable with plain VAEs), although the decoder is trained
+    on feature-space reconstruction and the GAN loss instead.
+
     Final ``metrics``: the last epoch's values, overridden by the selected (best validation
     −ELBO) model's ``val_neg_elbo`` and ``active_units``, plus ``best_epoch``, ``epochs_run``,
     ``test_neg_elbo`` and ``test_is_nll`` (k = ``final_is_samples``; absent when 0 or stopped).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import pytest
@@ -239,3 +240,11 @@ def test_bf16_autocast_on_cpu_still_trains_with_fp32_losses() -> None:
     first, last = result.history[0].values, result.history[-1].values
     assert last["val_neg_elbo"] < first["val_neg_elbo"]
     assert result.metrics != run(amp="off", epochs=2, base_lr=3e-3).metrics  # autocast was on
+
+
+def test_trainer_errors_survive_pickling_between_processes() -> None:
+    config_error = pickle.loads(pickle.dumps(ConfigError("batch_size", "too large")))
+    assert (config_error.field, config_error.reason) == ("batch_size", "too large")
+    assert str(config_error) == "`batch_size`: too large"
+    nan_error = pickle.loads(pickle.dumps(NonFiniteLossError(3, 41, "disc_loss")))
+    assert (nan_error.epoch, nan_error.step, nan_error.term) == (3, 41, "disc_loss")
