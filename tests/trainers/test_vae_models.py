@@ -13,8 +13,12 @@ from trainers.models import build_vae, conv_vae, discriminator, mlp_vae
 
 def test_mlp_vae_decoder_mirrors_encoder() -> None:
     vae = mlp_vae(input_dim=64, hidden_sizes=(32, 16), latent_dim=4, act="gelu")
-    enc = [(m.in_features, m.out_features) for m in vae.encoder.modules() if isinstance(m, nn.Linear)]
-    dec = [(m.in_features, m.out_features) for m in vae.decoder.modules() if isinstance(m, nn.Linear)]
+    enc = [
+        (m.in_features, m.out_features) for m in vae.encoder.modules() if isinstance(m, nn.Linear)
+    ]
+    dec = [
+        (m.in_features, m.out_features) for m in vae.decoder.modules() if isinstance(m, nn.Linear)
+    ]
     assert enc == [(64, 32), (32, 16), (16, 8)]  # last layer: μ and log σ²
     assert dec == [(4, 16), (16, 32), (32, 64)]
     assert sum(isinstance(m, nn.GELU) for m in vae.decoder.modules()) == 2  # none after the output
