@@ -29,9 +29,7 @@ def _reaper(service: StudyService, interval_s: float, stop: threading.Event) -> 
             log.exception("reaping expired leases failed")
 
 
-def create_app(
-    settings: Settings, storage: optuna.storages.RDBStorage | None = None
-) -> FastAPI:
+def create_app(settings: Settings, storage: optuna.storages.RDBStorage | None = None) -> FastAPI:
     """Build the app. Raises ValueError if the settings are unsafe (open non-loopback bind)."""
     settings.check_safe_to_serve()
     service = StudyService(settings, storage)
@@ -42,7 +40,9 @@ def create_app(
         anyio.to_thread.current_default_thread_limiter().total_tokens = 200
         stop = threading.Event()
         reaper = threading.Thread(
-            target=_reaper, args=(service, settings.reap_interval_s, stop), daemon=True,
+            target=_reaper,
+            args=(service, settings.reap_interval_s, stop),
+            daemon=True,
             name="hpo-reaper",
         )
         if settings.run_reaper:

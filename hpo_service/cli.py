@@ -66,9 +66,11 @@ def load_spec(path: Path) -> StudySpec:
 
 def _counts_line(info: StudyInfo) -> str:
     c = info.counts
-    return (f"{info.name}: {info.state} — complete {c.complete}, pruned {c.pruned}, "
-            f"running {c.running}, waiting {c.waiting}, failed {c.fail} "
-            f"/ {info.spec.budget.n_trials} trials")
+    return (
+        f"{info.name}: {info.state} — complete {c.complete}, pruned {c.pruned}, "
+        f"running {c.running}, waiting {c.waiting}, failed {c.fail} "
+        f"/ {info.spec.budget.n_trials} trials"
+    )
 
 
 def _trial_table(title: str, trials: list[TrialSummary], metric_names: list[str]) -> Table:
@@ -78,8 +80,7 @@ def _trial_table(title: str, trials: list[TrialSummary], metric_names: list[str]
     for trial in trials:
         values = [f"{v:.4g}" for v in trial.values] if trial.values else ["-"] * len(metric_names)
         params = ", ".join(
-            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in trial.params.items()
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items()
         )
         table.add_row(str(trial.number), trial.state, *values, trial.worker_id or "-", params)
     return table
@@ -103,16 +104,20 @@ def serve(
     if port is not None:
         updates["port"] = port
     settings = settings.model_copy(update=updates)
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
     try:
         application = create_app(settings)
     except ValueError as error:
         raise _fail(str(error), 2) from error
-    console.print(f"serving {settings.database_url} on http://{settings.host}:{settings.port} "
-                  f"(API docs: http://{settings.host}:{settings.port}/v1/docs)")
-    uvicorn.run(application, host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower())
+    console.print(
+        f"serving {settings.database_url} on http://{settings.host}:{settings.port} "
+        f"(API docs: http://{settings.host}:{settings.port}/v1/docs)"
+    )
+    uvicorn.run(
+        application, host=settings.host, port=settings.port, log_level=settings.log_level.lower()
+    )
 
 
 @app.command()
@@ -150,8 +155,11 @@ def _follow(client: HPOClient, name: str, poll_s: float = 2.0) -> StudyInfo:
 
 
 @app.command()
-def studies(server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None,
-            state: Annotated[str | None, typer.Option(help="Filter by state.")] = None) -> None:
+def studies(
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    state: Annotated[str | None, typer.Option(help="Filter by state.")] = None,
+) -> None:
     """List studies."""
     try:
         infos = _client(server, token).list_studies(state)
@@ -162,15 +170,26 @@ def studies(server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None,
         table.add_column(column)
     for info in infos:
         best = info.best_trials[0].values if info.best_trials else None
-        table.add_row(info.name, info.state, str(info.counts.complete), str(info.counts.pruned),
-                      str(info.counts.running), str(info.counts.fail),
-                      ", ".join(f"{v:.4g}" for v in best) if best else "-")
+        table.add_row(
+            info.name,
+            info.state,
+            str(info.counts.complete),
+            str(info.counts.pruned),
+            str(info.counts.running),
+            str(info.counts.fail),
+            ", ".join(f"{v:.4g}" for v in best) if best else "-",
+        )
     console.print(table)
 
 
 @app.command()
-def trials(name: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None,
-           offset: int = 0, limit: int = 50) -> None:
+def trials(
+    name: str,
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    offset: int = 0,
+    limit: int = 50,
+) -> None:
     """List a study's trials."""
     try:
         client = _client(server, token)
@@ -178,13 +197,22 @@ def trials(name: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None
         info = client.get_study(name)
     except ClientError as error:
         raise _api_error(error) from error
-    console.print(_trial_table(f"{name}: trials {offset}–{offset + len(page.trials)} of "
-                               f"{page.total}", page.trials, info.metric_names))
+    console.print(
+        _trial_table(
+            f"{name}: trials {offset}–{offset + len(page.trials)} of {page.total}",
+            page.trials,
+            info.metric_names,
+        )
+    )
 
 
 @app.command()
-def best(name: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None,
-         as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+def best(
+    name: str,
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
     """The best trial (or the Pareto front of a multi-objective study)."""
     try:
         info = _client(server, token).get_study(name)
@@ -229,8 +257,14 @@ def demo(
     from hpo_service.demo import run_demo
 
     try:
-        run_demo(console, n_trials=trials_, epochs=epochs, n_workers=workers,
-                 database=database.resolve(), port=port)
+        run_demo(
+            console,
+            n_trials=trials_,
+            epochs=epochs,
+            n_workers=workers,
+            database=database.resolve(),
+            port=port,
+        )
     except RuntimeError as error:
         raise _fail(str(error)) from error
 

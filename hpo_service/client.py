@@ -43,8 +43,9 @@ class ServerUnavailable(ClientError):
 
 
 class APIError(ClientError):
-    def __init__(self, status: int, code: str, message: str,
-                 details: list[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, details: list[dict[str, Any]] | None = None
+    ) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
@@ -60,8 +61,9 @@ class RequestRejected(APIError):
     pass
 
 
-def make_http_client(base_url: str, token: str | None = None, timeout_s: float = 90.0
-                     ) -> httpx.Client:
+def make_http_client(
+    base_url: str, token: str | None = None, timeout_s: float = 90.0
+) -> httpx.Client:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     return httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s)
 
@@ -72,8 +74,15 @@ class HPOClient:
 
     # --- plumbing -------------------------------------------------------------------------------
 
-    def _call(self, method: str, path: str, *, json: Any = None,
-              params: dict[str, Any] | None = None, trial: bool = False) -> httpx.Response:
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        trial: bool = False,
+    ) -> httpx.Response:
         try:
             response = self.http.request(method, API_PREFIX + path, json=json, params=params)
         except (httpx.TransportError, OSError) as error:
@@ -113,8 +122,9 @@ class HPOClient:
         return StudyInfo.model_validate(self._call("GET", f"/studies/{name}").json())
 
     def list_trials(self, name: str, offset: int = 0, limit: int = 100) -> TrialPage:
-        data = self._call("GET", f"/studies/{name}/trials",
-                          params={"offset": offset, "limit": limit}).json()
+        data = self._call(
+            "GET", f"/studies/{name}/trials", params={"offset": offset, "limit": limit}
+        ).json()
         return TrialPage.model_validate(data)
 
     def stop_study(self, name: str) -> StudyInfo:
@@ -132,33 +142,43 @@ class HPOClient:
 
     # --- the worker protocol ----------------------------------------------------------------
 
-    def lease(self, worker_id: str, wait_s: float = 0.0, device: str | None = None
-              ) -> Lease | None:
-        response = self._call("POST", "/leases",
-                              json={"worker_id": worker_id, "wait_s": wait_s, "device": device})
+    def lease(self, worker_id: str, wait_s: float = 0.0, device: str | None = None) -> Lease | None:
+        response = self._call(
+            "POST", "/leases", json={"worker_id": worker_id, "wait_s": wait_s, "device": device}
+        )
         if response.status_code == 204:
             return None
         return Lease.model_validate(response.json())
 
     def heartbeat(self, trial_id: int, token: str) -> HeartbeatAnswer:
-        response = self._call("POST", f"/trials/{trial_id}/heartbeat",
-                              json={"lease_token": token}, trial=True)
+        response = self._call(
+            "POST", f"/trials/{trial_id}/heartbeat", json={"lease_token": token}, trial=True
+        )
         return HeartbeatAnswer.model_validate(response.json())
 
-    def report(self, trial_id: int, token: str, epoch: int, value: float | None,
-               metrics: dict[str, Any]) -> ReportAnswer:
+    def report(
+        self, trial_id: int, token: str, epoch: int, value: float | None, metrics: dict[str, Any]
+    ) -> ReportAnswer:
         body = {"lease_token": token, "epoch": epoch, "value": value, "metrics": metrics}
         response = self._call("POST", f"/trials/{trial_id}/report", json=body, trial=True)
         return ReportAnswer.model_validate(response.json())
 
-    def complete(self, trial_id: int, token: str, values: list[float],
-                 metrics: dict[str, Any]) -> CompleteAnswer:
+    def complete(
+        self, trial_id: int, token: str, values: list[float], metrics: dict[str, Any]
+    ) -> CompleteAnswer:
         body = {"lease_token": token, "values": values, "metrics": metrics}
         response = self._call("POST", f"/trials/{trial_id}/complete", json=body, trial=True)
         return CompleteAnswer.model_validate(response.json())
 
-    def fail(self, trial_id: int, token: str, reason: str, *, retryable: bool = False,
-             pruned: bool = False) -> FailAnswer:
+    def fail(
+        self,
+        trial_id: int,
+        token: str,
+        reason: str,
+        *,
+        retryable: bool = False,
+        pruned: bool = False,
+    ) -> FailAnswer:
         body = {"lease_token": token, "reason": reason, "retryable": retryable, "pruned": pruned}
         response = self._call("POST", f"/trials/{trial_id}/fail", json=body, trial=True)
         return FailAnswer.model_validate(response.json())

@@ -61,7 +61,7 @@ class Settings(BaseSettings):
                     "HPO_TOKENS entries must look like 'admin:TOKEN', 'worker:TOKEN' or "
                     f"'viewer:TOKEN' (got {entry.strip()[:20]!r}...)"
                 )
-            result[token] = scope  # type: ignore[assignment]
+            result[token] = scope
         return result
 
     @property

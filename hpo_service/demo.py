@@ -27,14 +27,15 @@ from hpo_service.search_space import default_space
 DEMO_FIXED = {"final_is_samples": 50, "final_is_examples": 500, "device": "cpu"}
 
 
-def demo_specs(stamp: str, n_trials: int, epochs: int, n_workers: int
-               ) -> tuple[StudySpec, StudySpec]:
+def demo_specs(
+    stamp: str, n_trials: int, epochs: int, n_workers: int
+) -> tuple[StudySpec, StudySpec]:
     baseline = StudySpec(
         name=f"demo-{stamp}-untuned",
         dataset="mnist5k",
         epochs=epochs,
-        budget={"n_trials": 1, "max_concurrent": 1},  # type: ignore[arg-type]
-        pruner={"name": "none"},  # type: ignore[arg-type]
+        budget={"n_trials": 1, "max_concurrent": 1},
+        pruner={"name": "none"},
         drop=[p.name for p in default_space(epochs)],
         fixed=DEMO_FIXED,
     )
@@ -42,9 +43,9 @@ def demo_specs(stamp: str, n_trials: int, epochs: int, n_workers: int
         name=f"demo-{stamp}-tuned",
         dataset="mnist5k",
         epochs=epochs,
-        budget={"n_trials": n_trials, "max_concurrent": n_workers},  # type: ignore[arg-type]
-        sampler={"name": "tpe", "seed": 0, "n_startup_trials": max(4, n_trials // 3)},  # type: ignore[arg-type]
-        pruner={"name": "median", "n_startup_trials": 3, "n_warmup_steps": 2},  # type: ignore[arg-type]
+        budget={"n_trials": n_trials, "max_concurrent": n_workers},
+        sampler={"name": "tpe", "seed": 0, "n_startup_trials": max(4, n_trials // 3)},
+        pruner={"name": "median", "n_startup_trials": 3, "n_warmup_steps": 2},
         fixed=DEMO_FIXED,
     )
     return baseline, tuned
@@ -75,36 +76,60 @@ def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
             process.kill()
 
 
-def run_demo(console: Console, *, n_trials: int, epochs: int, n_workers: int, database: Path,
-             port: int) -> None:
+def run_demo(
+    console: Console, *, n_trials: int, epochs: int, n_workers: int, database: Path, port: int
+) -> None:
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "HPO_DATABASE_URL": f"sqlite:///{database}", "HPO_HOST": "127.0.0.1",
-           "HPO_PORT": str(port), "HPO_TOKENS": "", "HPO_LOG_LEVEL": "warning",
-           "OMP_NUM_THREADS": "1"}  # one core per worker process
+    env = {
+        **os.environ,
+        "HPO_DATABASE_URL": f"sqlite:///{database}",
+        "HPO_HOST": "127.0.0.1",
+        "HPO_PORT": str(port),
+        "HPO_TOKENS": "",
+        "HPO_LOG_LEVEL": "warning",
+        "OMP_NUM_THREADS": "1",
+    }  # one core per worker process
     logs = database.parent / "hpo-demo-logs"
     logs.mkdir(exist_ok=True)
-    console.print(f"[bold]hpo demo[/bold]: database {database}, server {url}, "
-                  f"{n_workers} workers, logs in {logs}")
+    console.print(
+        f"[bold]hpo demo[/bold]: database {database}, server {url}, "
+        f"{n_workers} workers, logs in {logs}"
+    )
     processes: list[subprocess.Popen[bytes]] = []
     try:
         server = subprocess.Popen(
-            [sys.executable, "-m", "hpo_service", "serve", "--port", str(port)], env=env,
-            stdout=(logs / "server.log").open("wb"), stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "hpo_service", "serve", "--port", str(port)],
+            env=env,
+            stdout=(logs / "server.log").open("wb"),
+            stderr=subprocess.STDOUT,
         )
         processes.append(server)
         _wait_healthy(url, server)
         client = HPOClient(make_http_client(url))
-        baseline, tuned = demo_specs(time.strftime("%Y%m%d-%H%M%S"), n_trials, epochs,
-                                     n_workers)
+        baseline, tuned = demo_specs(time.strftime("%Y%m%d-%H%M%S"), n_trials, epochs, n_workers)
         client.create_study(baseline)
         client.create_study(tuned)
         for index in range(n_workers):
-            processes.append(subprocess.Popen(
-                [sys.executable, "-m", "trainers.worker_cli", "--server", url, "--worker-id",
-                 f"demo-worker-{index + 1}", "--device", "cpu", "--wait", "5"],
-                env=env, stdout=(logs / f"worker-{index + 1}.log").open("wb"),
-                stderr=subprocess.STDOUT,
-            ))
+            processes.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "trainers.worker_cli",
+                        "--server",
+                        url,
+                        "--worker-id",
+                        f"demo-worker-{index + 1}",
+                        "--device",
+                        "cpu",
+                        "--wait",
+                        "5",
+                    ],
+                    env=env,
+                    stdout=(logs / f"worker-{index + 1}.log").open("wb"),
+                    stderr=subprocess.STDOUT,
+                )
+            )
         started = time.monotonic()
         last = ""
         while True:
@@ -129,14 +154,22 @@ def run_demo(console: Console, *, n_trials: int, epochs: int, n_workers: int, da
         _stop(processes[:1])
 
 
-def _report(console: Console, client: HPOClient, baseline: StudyInfo, tuned: StudyInfo,
-            database: Path, seconds: float) -> None:
+def _report(
+    console: Console,
+    client: HPOClient,
+    baseline: StudyInfo,
+    tuned: StudyInfo,
+    database: Path,
+    seconds: float,
+) -> None:
     if not baseline.best_trials or not tuned.best_trials:
         raise RuntimeError("a demo study finished without a completed trial; see the logs")
     base = client.list_trials(baseline.name).trials[0]
     best = tuned.best_trials[0]
-    table = Table(title=f"best of {tuned.counts.complete + tuned.counts.pruned} trials vs the "
-                        f"untuned default ({seconds:.0f}s)")
+    table = Table(
+        title=f"best of {tuned.counts.complete + tuned.counts.pruned} trials vs the "
+        f"untuned default ({seconds:.0f}s)"
+    )
     table.add_column("metric (nats/example)")
     table.add_column("untuned default", justify="right")
     table.add_column(f"best trial #{best.number}", justify="right")
@@ -144,9 +177,14 @@ def _report(console: Console, client: HPOClient, baseline: StudyInfo, tuned: Stu
         a, b = base.metrics.get(metric), best.metrics.get(metric)
         table.add_row(metric, "-" if a is None else f"{a:.3f}", "-" if b is None else f"{b:.3f}")
     console.print(table)
-    console.print("best parameters: " + ", ".join(
-        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items()
-    ))
-    console.print(f"database: {database}  (optuna.load_study(study_name={tuned.name!r}, "
-                  f"storage='sqlite:///{database}'))")
+    console.print(
+        "best parameters: "
+        + ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items()
+        )
+    )
+    console.print(
+        f"database: {database}  (optuna.load_study(study_name={tuned.name!r}, "
+        f"storage='sqlite:///{database}'))"
+    )
     console.print("browse it: `hpo serve` then http://127.0.0.1:8000/v1/docs (API docs)")

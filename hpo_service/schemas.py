@@ -25,7 +25,13 @@ ModelKind = Literal["mlp", "conv", "vaegan"]
 Likelihood = Literal["bernoulli", "gaussian"]
 Activation = Literal["relu", "gelu", "elu", "silu", "tanh", "leaky_relu"]
 LRPolicy = Literal[
-    "constant", "step", "exponential", "triangular", "triangular2", "exp_range", "cosine",
+    "constant",
+    "step",
+    "exponential",
+    "triangular",
+    "triangular2",
+    "exp_range",
+    "cosine",
     "one_cycle",
 ]
 KLScheduleName = Literal["constant", "linear", "cosine", "sigmoid", "cyclical"]
@@ -143,8 +149,17 @@ class TrainConfig(BaseModel):
         return data
 
     @field_validator(
-        "base_lr", "max_lr", "weight_decay", "free_bits", "eps", "gaussian_std", "disc_lr",
-        "decoder_lr", "kl_warmup_epochs", "lr_warmup_epochs", "lr_half_cycle_epochs",
+        "base_lr",
+        "max_lr",
+        "weight_decay",
+        "free_bits",
+        "eps",
+        "gaussian_std",
+        "disc_lr",
+        "decoder_lr",
+        "kl_warmup_epochs",
+        "lr_warmup_epochs",
+        "lr_half_cycle_epochs",
     )
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
@@ -216,9 +231,7 @@ OBJECTIVE_METRICS: dict[str, Literal["minimize", "maximize"]] = {
 }
 
 SamplerName = Literal["tpe", "gp", "cmaes", "random", "qmc", "nsga2"]
-PrunerName = Literal[
-    "none", "median", "percentile", "successive_halving", "hyperband", "wilcoxon"
-]
+PrunerName = Literal["none", "median", "percentile", "successive_halving", "hyperband", "wilcoxon"]
 Direction = Literal["minimize", "maximize"]
 StudyState = Literal["running", "stopped", "cancelled", "completed", "failed"]
 JSONScalar = str | int | float | bool | None

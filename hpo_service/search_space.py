@@ -99,17 +99,28 @@ def default_space(epochs: int) -> list[Param]:
         # 1) KL annealing: schedule, warm-up length, cycles (Bowman 2016; Fu et al. 2019)
         Param("kl_schedule", "categorical", choices=("constant", "linear", "cosine", "cyclical")),
         Param("kl_warmup_epochs", "float", 0.0, half, parent="kl_schedule", when=_WARMUP_KL),
-        Param("kl_cycles", "int", 1, max(1, min(8, epochs)), parent="kl_schedule",
-              when=("cyclical",)),
+        Param(
+            "kl_cycles", "int", 1, max(1, min(8, epochs)), parent="kl_schedule", when=("cyclical",)
+        ),
         Param("kl_ratio", "float", 0.25, 1.0, parent="kl_schedule", when=("cyclical",)),
         # 2) learning-rate policy and its cycle (Smith 2017; Smith & Topin 2017)
-        Param("lr_policy", "categorical",
-              choices=("constant", "triangular", "triangular2", "cosine", "one_cycle")),
-        Param("lr_half_cycle_epochs", "float", min(1.0, epochs / 4), half,
-              parent="lr_policy", when=_CLR_POLICIES),
+        Param(
+            "lr_policy",
+            "categorical",
+            choices=("constant", "triangular", "triangular2", "cosine", "one_cycle"),
+        ),
+        Param(
+            "lr_half_cycle_epochs",
+            "float",
+            min(1.0, epochs / 4),
+            half,
+            parent="lr_policy",
+            when=_CLR_POLICIES,
+        ),
         Param("base_lr", "float", 1e-4, 3e-3, log=True),
-        Param("max_lr_factor", "float", 2.0, 10.0, log=True, parent="lr_policy",
-              when=_PEAKED_POLICIES),
+        Param(
+            "max_lr_factor", "float", 2.0, 10.0, log=True, parent="lr_policy", when=_PEAKED_POLICIES
+        ),
         Param("lr_warmup_epochs", "float", 0.0, epochs / 4),
         # 3) optimizer and regularisation (Loshchilov & Hutter 2019; Liu et al. 2020)
         Param("optimizer", "categorical", choices=("adamw", "radam")),
@@ -135,23 +146,29 @@ def _field_kind(name: str) -> str:
 
 
 def _is_power_of_two(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0 and (
-        value & (value - 1) == 0
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and value > 0
+        and (value & (value - 1) == 0)
     )
 
 
 def _apply_override(name: str, base: Param | None, override: ParamSpec) -> Param:
-    kind = override.type or (
-        "categorical" if override.choices is not None else (base.kind if base else None)
-    ) or _field_kind(name)
+    kind = (
+        override.type
+        or ("categorical" if override.choices is not None else (base.kind if base else None))
+        or _field_kind(name)
+    )
     if base is None:
         base = Param(name, kind)
     if kind == "categorical":
         choices = override.choices if override.choices is not None else base.choices
         if choices is None:
             raise InvalidSpec(f"search_space.{name}", "a categorical parameter needs `choices`")
-        return replace(base, kind=kind, choices=tuple(choices), low=None, high=None, log=False,
-                       step=None)
+        return replace(
+            base, kind=kind, choices=tuple(choices), low=None, high=None, log=False, step=None
+        )
     low = override.low if override.low is not None else base.low
     high = override.high if override.high is not None else base.high
     log = override.log if override.log is not None else base.log
@@ -179,8 +196,15 @@ def _batch_size_param(param: Param) -> Param:
                 f"batch sizes must be positive powers of two (got {value:g})",
             )
     lo, hi = int(math.log2(param.low)), int(math.log2(param.high))
-    return replace(param, kind="categorical", choices=tuple(2**k for k in range(lo, hi + 1)),
-                   low=None, high=None, log=False, step=None)
+    return replace(
+        param,
+        kind="categorical",
+        choices=tuple(2**k for k in range(lo, hi + 1)),
+        low=None,
+        high=None,
+        log=False,
+        step=None,
+    )
 
 
 def _check_range(param: Param) -> None:
@@ -289,6 +313,15 @@ def suggest(trial: optuna.Trial, spec: StudySpec, space: list[Param]) -> dict[st
     return _walk(spec, space, pick)
 
 
+def _pick_forced(forced: Mapping[str, Any]) -> Callable[[Param], Any]:
+    """A picker that uses the forced values and each other parameter's first value."""
+
+    def pick(param: Param) -> Any:
+        return forced.get(param.name, param.bounds()[0])
+
+    return pick
+
+
 def check_spec(spec: StudySpec) -> list[Param]:
     """Validate a spec end to end before anything is written; returns its space.
 
@@ -306,7 +339,7 @@ def check_spec(spec: StudySpec) -> list[Param]:
             forced: dict[str, Any] = {param.name: value}
             if param.parent is not None and param.parent not in spec.fixed:
                 forced[param.parent] = param.when[0]
-            probe = _walk(spec, space, lambda p, f=forced: f.get(p.name, p.bounds()[0]))
+            probe = _walk(spec, space, _pick_forced(forced))
             try:
                 resolve_config(spec, probe)
             except InvalidSpec as error:

@@ -62,7 +62,11 @@ def build_storage(
             if attempt == attempts:
                 raise
             delay = min(2.0 ** (attempt - 1), 10.0)
-            log.warning("database not reachable (attempt %d/%d); retrying in %.0fs",
-                        attempt, attempts, delay)
+            log.warning(
+                "database not reachable (attempt %d/%d); retrying in %.0fs",
+                attempt,
+                attempts,
+                delay,
+            )
             time.sleep(delay)
     raise AssertionError("unreachable")

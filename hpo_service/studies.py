@@ -224,15 +224,22 @@ class StudyService:
             row = self._row(session, name)
         loaded = self._load(row.study_id)
         trials = self.storage.get_all_trials(row.study_id, deepcopy=False)
-        counts = TrialCounts(**{
-            state.name.lower(): sum(1 for t in trials if t.state == state)
-            for state in (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE,
-                          TrialState.PRUNED, TrialState.FAIL)
-        })
+        counts = TrialCounts(
+            **{
+                state.name.lower(): sum(1 for t in trials if t.state == state)
+                for state in (
+                    TrialState.WAITING,
+                    TrialState.RUNNING,
+                    TrialState.COMPLETE,
+                    TrialState.PRUNED,
+                    TrialState.FAIL,
+                )
+            }
+        )
         return StudyInfo(
             name=row.name,
             study_id=row.study_id,
-            state=self._effective_state(row, trials, loaded.spec),  # type: ignore[arg-type]
+            state=self._effective_state(row, trials, loaded.spec),
             directions=loaded.spec.directions,
             metric_names=loaded.spec.metric_names,
             counts=counts,
@@ -432,9 +439,10 @@ class StudyService:
             row = session.get(StudyRow, study_id)
             if row is None or row.state != "running":
                 return None
-            if budget.timeout_s is not None and (
-                _now() - _aware(row.created_at)
-            ).total_seconds() > budget.timeout_s:
+            if (
+                budget.timeout_s is not None
+                and (_now() - _aware(row.created_at)).total_seconds() > budget.timeout_s
+            ):
                 row.state = "stopped"
                 log.info("study %s reached its timeout; no new trials", row.name)
                 return None
@@ -455,8 +463,9 @@ class StudyService:
             except InvalidSpec as error:
                 trial.set_user_attr("fail_reason", f"invalid config: {error}")
                 loaded.study.tell(trial, state=TrialState.FAIL)
-                log.warning("trial %d of %s has an invalid config: %s", trial.number,
-                            row.name, error)
+                log.warning(
+                    "trial %d of %s has an invalid config: %s", trial.number, row.name, error
+                )
                 return None
             trial_id = trial._trial_id
             token = secrets.token_urlsafe(24)
@@ -611,8 +620,9 @@ class StudyService:
                     loaded.study.tell(row.trial_number, list(values))
                 except (UpdateFinishedTrialError, ValueError, RuntimeError) as error:
                     # The reaper failed it between our check and tell().
-                    raise TrialReaped(f"trial {row.trial_number} finished meanwhile: {error}") \
-                        from error
+                    raise TrialReaped(
+                        f"trial {row.trial_number} finished meanwhile: {error}"
+                    ) from error
             answer = CompleteAnswer(
                 trial_id=trial_id,
                 trial_number=row.trial_number,
@@ -673,8 +683,12 @@ class StudyService:
         """
         history = [*(failed.system_attrs.get("retry_history") or []), failed.number]
         if len(history) > loaded.spec.max_retries:
-            log.warning("trial %d of %s failed for good after %d retries", failed.number,
-                        loaded.spec.name, len(history) - 1)
+            log.warning(
+                "trial %d of %s failed for good after %d retries",
+                failed.number,
+                loaded.spec.name,
+                len(history) - 1,
+            )
             return None
         keep = {k: v for k, v in failed.user_attrs.items() if k in ("enqueued",)}
         loaded.study.add_trial(
@@ -687,12 +701,17 @@ class StudyService:
             )
         )
         newest = max(
-            self.storage.get_all_trials(loaded.study._study_id, deepcopy=False,
-                                        states=(TrialState.WAITING,)),
+            self.storage.get_all_trials(
+                loaded.study._study_id, deepcopy=False, states=(TrialState.WAITING,)
+            ),
             key=lambda t: t.number,
         )
-        log.info("trial %d of %s queued again as trial %d", failed.number, loaded.spec.name,
-                 newest.number)
+        log.info(
+            "trial %d of %s queued again as trial %d",
+            failed.number,
+            loaded.spec.name,
+            newest.number,
+        )
         return newest.number
 
     def _on_stale_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:

@@ -36,8 +36,9 @@ _STATUS: list[tuple[type[HPOError], int]] = [
 _NAMED_FIELD = re.compile(r"^(?:Value error, )?`([^`]+)`:? (.*)$", re.DOTALL)
 
 
-def error_response(status: int, code: str, message: str,
-                   details: list[dict[str, Any]] | None = None) -> JSONResponse:
+def error_response(
+    status: int, code: str, message: str, details: list[dict[str, Any]] | None = None
+) -> JSONResponse:
     body = {"error": {"code": code, "message": message, "details": details or []}}
     return JSONResponse(status_code=status, content=jsonable_encoder(body))
 

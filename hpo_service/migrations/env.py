@@ -17,7 +17,7 @@ context.configure(
     connection=connection,
     target_metadata=Base.metadata,
     version_table=VERSION_TABLE,
-    include_name=lambda name, type_, parent: type_ != "table" or name.startswith("hpo_"),
+    include_name=lambda name, type_, parent: type_ != "table" or (name or "").startswith("hpo_"),
 )
 with context.begin_transaction():
     context.run_migrations()

@@ -1,18 +1,13 @@
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from helpers import TOKENS
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from helpers import TOKENS  # noqa: E402
-
-from hpo_service.app import create_app  # noqa: E402
-from hpo_service.config import Settings  # noqa: E402
+from hpo_service.app import create_app
+from hpo_service.config import Settings
 
 
 @pytest.fixture

@@ -41,8 +41,12 @@ class LiveServer:
                 time.sleep(0.1)
         raise RuntimeError("uvicorn did not start")
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 trace: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
         self._server.should_exit = True
         self._thread.join(timeout=10)
         self.app.state.service.storage.engine.dispose()

@@ -39,8 +39,7 @@ def expire_and_reap(client: TestClient) -> None:
     client.app.state.service.reap()  # type: ignore[attr-defined]
 
 
-def test_create_study_records_spec_and_metric_names(client: TestClient, database_url: str
-                                                    ) -> None:
+def test_create_study_records_spec_and_metric_names(client: TestClient, database_url: str) -> None:
     body = create(client, name="recorded")
     assert body["state"] == "running"
     assert body["links"]["self"].endswith("/v1/studies/recorded")
@@ -75,8 +74,9 @@ def test_bad_specs_get_422_naming_the_field_and_write_nothing(
     if "nan" in repr(overrides):
         payload = spec(name="bad", **overrides)
         content = __import__("json").dumps(payload).replace("NaN", "NaN")
-        response = client.post("/v1/studies", content=content,
-                               headers={**ADMIN, "content-type": "application/json"})
+        response = client.post(
+            "/v1/studies", content=content, headers={**ADMIN, "content-type": "application/json"}
+        )
     else:
         response = client.post("/v1/studies", json=spec(name="bad", **overrides), headers=ADMIN)
     assert response.status_code == 422, response.text
@@ -150,7 +150,8 @@ def test_complete_is_idempotent_and_conflicts_are_409(client: TestClient) -> Non
     assert trials["trials"][0]["values"] == [5.0]  # the first result stands
     bad_token = client.post(
         f"/v1/trials/{granted['trial_id']}/complete",
-        json={"lease_token": "forged", "values": [5.0]}, headers=WORKER,
+        json={"lease_token": "forged", "values": [5.0]},
+        headers=WORKER,
     )
     assert bad_token.status_code == 409 and bad_token.json()["error"]["code"] == "lease_mismatch"
 
@@ -226,16 +227,25 @@ def test_stop_lets_running_trials_finish(client: TestClient) -> None:
     assert complete(client, granted, 3.0).status_code == 200
 
 
-def test_report_stores_intermediate_values_and_prunes(client: TestClient, database_url: str
-                                                      ) -> None:
-    create(client, name="prune", budget={"n_trials": 3, "max_concurrent": 1},
-           pruner={"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0})
+def test_report_stores_intermediate_values_and_prunes(
+    client: TestClient, database_url: str
+) -> None:
+    create(
+        client,
+        name="prune",
+        budget={"n_trials": 3, "max_concurrent": 1},
+        pruner={"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
+    )
 
     def report(granted: dict[str, Any], epoch: int, value: float) -> str:
         response = client.post(
             f"/v1/trials/{granted['trial_id']}/report",
-            json={"lease_token": granted["lease_token"], "epoch": epoch, "value": value,
-                  "metrics": {"val_kl": 2.0, "kl_per_dim": [0.5, 1.5]}},
+            json={
+                "lease_token": granted["lease_token"],
+                "epoch": epoch,
+                "value": value,
+                "metrics": {"val_kl": 2.0, "kl_per_dim": [0.5, 1.5]},
+            },
             headers=WORKER,
         )
         assert response.status_code == 200, response.text
@@ -274,15 +284,21 @@ def test_worker_restart_gets_its_own_trial_back(client: TestClient) -> None:
 
 def test_enqueued_configurations_go_first(client: TestClient) -> None:
     create(client, name="enq")
-    params = {"base_lr": 0.0005, "batch_size": 64, "lr_policy": "constant",
-              "kl_schedule": "linear", "kl_warmup_epochs": 1.0}
+    params = {
+        "base_lr": 0.0005,
+        "batch_size": 64,
+        "lr_policy": "constant",
+        "kl_schedule": "linear",
+        "kl_warmup_epochs": 1.0,
+    }
     response = client.post("/v1/studies/enq/enqueue", json={"params": [params]}, headers=ADMIN)
     assert response.json() == {"enqueued": 1}
     granted = lease(client)
     assert granted is not None
     assert granted["config"]["base_lr"] == 0.0005 and granted["config"]["batch_size"] == 64
-    bad = client.post("/v1/studies/enq/enqueue", json={"params": [{"batch_size": 100}]},
-                      headers=ADMIN)
+    bad = client.post(
+        "/v1/studies/enq/enqueue", json={"params": [{"batch_size": 100}]}, headers=ADMIN
+    )
     assert bad.status_code == 422 and "batch_size" in bad.json()["error"]["details"][0]["field"]
 
 
@@ -294,9 +310,12 @@ def test_fairness_across_studies(client: TestClient) -> None:
 
 
 def test_multi_objective_study_has_a_pareto_front(client: TestClient) -> None:
-    create(client, name="pareto", objectives=[{"metric": "val_neg_elbo"},
-                                              {"metric": "active_units"}],
-           budget={"n_trials": 3, "max_concurrent": 3})
+    create(
+        client,
+        name="pareto",
+        objectives=[{"metric": "val_neg_elbo"}, {"metric": "active_units"}],
+        budget={"n_trials": 3, "max_concurrent": 3},
+    )
     results = [(100.0, 2.0), (90.0, 1.0), (110.0, 1.0)]
     for index, values in enumerate(results):
         granted = lease(client, f"w{index}")

@@ -28,8 +28,11 @@ def server(settings: Settings) -> Iterator[LiveServer]:
 
 def test_concurrent_lease_and_complete(server: LiveServer, database_url: str) -> None:
     with httpx.Client(base_url=server.url, headers=ADMIN) as admin:
-        body = spec(name="race", budget={"n_trials": N_TRIALS, "max_concurrent": MAX_CONCURRENT},
-                    sampler={"name": "random", "seed": 1})
+        body = spec(
+            name="race",
+            budget={"n_trials": N_TRIALS, "max_concurrent": MAX_CONCURRENT},
+            sampler={"name": "random", "seed": 1},
+        )
         assert admin.post("/v1/studies", json=body).status_code == 201
 
     leased: list[int] = []

@@ -67,8 +67,7 @@ def get_study(request: Request, service: ServiceDep, name: str) -> StudyInfo:
     return _with_links(request, service.get_study(name))
 
 
-@router.get("/{name}/trials", response_model=TrialPage, responses=_ERRORS,
-            dependencies=[Reader])
+@router.get("/{name}/trials", response_model=TrialPage, responses=_ERRORS, dependencies=[Reader])
 def list_trials(
     service: ServiceDep,
     name: str,
@@ -84,22 +83,23 @@ def stop_study(request: Request, service: ServiceDep, name: str) -> StudyInfo:
     return _with_links(request, service.set_state(name, "stopped"))
 
 
-@router.post("/{name}/cancel", response_model=StudyInfo, responses=_ERRORS,
-             dependencies=[Admin])
+@router.post("/{name}/cancel", response_model=StudyInfo, responses=_ERRORS, dependencies=[Admin])
 def cancel_study(request: Request, service: ServiceDep, name: str) -> StudyInfo:
     """No new trials; running trials are told to stop at their next heartbeat or report."""
     return _with_links(request, service.set_state(name, "cancelled"))
 
 
-@router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT, responses=_ERRORS,
-               dependencies=[Admin])
+@router.delete(
+    "/{name}", status_code=status.HTTP_204_NO_CONTENT, responses=_ERRORS, dependencies=[Admin]
+)
 def delete_study(service: ServiceDep, name: str) -> Response:
     service.delete_study(name)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.post("/{name}/enqueue", response_model=EnqueueResponse, responses=_ERRORS,
-             dependencies=[Admin])
+@router.post(
+    "/{name}/enqueue", response_model=EnqueueResponse, responses=_ERRORS, dependencies=[Admin]
+)
 def enqueue(service: ServiceDep, name: str, body: EnqueueRequest) -> EnqueueResponse:
     """Queue known configurations; they are leased before newly sampled ones."""
     return EnqueueResponse(enqueued=service.enqueue(name, body.params))
