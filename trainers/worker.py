@@ -92,8 +92,9 @@ class Worker:
                 break
             lease = self._retrying(
                 "lease",
-                lambda: self.client.lease(self.options.worker_id, self.options.wait_s,
-                                          self.options.device),
+                lambda: self.client.lease(
+                    self.options.worker_id, self.options.wait_s, self.options.device
+                ),
             )
             if lease is None:
                 idle = time.monotonic() - idle_since
@@ -112,8 +113,12 @@ class Worker:
         config = dict(lease.config)
         if self.options.device is not None:
             config["device"] = self.options.device
-        beat = threading.Thread(target=self._heartbeat_loop, args=(lease, state), daemon=True,
-                                name=f"heartbeat-{lease.trial_id}")
+        beat = threading.Thread(
+            target=self._heartbeat_loop,
+            args=(lease, state),
+            daemon=True,
+            name=f"heartbeat-{lease.trial_id}",
+        )
         beat.start()
         started = time.monotonic()
         try:
@@ -129,10 +134,14 @@ class Worker:
         outcome = self._settle(lease, state, result)
         log.info(
             "trial %d of %s: %s after %d epochs in %.1fs (%s)",
-            lease.trial_number, lease.study, outcome, result.epochs_run,
+            lease.trial_number,
+            lease.study,
+            outcome,
+            result.epochs_run,
             time.monotonic() - started,
-            ", ".join(f"{m}={result.metrics.get(m, float('nan')):.4g}"
-                      for m in lease.objective_metrics),
+            ", ".join(
+                f"{m}={result.metrics.get(m, float('nan')):.4g}" for m in lease.objective_metrics
+            ),
         )
         return outcome
 
@@ -145,17 +154,22 @@ class Worker:
             try:
                 answer = self._retrying(
                     "report",
-                    lambda: self.client.report(lease.trial_id, lease.lease_token, epoch.epoch,
-                                               value, metrics),
+                    lambda: self.client.report(
+                        lease.trial_id, lease.lease_token, epoch.epoch, value, metrics
+                    ),
                 )
             except LeaseLost as error:
                 state.lost, state.stop_reason = True, str(error)
                 return "stop"
             log.info(
                 "trial %d epoch %d: -ELBO %.2f KL %.2f AU %d beta %.3g lr %.3g",
-                lease.trial_number, epoch.epoch, epoch.values.get("val_neg_elbo", math.nan),
-                epoch.values.get("val_kl", math.nan), int(epoch.values.get("active_units", 0)),
-                epoch.values.get("beta", math.nan), epoch.values.get("lr", math.nan),
+                lease.trial_number,
+                epoch.epoch,
+                epoch.values.get("val_neg_elbo", math.nan),
+                epoch.values.get("val_kl", math.nan),
+                int(epoch.values.get("active_units", 0)),
+                epoch.values.get("beta", math.nan),
+                epoch.values.get("lr", math.nan),
             )
             if answer.action == "prune":
                 state.pruned = True
@@ -186,8 +200,9 @@ class Worker:
 
     def _settle(self, lease: Lease, state: _TrialState, result: TrainResult) -> str:
         if state.lost:
-            log.warning("trial %d: lease lost (%s); result dropped", lease.trial_number,
-                        state.stop_reason)
+            log.warning(
+                "trial %d: lease lost (%s); result dropped", lease.trial_number, state.stop_reason
+            )
             return "lost"
         if state.pruned:
             return self._send_fail(lease, "pruned by the study's pruner", False, pruned=True)
@@ -198,7 +213,8 @@ class Worker:
         values = _objective_values(result.metrics, lease.objective_metrics)
         if values is None:
             return self._send_fail(
-                lease, f"objective not finite: {_pick(result.metrics, lease.objective_metrics)}",
+                lease,
+                f"objective not finite: {_pick(result.metrics, lease.objective_metrics)}",
                 False,
             )
         final = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
@@ -212,19 +228,20 @@ class Worker:
             return "lost"
         return "complete"
 
-    def _settle_failure(self, lease: Lease, state: _TrialState, reason: str,
-                        retryable: bool) -> str:
+    def _settle_failure(
+        self, lease: Lease, state: _TrialState, reason: str, retryable: bool
+    ) -> str:
         if state.lost:
             return "lost"
         return self._send_fail(lease, reason, retryable)
 
-    def _send_fail(self, lease: Lease, reason: str, retryable: bool, pruned: bool = False
-                   ) -> str:
+    def _send_fail(self, lease: Lease, reason: str, retryable: bool, pruned: bool = False) -> str:
         try:
             self._retrying(
                 "fail",
-                lambda: self.client.fail(lease.trial_id, lease.lease_token, reason,
-                                         retryable=retryable, pruned=pruned),
+                lambda: self.client.fail(
+                    lease.trial_id, lease.lease_token, reason, retryable=retryable, pruned=pruned
+                ),
             )
         except LeaseLost as error:
             log.warning("trial %d: could not settle: %s", lease.trial_number, error)

@@ -42,8 +42,13 @@ def run(
     identity = worker_id or f"{socket.gethostname()}-{os.getpid()}"
     worker = Worker(
         HPOClient(make_http_client(server, token)),
-        WorkerOptions(worker_id=identity, device=device, wait_s=wait, max_trials=max_trials,
-                      idle_exit_s=idle_exit),
+        WorkerOptions(
+            worker_id=identity,
+            device=device,
+            wait_s=wait,
+            max_trials=max_trials,
+            idle_exit_s=idle_exit,
+        ),
     )
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -51,8 +56,9 @@ def run(
         worker.request_shutdown()
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    logging.getLogger("hpo.worker").info("worker %s on %s (device %s)", identity, server,
-                                         device or "auto")
+    logging.getLogger("hpo.worker").info(
+        "worker %s on %s (device %s)", identity, server, device or "auto"
+    )
     done = worker.run()
     logging.getLogger("hpo.worker").info("worker %s exiting after %d trials", identity, done)
 
