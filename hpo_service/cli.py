@@ -246,8 +246,8 @@ def cancel(name: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None
 
 @app.command()
 def demo(
-    trials_: Annotated[int, typer.Option("--trials", help="Trials in the demo study.")] = 12,
-    epochs: Annotated[int, typer.Option(help="Epochs per trial.")] = 6,
+    trials_: Annotated[int, typer.Option("--trials", help="Trials in the demo study.")] = 24,
+    epochs: Annotated[int, typer.Option(help="Epochs per trial.")] = 8,
     workers: Annotated[int, typer.Option(help="Local worker processes.")] = 2,
     database: Annotated[Path, typer.Option(help="SQLite file.")] = Path("hpo.db"),
     port: Annotated[int, typer.Option(help="Port of the demo server.")] = 8765,

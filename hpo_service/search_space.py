@@ -313,6 +313,25 @@ def suggest(trial: optuna.Trial, spec: StudySpec, space: list[Param]) -> dict[st
     return _walk(spec, space, pick)
 
 
+#: Training-set sizes of the bundled datasets (their fixed splits in ``trainers.data``).
+BUNDLED_TRAIN_SIZES = {"mnist5k": 4000, "digits": 1437}
+
+
+def _check_batch_fits(spec: StudySpec, space: list[Param]) -> None:
+    """A batch larger than the training set cannot fill one step; refuse it up front."""
+    size = BUNDLED_TRAIN_SIZES.get(spec.dataset)
+    if size is None:
+        return
+    searched = next((p for p in space if p.name == "batch_size"), None)
+    candidates = searched.bounds() if searched else (spec.fixed.get("batch_size", 128),)
+    too_big = [b for b in candidates if isinstance(b, int) and b > size]
+    if too_big:
+        where = "search_space.batch_size" if searched else "fixed.batch_size"
+        raise InvalidSpec(
+            where, f"batch sizes {too_big} exceed the {size} training examples of {spec.dataset!r}"
+        )
+
+
 def _pick_forced(forced: Mapping[str, Any]) -> Callable[[Param], Any]:
     """A picker that uses the forced values and each other parameter's first value."""
 
@@ -334,6 +353,7 @@ def check_spec(spec: StudySpec) -> list[Param]:
         resolve_config(spec, {})
     except InvalidSpec as error:
         raise InvalidSpec(f"fixed.{error.field}", error.reason) from error
+    _check_batch_fits(spec, space)
     for param in space:
         for value in param.bounds():
             forced: dict[str, Any] = {param.name: value}

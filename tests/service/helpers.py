@@ -13,7 +13,7 @@ VIEWER = {"Authorization": "Bearer viewer-token"}
 TINY_FIXED: dict[str, Any] = {
     "hidden_sizes": [32],
     "latent_dim": 4,
-    "synthetic_size": 256,
+    "synthetic_size": 512,
     "final_is_samples": 8,
     "final_is_examples": 64,
     "active_unit_examples": 64,

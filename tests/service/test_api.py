@@ -66,6 +66,10 @@ def test_create_study_records_spec_and_metric_names(client: TestClient, database
         ({"search_space": {"max_lr_factor": {"low": 0.5, "high": 4}}}, "max_lr_factor"),
         ({"objectives": [{"metric": "accuracy"}]}, "objectives"),
         ({"dataset": "imagenet"}, "dataset"),
+        (
+            {"dataset": "digits", "search_space": {"batch_size": {"choices": [64, 2048]}}},
+            "batch_size",
+        ),
     ],
 )
 def test_bad_specs_get_422_naming_the_field_and_write_nothing(
