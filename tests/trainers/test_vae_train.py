@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 import torch
-from trainers.schedules import learning_rate, lr_schedule_from_config
 
 from trainers import train as train_module
 from trainers.config import TrainConfig
 from trainers.errors import ConfigError, NonFiniteLossError, TrainerError
 from trainers.models import VAE, mlp_vae
+from trainers.schedules import learning_rate, lr_schedule_from_config
 from trainers.train import Decision, EpochMetrics, build_optimizer, train
 
 #: A small, fast run: 1437 training digits, 11 steps per epoch at batch 128.

@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from trainers.schedules import learning_rate, lr_schedule_from_config
 
 from trainers import train as train_module
 from trainers.config import TrainConfig
 from trainers.losses import gaussian_kl_per_dim
 from trainers.models import VAE, Discriminator, build_vae, discriminator
+from trainers.schedules import learning_rate, lr_schedule_from_config
 from trainers.train import train, vaegan_step
 
 GAN: dict[str, Any] = {
