@@ -97,3 +97,37 @@ def test_pruned_trials_are_told_pruned(client: TestClient) -> None:
     trials = client.get("/v1/studies/pruning/trials", headers=VIEWER).json()["trials"]
     assert [t["state"] for t in trials] == ["complete", "pruned"]
     assert trials[1]["intermediate_values"] == {"1": 1e6 + 100.0}
+
+
+class FlakyTransport:
+    """Refuses the first ``outages`` report calls, as a restarting server would."""
+
+    def __init__(self, client: TestClient, outages: int) -> None:
+        self.client = client
+        self.outages = outages
+        self.refused = 0
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Any:
+        import httpx
+
+        if url.endswith("/report") and self.refused < self.outages:
+            self.refused += 1
+            raise httpx.ConnectError("connection refused")
+        return self.client.request(method, url, **kwargs)
+
+
+def test_worker_keeps_its_trial_while_the_server_is_unreachable(client: TestClient) -> None:
+    create(
+        client, name="outage", budget={"n_trials": 1, "max_concurrent": 1}, pruner={"name": "none"}
+    )
+    client.headers.update({"Authorization": "Bearer worker-token"})
+    flaky = FlakyTransport(client, outages=3)
+    worker = Worker(
+        HPOClient(flaky),  # type: ignore[arg-type]
+        WorkerOptions(worker_id="flaky", wait_s=0, idle_exit_s=0),
+    )
+    assert worker.run() == 1
+    assert flaky.refused == 3
+    trials = client.get("/v1/studies/outage/trials", headers=VIEWER).json()["trials"]
+    assert [t["state"] for t in trials] == ["complete"]  # the same trial, not a retry
+    assert set(trials[0]["intermediate_values"]) == {"1", "2", "3"}
