@@ -478,7 +478,10 @@ class EnqueueResponse(BaseModel):
 
 
 class LeaseRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"worker_id": "gpu-box-1-cuda0", "wait_s": 20}]},
+    )
 
     worker_id: str = Field(..., min_length=1, max_length=200)
     wait_s: float = Field(0.0, ge=0, le=60, description="Long-poll up to this many seconds.")
@@ -509,6 +512,19 @@ class HeartbeatAnswer(BaseModel):
 
 
 class ReportRequest(LeaseToken):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "lease_token": "TOKEN-FROM-THE-LEASE",
+                    "epoch": 3,
+                    "value": 142.7,
+                    "metrics": {"val_kl": 12.1, "active_units": 14, "beta": 0.6, "lr": 1e-3},
+                }
+            ]
+        },
+    )
     epoch: int = Field(..., ge=0)
     value: float | None = None  # the report_metric's value this epoch
     metrics: dict[str, float | list[float]] = Field(default_factory=dict)
@@ -520,6 +536,18 @@ class ReportAnswer(BaseModel):
 
 
 class CompleteRequest(LeaseToken):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "lease_token": "TOKEN-FROM-THE-LEASE",
+                    "values": [139.4],
+                    "metrics": {"test_neg_elbo": 141.2, "test_is_nll": 136.9},
+                }
+            ]
+        },
+    )
     values: list[float] = Field(..., min_length=1, max_length=3)
     metrics: dict[str, float | list[float]] = Field(default_factory=dict)
 
@@ -532,6 +560,14 @@ class CompleteAnswer(BaseModel):
 
 
 class FailRequest(LeaseToken):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"lease_token": "TOKEN", "reason": "CUDA out of memory", "retryable": True}
+            ]
+        },
+    )
     reason: str = Field(..., max_length=4000)
     retryable: bool = False
     pruned: bool = False  # the worker stopped because the server said prune
