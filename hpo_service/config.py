@@ -10,7 +10,7 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Scope = Literal["admin", "worker", "viewer"]
@@ -43,10 +43,15 @@ class Settings(BaseSettings):
     run_reaper: bool = True
     log_level: str = "info"
 
-    @field_validator("lease_timeout_s")
-    @classmethod
-    def _longer_than_heartbeat(cls, value: float) -> float:
-        return value
+    @model_validator(mode="after")
+    def _timeout_longer_than_heartbeat(self) -> Settings:
+        # A lease must survive at least one missed beat, or healthy workers get reaped.
+        if self.lease_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                f"HPO_LEASE_TIMEOUT_S ({self.lease_timeout_s:g}) must be longer than "
+                f"HPO_HEARTBEAT_INTERVAL_S ({self.heartbeat_interval_s:g})"
+            )
+        return self
 
     def token_scopes(self) -> dict[str, Scope]:
         """Map each configured token to its scope. Raises ValueError on a malformed entry."""

@@ -413,7 +413,8 @@ class StudyService:
             if trial.state == TrialState.RUNNING and self._stop_reason(row.study_id) is None:
                 self.storage.record_heartbeat(row.trial_id)
                 loaded = self._load(row.study_id)
-                return self._lease_answer(loaded, trial, row.token)
+                config = trial.user_attrs.get("config") or resolve_config(loaded.spec, trial.params)
+                return self._lease_answer(loaded, row.trial_id, trial.number, row.token, config)
         return None
 
     def _try_lease(self, worker_id: str) -> Lease | None:
@@ -482,23 +483,16 @@ class StudyService:
                 )
             )
             row.last_leased_at = _now()
-            frozen = self.storage.get_trial(trial_id)
         log.info("leased trial %d of %s to %s", trial.number, row.name, worker_id)
-        return self._lease_answer(loaded, frozen, token, config)
+        return self._lease_answer(loaded, trial_id, trial.number, token, config)
 
     def _lease_answer(
-        self,
-        loaded: _Loaded,
-        trial: FrozenTrial,
-        token: str,
-        config: dict[str, Any] | None = None,
+        self, loaded: _Loaded, trial_id: int, number: int, token: str, config: dict[str, Any]
     ) -> Lease:
-        if config is None:
-            config = trial.user_attrs.get("config") or resolve_config(loaded.spec, trial.params)
         single = len(loaded.spec.objectives) == 1
         return Lease(
-            trial_id=trial._trial_id,
-            trial_number=trial.number,
+            trial_id=trial_id,
+            trial_number=number,
             study=loaded.spec.name,
             lease_token=token,
             config=config,

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
@@ -499,6 +500,10 @@ def vae_step(
     return stats, torch.stack([stats[0], grad_norm])
 
 
+# The three VAE-GAN losses share one forward graph; torch.compile's "donated buffers"
+# optimisation frees saved activations after the first backward and then refuses the others,
+# so it is switched off around the VAE-GAN step (it only saves memory).
+@functorch_config.patch(donated_buffer=False)
 def vaegan_step(
     vae_forward: Callable[..., Any],
     disc_forward: Callable[..., Any],
@@ -520,34 +525,6 @@ def vaegan_step(
     prior samples, both of which count as fake (Eq. 8). Each backward is restricted to its own
     parameters (``inputs=``) and every backward runs before any step (VAE_DEFINITIONS §12).
     """
-    with _shared_graph_backward():
-        return _vaegan_update(
-            vae_forward, disc_forward, vae, x, eps, eps_prior, beta, cfg, optimizers, autocast
-        )
-
-
-def _shared_graph_backward() -> AbstractContextManager[Any]:
-    """Let compiled graphs take several backward passes (``retain_graph=True``).
-
-    The three VAE-GAN losses share one forward graph; torch.compile's "donated buffers"
-    optimisation frees saved activations after the first backward and then refuses the
-    others, so it is switched off around the VAE-GAN step (it only saves memory).
-    """
-    return torch._functorch.config.patch(donated_buffer=False)
-
-
-def _vaegan_update(
-    vae_forward: Callable[..., Any],
-    disc_forward: Callable[..., Any],
-    vae: VAE,
-    x: torch.Tensor,
-    eps: torch.Tensor,
-    eps_prior: torch.Tensor,
-    beta: float,
-    cfg: TrainConfig,
-    optimizers: list[torch.optim.Optimizer],
-    autocast: Callable[[], AbstractContextManager[Any]],
-) -> tuple[torch.Tensor, torch.Tensor]:
     enc_opt, dec_opt, disc_opt = optimizers
     with autocast():
         mu, logvar, output = vae_forward(x, eps)
