@@ -13,6 +13,7 @@ HTTP status codes in one place.
     │   ├── ResultConflict     a different result for a trial that already finished
     │   └── StudyNotRunning    the study was stopped, cancelled or deleted
     ├── AuthError              missing or wrong credentials (401) / scope (403)
+    ├── ReadOnly               a write through a read-only view, e.g. the dashboard (405)
     └── StorageUnavailable     the database could not be reached (503)
 """
 
@@ -97,6 +98,12 @@ class AuthError(HPOError):
         self.forbidden = forbidden
         if forbidden:
             self.code = "forbidden"
+
+
+class ReadOnly(HPOError):
+    """Raised when something tries to write through a read-only view (the mounted dashboard)."""
+
+    code = "read_only"
 
 
 class StorageUnavailable(HPOError):

@@ -1,4 +1,10 @@
-"""Request dependencies: the domain service and bearer-token auth with scopes."""
+"""Request dependencies: the domain service and token auth with scopes.
+
+A token arrives as a bearer header, or as the ``hpo_token`` cookie that ``POST /login`` sets for
+browsers. The cookie is admitted only on safe methods (GET, HEAD): a browser attaches it to any
+request to this host, including a form another site submits, whereas a bearer header is set by
+the caller itself, so every write needs the header (no cross-site request forgery).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,11 @@ from hpo_service.studies import StudyService
 
 _bearer = HTTPBearer(auto_error=False)
 
+#: The cookie ``POST /login`` sets; it carries the token itself (HttpOnly, SameSite=Strict).
+TOKEN_COOKIE = "hpo_token"
+#: The methods a cookie may authenticate: they change nothing.
+SAFE_METHODS = frozenset({"GET", "HEAD"})
+
 
 def get_service(request: Request) -> StudyService:
     service: StudyService = request.app.state.service
@@ -22,6 +33,19 @@ def get_service(request: Request) -> StudyService:
 
 
 ServiceDep = Annotated[StudyService, Depends(get_service)]
+
+
+def cookie_token(request: Request) -> str | None:
+    """The login cookie's token, on a safe method only (see the module docstring)."""
+    return request.cookies.get(TOKEN_COOKIE) if request.method in SAFE_METHODS else None
+
+
+def presented_token(request: Request) -> str | None:
+    """The bearer token, else (on GET/HEAD) the login cookie's."""
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return cookie_token(request)
 
 
 def scope_of(request: Request, token: str | None) -> Scope | None:
@@ -46,8 +70,10 @@ def require(*allowed: Scope) -> Callable[..., Scope]:
         request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> Scope:
-        token = credentials.credentials if credentials is not None else None
-        token = token or request.cookies.get("hpo_token")
+        if credentials is not None:
+            token: str | None = credentials.credentials
+        else:
+            token = cookie_token(request)
         scope = scope_of(request, token)
         if scope is None:
             raise AuthError("a valid bearer token is required")

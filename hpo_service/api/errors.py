@@ -21,6 +21,7 @@ from hpo_service.errors import (
     HPOError,
     InvalidSpec,
     NotFound,
+    ReadOnly,
     StorageUnavailable,
 )
 
@@ -69,6 +70,10 @@ def install_error_handlers(app: FastAPI) -> None:
             response = error_response(status, error.code, error.message)
             if status == 401:
                 response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+        if isinstance(error, ReadOnly):
+            response = error_response(405, error.code, error.message)
+            response.headers["Allow"] = "GET, HEAD"
             return response
         if isinstance(error, InvalidSpec):
             details = [{"field": f"body.{error.field}", "reason": error.reason}]
