@@ -1,4 +1,4 @@
-"""The composition root: routers, error handlers, the reaper, and the lifespan."""
+"""The composition root: routers, error handlers, the reaper, the lifespan, the dashboard."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from hpo_service.api.errors import install_error_handlers
 from hpo_service.api.routes import studies, workers
 from hpo_service.config import Settings
+from hpo_service.dashboard import mount_dashboard
 from hpo_service.studies import StudyService
 
 log = logging.getLogger(__name__)
@@ -72,4 +73,6 @@ def create_app(settings: Settings, storage: optuna.storages.RDBStorage | None = 
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    # The dashboard answers only what no route above (or added later) matched: see dashboard.py.
+    mount_dashboard(app, service.storage)
     return app
