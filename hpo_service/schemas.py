@@ -591,8 +591,9 @@ class ErrorResponse(BaseModel):
 
 # --- recurring sweeps: schedules, firings and the morning report -----------------------------
 
-#: ``fixed``: every night's sampler uses the template's seed. ``per_night``: seed + n, where n
-#: counts the schedule's earlier runs, so nights explore differently but reproducibly.
+#: ``per_night`` (default): seed + n, where n counts the schedule's earlier runs, so each night
+#: explores new configurations, reproducibly. ``fixed``: every night uses the template's seed —
+#: with a seeded sampler that re-samples the same start-up configurations night after night.
 SeedPolicy = Literal["fixed", "per_night"]
 FiringKind = Literal["scheduled", "catch_up", "manual"]
 FiringStatus = Literal["claimed", "created", "skipped", "failed"]
@@ -666,7 +667,7 @@ class ScheduleSpec(BaseModel):
     warm_start_top_k: int = Field(
         5, ge=0, le=1000, description="Enqueue the previous run's best k parameter sets first."
     )
-    seed_policy: SeedPolicy = "fixed"
+    seed_policy: SeedPolicy = "per_night"
     enabled: bool = True
     catchup_grace_s: float | None = Field(
         None,
