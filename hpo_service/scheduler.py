@@ -57,6 +57,7 @@ from hpo_service.models import FiringRow, ScheduleRow, StudyRow
 from hpo_service.schedules import (
     Clock,
     aware,
+    effective_grace_s,
     firing_info,
     get_schedule,
     study_spec,
@@ -111,7 +112,7 @@ class Scheduler:
             if row is None or not row.enabled:
                 return done
             name, cron, zone = row.name, row.cron, parse_zone(row.timezone)
-            grace = timedelta(seconds=_grace_s(row, self.settings))
+            grace = timedelta(seconds=effective_grace_s(row, self.settings))
             anchor = self._anchor(session, row)
         latest = latest_fire_time(cron, zone, now)
         if latest is None or latest.instant <= anchor:
@@ -462,12 +463,6 @@ class Scheduler:
         info = self._materialize(firing_id, now, raise_errors=True)
         assert info is not None
         return info
-
-
-def _grace_s(row: ScheduleRow, settings: Settings) -> float:
-    if row.catchup_grace_s is not None:
-        return row.catchup_grace_s
-    return settings.schedule_catchup_grace_s
 
 
 def _count_runs_before(session: Session, schedule_id: int, before: datetime) -> int:

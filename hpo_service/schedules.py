@@ -86,6 +86,16 @@ def firing_info(row: FiringRow, schedule: str) -> FiringInfo:
     )
 
 
+def effective_grace_s(row: ScheduleRow, settings: Settings) -> float:
+    """How late a missed fire time may still run (seconds): the schedule's own grace or the
+    server's, never shorter than two ticks — a fire time is seen up to one tick late, and an
+    on-time run must never be skipped as a miss."""
+    configured = row.catchup_grace_s
+    if configured is None:
+        configured = settings.schedule_catchup_grace_s
+    return max(configured, 2 * settings.scheduler_tick_s)
+
+
 def find_schedule(session: Session, ref: str) -> ScheduleRow | None:
     """By name, or by id when ``ref`` is a number (names start with a letter)."""
     if ref.isdigit():
@@ -109,12 +119,6 @@ class ScheduleService:
         self.settings = settings
         self.db = studies.db
         self.clock = clock
-
-    def grace_s(self, row: ScheduleRow) -> float:
-        """How late a missed fire time may still run (seconds)."""
-        if row.catchup_grace_s is not None:
-            return row.catchup_grace_s
-        return self.settings.schedule_catchup_grace_s
 
     def create(self, spec: ScheduleSpec) -> ScheduleInfo:
         """Raises ``InvalidSpec`` (cron, timezone, template.…) or ``ScheduleExists``."""
@@ -239,7 +243,7 @@ class ScheduleService:
             warm_start_top_k=row.warm_start_top_k,
             seed_policy=row.seed_policy,
             enabled=row.enabled,
-            catchup_grace_s=self.grace_s(row),
+            catchup_grace_s=effective_grace_s(row, self.settings),
             regression_threshold=row.regression_threshold,
             active_since=aware(row.active_since).isoformat(),
             created_at=aware(row.created_at).isoformat(),

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 DatasetName = Literal["mnist5k", "digits", "mnist", "fashion-mnist", "synthetic"]
 ModelKind = Literal["mlp", "conv", "vaegan"]
@@ -616,7 +617,8 @@ class StudyTemplate(StudySpec):
         },
     )
 
-    name: str = Field("template", exclude=True, description="Not given: set per run.")
+    # Hidden from the schema and from dumps: every run sets its own name.
+    name: SkipJsonSchema[str] = Field("template", exclude=True)
 
     @model_validator(mode="before")
     @classmethod
