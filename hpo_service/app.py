@@ -12,9 +12,11 @@ import optuna
 from fastapi import FastAPI
 
 from hpo_service.api.errors import install_error_handlers
-from hpo_service.api.routes import studies, workers
+from hpo_service.api.routes import schedules, studies, workers
 from hpo_service.config import Settings
 from hpo_service.dashboard import mount_dashboard
+from hpo_service.scheduler import Scheduler, run_scheduler
+from hpo_service.schedules import ScheduleService
 from hpo_service.studies import StudyService
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ def create_app(settings: Settings, storage: optuna.storages.RDBStorage | None = 
     """Build the app. Raises ValueError if the settings are unsafe (open non-loopback bind)."""
     settings.check_safe_to_serve()
     service = StudyService(settings, storage)
+    scheduler = Scheduler(service, settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -48,10 +51,21 @@ def create_app(settings: Settings, storage: optuna.storages.RDBStorage | None = 
         )
         if settings.run_reaper:
             reaper.start()
+        # The embedded scheduler; replicas may all run one (firing is exactly-once in the DB).
+        ticker = threading.Thread(
+            target=run_scheduler,
+            args=(scheduler, settings.scheduler_tick_s, stop),
+            daemon=True,
+            name="hpo-scheduler",
+        )
+        if settings.run_scheduler:
+            ticker.start()
         yield
         stop.set()
         if reaper.is_alive():
             reaper.join(timeout=5)
+        if ticker.is_alive():
+            ticker.join(timeout=30)
 
     app = FastAPI(
         title="VAE HPO service",
@@ -63,11 +77,14 @@ def create_app(settings: Settings, storage: optuna.storages.RDBStorage | None = 
         redoc_url=None,
     )
     app.state.service = service
+    app.state.schedules = ScheduleService(service, settings)
+    app.state.scheduler = scheduler
     app.state.settings = settings
     app.state.tokens = settings.token_scopes()
     install_error_handlers(app)
     app.include_router(studies.router, prefix=API_PREFIX)
     app.include_router(workers.router, prefix=API_PREFIX)
+    app.include_router(schedules.router, prefix=API_PREFIX)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

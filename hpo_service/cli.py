@@ -1,4 +1,4 @@
-"""``hpo``: run the server, submit and inspect studies, and the end-to-end demo.
+"""``hpo``: run the server, submit and inspect studies, recurring sweeps, and the demo.
 
 Every command except ``serve`` and ``demo`` talks to a running server through the REST client.
 """
@@ -19,7 +19,16 @@ from rich.console import Console
 from rich.table import Table
 
 from hpo_service.client import APIError, ClientError, HPOClient, make_http_client
-from hpo_service.schemas import StudyInfo, StudySpec, TrialSummary
+from hpo_service.schemas import (
+    FiringInfo,
+    NightReport,
+    ScheduleInfo,
+    ScheduleReport,
+    ScheduleSpec,
+    StudyInfo,
+    StudySpec,
+    TrialSummary,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
@@ -267,6 +276,313 @@ def demo(
         )
     except RuntimeError as error:
         raise _fail(str(error)) from error
+
+
+# --- recurring sweeps: `hpo schedule …` and `hpo scheduler` ----------------------------------
+
+schedule_app = typer.Typer(
+    no_args_is_help=True, help="Recurring sweeps: a cron in a time zone and a study template."
+)
+app.add_typer(schedule_app, name="schedule")
+
+
+def load_schedule_spec(path: Path) -> ScheduleSpec:
+    """A schedule spec from YAML or JSON; raises ``typer.Exit(2)`` naming the bad field."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise _fail(f"cannot read {path}: {error}", 2) from error
+    try:
+        return ScheduleSpec.model_validate(data)
+    except ValidationError as error:
+        lines = "\n".join(
+            f"  {'.'.join(str(p) for p in e['loc']) or 'schedule'}: {e['msg']}"
+            for e in error.errors()
+        )
+        raise _fail(f"invalid schedule {path}:\n{lines}", 2) from error
+
+
+def _schedule_line(info: ScheduleInfo) -> str:
+    state = "enabled" if info.enabled else "paused"
+    upcoming = f", next {info.next_fire_local} {info.timezone}" if info.next_fire_local else ""
+    return f"{info.name}: '{info.cron}' in {info.timezone}, {state}{upcoming}"
+
+
+def _firing_line(firing: FiringInfo) -> str:
+    study = f" → {firing.study}" if firing.study else ""
+    detail = f" ({firing.detail})" if firing.detail else ""
+    return f"{firing.local_time} {firing.kind} {firing.status}{study}{detail}"
+
+
+@schedule_app.command("create")
+def schedule_create(
+    spec_file: Annotated[Path, typer.Argument(help="Schedule spec (YAML or JSON).")],
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+) -> None:
+    """Create a schedule: name, cron, timezone, template (a study spec without a name), …"""
+    spec = load_schedule_spec(spec_file)
+    try:
+        info = _client(server, token).create_schedule(spec)
+    except ClientError as error:
+        raise _api_error(error) from error
+    console.print(f"created schedule {_schedule_line(info)}")
+
+
+@schedule_app.command("list")
+def schedule_list(server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None) -> None:
+    """List schedules with their next fire time and last run."""
+    try:
+        infos = _client(server, token).list_schedules()
+    except ClientError as error:
+        raise _api_error(error) from error
+    table = Table(title="schedules")
+    for column in ("name", "cron", "timezone", "state", "next run", "last run"):
+        table.add_column(column)
+    for info in infos:
+        last = info.last_firing
+        table.add_row(
+            info.name,
+            info.cron,
+            info.timezone,
+            "enabled" if info.enabled else "paused",
+            info.next_fire_local or "-",
+            f"{last.study} ({last.status})" if last and last.study else "-",
+        )
+    console.print(table)
+
+
+@schedule_app.command("show")
+def schedule_show(
+    name: str,
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    firings: Annotated[int, typer.Option(help="Recent firings to list.")] = 10,
+) -> None:
+    """A schedule's settings and its recent firings (created, skipped, failed)."""
+    try:
+        client = _client(server, token)
+        info = client.get_schedule(name)
+        recent = client.list_firings(name, firings)
+    except ClientError as error:
+        raise _api_error(error) from error
+    console.print(_schedule_line(info))
+    console.print(
+        f"  warm start top-{info.warm_start_top_k}, seed policy {info.seed_policy}, "
+        f"catch-up grace {info.catchup_grace_s:g}s, regression threshold "
+        f"{info.regression_threshold:.0%}"
+    )
+    console.print(f"  template: {json.dumps(info.template.model_dump(mode='json'))}")
+    for firing in recent:
+        console.print(f"  {_firing_line(firing)}")
+
+
+@schedule_app.command("update")
+def schedule_update(
+    name: str,
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    cron: Annotated[str | None, typer.Option(help="New cron expression.")] = None,
+    timezone: Annotated[str | None, typer.Option(help="New IANA zone.")] = None,
+    template: Annotated[Path | None, typer.Option(help="New template (YAML or JSON).")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Warm-start top-k.")] = None,
+    seed_policy: Annotated[str | None, typer.Option(help="fixed | per_night.")] = None,
+    grace_s: Annotated[float | None, typer.Option(help="Catch-up grace (seconds).")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Regression threshold.")] = None,
+) -> None:
+    """Change a schedule; a new cron or zone applies from now on."""
+    changes: dict[str, Any] = {
+        key: value
+        for key, value in {
+            "cron": cron,
+            "timezone": timezone,
+            "warm_start_top_k": top_k,
+            "seed_policy": seed_policy,
+            "catchup_grace_s": grace_s,
+            "regression_threshold": threshold,
+        }.items()
+        if value is not None
+    }
+    if template is not None:
+        try:
+            changes["template"] = yaml.safe_load(template.read_text())
+        except (OSError, yaml.YAMLError) as error:
+            raise _fail(f"cannot read {template}: {error}", 2) from error
+    if not changes:
+        raise _fail("nothing to change: give at least one option", 2)
+    try:
+        console.print(_schedule_line(_client(server, token).update_schedule(name, changes)))
+    except ClientError as error:
+        raise _api_error(error) from error
+
+
+@schedule_app.command("pause")
+def schedule_pause(name: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None) -> None:
+    """Stop firing until resumed."""
+    try:
+        console.print(_schedule_line(_client(server, token).pause_schedule(name)))
+    except ClientError as error:
+        raise _api_error(error) from error
+
+
+@schedule_app.command("resume")
+def schedule_resume(name: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None) -> None:
+    """Fire again from now on; fire times missed while paused are not caught up."""
+    try:
+        console.print(_schedule_line(_client(server, token).resume_schedule(name)))
+    except ClientError as error:
+        raise _api_error(error) from error
+
+
+@schedule_app.command("delete")
+def schedule_delete(name: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None) -> None:
+    """Delete a schedule (the studies it created remain)."""
+    try:
+        _client(server, token).delete_schedule(name)
+    except ClientError as error:
+        raise _api_error(error) from error
+    console.print(f"deleted schedule {name}")
+
+
+@schedule_app.command("run")
+def schedule_run(name: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None) -> None:
+    """Start a run now (warm-started like a scheduled one)."""
+    try:
+        firing = _client(server, token).run_schedule(name)
+    except ClientError as error:
+        raise _api_error(error) from error
+    console.print(
+        f"started {firing.study} ({firing.warm_started} warm-start trial(s), seed {firing.seed})"
+    )
+
+
+def _night_label(night: NightReport) -> str:
+    return night.date if night.kind != "manual" else f"{night.local_time[:16]} manual"
+
+
+def _report_table(report: ScheduleReport) -> Table:
+    table = Table(title=f"{report.schedule}: best {report.metric} ({report.direction}) per run")
+    for column in ("run", "best", "vs best", "trials c/p/f/r", ""):
+        table.add_column(column, no_wrap=True)
+    for night in report.nights:
+        t = night.trials
+        table.add_row(
+            _night_label(night),
+            f"{night.best_value:.5g}" if night.best_value is not None else "-",
+            f"{night.change_vs_best:+.1%}" if night.change_vs_best is not None else "-",
+            f"{t.complete}/{t.pruned}/{t.fail}/{t.running}",
+            "[red]REGRESSION[/red]" if night.regression else "",
+        )
+    return table
+
+
+def _format_value(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _night_details(night: NightReport) -> list[str]:
+    """Importances and the moves of the best parameters, one line each."""
+    lines = []
+    if night.note:
+        lines.append(night.note)
+    if night.importances:
+        top = sorted(night.importances.items(), key=lambda kv: -kv[1])[:4]
+        lines.append("importances: " + ", ".join(f"{k} {v:.2f}" for k, v in top))
+    elif night.importance_note and night.best_value is not None:
+        lines.append(f"importances: {night.importance_note}")
+    moves = [
+        f"{d.name} {_format_value(d.previous)}→{_format_value(d.current)}"
+        + (f" ({d.relative_change:+.0%})" if d.relative_change is not None else "")
+        for d in night.drift
+        if d.changed
+    ]
+    if moves:
+        lines.append("best moved: " + ", ".join(moves))
+    return lines
+
+
+@schedule_app.command("report")
+def schedule_report(
+    name: str,
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    nights: Annotated[int, typer.Option(help="Runs to include (newest).")] = 30,
+    png: Annotated[Path | None, typer.Option(help="Also write the plot here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """The morning report: per run the best value, trials, best parameters and their drift,
+    importances, and a flag when a run got worse than the best before it by the threshold."""
+    try:
+        client = _client(server, token)
+        report = client.schedule_report(name, nights)
+        image = client.schedule_report_png(name, nights) if png is not None else None
+    except ClientError as error:
+        raise _api_error(error) from error
+    if png is not None and image is not None:
+        png.write_bytes(image)
+    if as_json:
+        print(report.model_dump_json(indent=2))
+        return
+    console.print(_report_table(report))
+    console.print("trials c/p/f/r: complete / pruned / failed / running")
+    for night in report.nights:
+        details = _night_details(night)
+        if details:
+            console.print(f"[bold]{_night_label(night)}[/bold] {night.study}")
+            for line in details:
+                console.print(f"  {line}")
+    if report.note:
+        console.print(f"note: {report.note}")
+    if report.best_study is not None:
+        console.print(f"best so far: {report.best_value:.5g} in {report.best_study}")
+    if report.regressions:
+        console.print(
+            f"[red]regressions[/red] (> {report.regression_threshold:.0%} worse than the best "
+            f"earlier run): {', '.join(report.regressions)}"
+        )
+    for firing in report.skipped:
+        console.print(f"skipped {firing.local_time}: {firing.detail}")
+    if png is not None:
+        console.print(f"plot written to {png}")
+
+
+@app.command()
+def scheduler(
+    once: Annotated[bool, typer.Option(help="Tick once and exit.")] = False,
+) -> None:
+    """Run the scheduler as its own process (PostgreSQL), beside servers started with
+    HPO_RUN_SCHEDULER=false or not; several may run, each fire time still runs once."""
+    import signal
+    import threading
+
+    from hpo_service.config import get_settings
+    from hpo_service.scheduler import Scheduler, run_scheduler
+    from hpo_service.studies import StudyService
+
+    settings = get_settings()
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    if settings.is_sqlite:
+        raise _fail(
+            "a SQLite database has one writer process, the server: leave the scheduler inside "
+            "`hpo serve` (HPO_RUN_SCHEDULER=true) or use PostgreSQL",
+            2,
+        )
+    service = StudyService(settings)
+    ticker = Scheduler(service, settings)
+    try:
+        if once:
+            ticker.tick()
+            return
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        console.print(f"scheduler ticking every {settings.scheduler_tick_s:g}s")
+        run_scheduler(ticker, settings.scheduler_tick_s, stop)
+        console.print("scheduler stopped")
+    finally:
+        service.storage.engine.dispose()
 
 
 def main() -> None:

@@ -23,9 +23,13 @@ from hpo_service.schemas import (
     CompleteAnswer,
     EnqueueResponse,
     FailAnswer,
+    FiringInfo,
     HeartbeatAnswer,
     Lease,
     ReportAnswer,
+    ScheduleInfo,
+    ScheduleReport,
+    ScheduleSpec,
     StudyInfo,
     StudySpec,
     TrialPage,
@@ -182,3 +186,43 @@ class HPOClient:
         body = {"lease_token": token, "reason": reason, "retryable": retryable, "pruned": pruned}
         response = self._call("POST", f"/trials/{trial_id}/fail", json=body, trial=True)
         return FailAnswer.model_validate(response.json())
+
+    # --- schedules (recurring sweeps) ---------------------------------------------------------
+
+    def create_schedule(self, spec: ScheduleSpec | dict[str, Any]) -> ScheduleInfo:
+        body = self._body(spec) if isinstance(spec, ScheduleSpec) else spec
+        return ScheduleInfo.model_validate(self._call("POST", "/schedules", json=body).json())
+
+    def list_schedules(self) -> list[ScheduleInfo]:
+        return [ScheduleInfo.model_validate(x) for x in self._call("GET", "/schedules").json()]
+
+    def get_schedule(self, ref: str) -> ScheduleInfo:
+        return ScheduleInfo.model_validate(self._call("GET", f"/schedules/{ref}").json())
+
+    def update_schedule(self, ref: str, changes: dict[str, Any]) -> ScheduleInfo:
+        data = self._call("PATCH", f"/schedules/{ref}", json=changes).json()
+        return ScheduleInfo.model_validate(data)
+
+    def pause_schedule(self, ref: str) -> ScheduleInfo:
+        return ScheduleInfo.model_validate(self._call("POST", f"/schedules/{ref}/pause").json())
+
+    def resume_schedule(self, ref: str) -> ScheduleInfo:
+        return ScheduleInfo.model_validate(self._call("POST", f"/schedules/{ref}/resume").json())
+
+    def delete_schedule(self, ref: str) -> None:
+        self._call("DELETE", f"/schedules/{ref}")
+
+    def run_schedule(self, ref: str) -> FiringInfo:
+        return FiringInfo.model_validate(self._call("POST", f"/schedules/{ref}/run").json())
+
+    def list_firings(self, ref: str, limit: int = 50) -> list[FiringInfo]:
+        data = self._call("GET", f"/schedules/{ref}/firings", params={"limit": limit}).json()
+        return [FiringInfo.model_validate(item) for item in data]
+
+    def schedule_report(self, ref: str, nights: int = 30) -> ScheduleReport:
+        data = self._call("GET", f"/schedules/{ref}/report", params={"nights": nights}).json()
+        return ScheduleReport.model_validate(data)
+
+    def schedule_report_png(self, ref: str, nights: int = 30) -> bytes:
+        """The report's plot: best value per run with regressions marked (PNG bytes)."""
+        return self._call("GET", f"/schedules/{ref}/report.png", params={"nights": nights}).content

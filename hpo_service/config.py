@@ -42,6 +42,17 @@ class Settings(BaseSettings):
     db_connect_retries: int = Field(10, ge=0, description="Start-up retries while the DB comes up.")
     run_reaper: bool = True
     log_level: str = "info"
+    # --- recurring sweeps (schedules) ---------------------------------------------------------
+    run_scheduler: bool = Field(True, description="Run the scheduler inside `hpo serve`.")
+    scheduler_tick_s: float = Field(30.0, gt=0, description="How often the scheduler looks.")
+    schedule_catchup_grace_s: float = Field(
+        6 * 3600.0,
+        gt=0,
+        description="After downtime, run the latest missed fire time if at most this late.",
+    )
+    schedule_claim_timeout_s: float = Field(
+        300.0, gt=0, description="A firing claimed this long ago and not finished is taken over."
+    )
 
     @model_validator(mode="after")
     def _timeout_longer_than_heartbeat(self) -> Settings:
@@ -50,6 +61,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"HPO_LEASE_TIMEOUT_S ({self.lease_timeout_s:g}) must be longer than "
                 f"HPO_HEARTBEAT_INTERVAL_S ({self.heartbeat_interval_s:g})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _grace_longer_than_tick(self) -> Settings:
+        # A fire time is seen up to one tick late; a shorter grace would skip on-time runs.
+        if self.schedule_catchup_grace_s <= self.scheduler_tick_s:
+            raise ValueError(
+                f"HPO_SCHEDULE_CATCHUP_GRACE_S ({self.schedule_catchup_grace_s:g}) must be longer "
+                f"than HPO_SCHEDULER_TICK_S ({self.scheduler_tick_s:g})"
             )
         return self
 

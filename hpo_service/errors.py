@@ -5,13 +5,15 @@ HTTP status codes in one place.
     ├── InvalidSpec            a study spec or request that cannot be honoured (422)
     ├── NotFound               (404)
     │   ├── StudyNotFound
-    │   └── TrialNotFound
+    │   ├── TrialNotFound
+    │   └── ScheduleNotFound
     ├── Conflict               the request contradicts the current state (409)
     │   ├── StudyExists
     │   ├── LeaseMismatch      wrong lease token for the trial
     │   ├── TrialReaped        the lease expired and the trial was failed (and maybe retried)
     │   ├── ResultConflict     a different result for a trial that already finished
-    │   └── StudyNotRunning    the study was stopped, cancelled or deleted
+    │   ├── StudyNotRunning    the study was stopped, cancelled or deleted
+    │   └── ScheduleExists
     ├── AuthError              missing or wrong credentials (401) / scope (403)
     ├── ReadOnly               a write through a read-only view, e.g. the dashboard (405)
     └── StorageUnavailable     the database could not be reached (503)
@@ -108,3 +110,17 @@ class ReadOnly(HPOError):
 
 class StorageUnavailable(HPOError):
     code = "storage_unavailable"
+
+
+class ScheduleNotFound(NotFound):
+    code = "schedule_not_found"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no schedule named {name!r}")
+
+
+class ScheduleExists(Conflict):
+    code = "schedule_exists"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"a schedule named {name!r} already exists")

@@ -104,6 +104,27 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+def _check_param_sets(
+    spec: StudySpec, space: Sequence[Param], param_sets: Sequence[Mapping[str, Any]]
+) -> None:
+    """Each set names only parameters of the space, inside it, and makes a valid config.
+
+    Raises ``InvalidSpec`` naming ``params[i].<name>``.
+    """
+    by_name = {p.name: p for p in space}
+    for index, params in enumerate(param_sets):
+        for key, value in params.items():
+            param = by_name.get(key)
+            if param is None:
+                raise InvalidSpec(f"params[{index}].{key}", "not a parameter of this study")
+            if not param.contains(value):
+                raise InvalidSpec(f"params[{index}].{key}", f"{value!r} is outside the space")
+        try:
+            resolve_config(spec, params)
+        except InvalidSpec as error:
+            raise InvalidSpec(f"params[{index}].{error.field}", error.reason) from error
+
+
 class StudyService:
     """The domain layer. One per process; thread-safe."""
 
@@ -165,12 +186,21 @@ class StudyService:
 
     # --- studies ------------------------------------------------------------------------------
 
-    def create_study(self, spec: StudySpec) -> StudyInfo:
+    def create_study(
+        self,
+        spec: StudySpec,
+        *,
+        enqueue: Sequence[Mapping[str, Any]] = (),
+        user_attrs: Mapping[str, Any] | None = None,
+    ) -> StudyInfo:
         """Validate everything first, then write; a failure half-way deletes what was written.
 
+        ``enqueue``: parameter sets queued before any worker can see the study (a scheduled
+        run's warm start), checked like ``enqueue()``. ``user_attrs``: extra study attributes.
         Raises ``InvalidSpec`` (field and reason) or ``StudyExists``.
         """
         space = check_spec(spec)
+        _check_param_sets(spec, space, enqueue)
         sampler = build_sampler(spec.sampler)
         pruner = build_pruner(spec.pruner, spec.epochs)
         with self.db.session() as session:
@@ -195,6 +225,10 @@ class StudyService:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ExperimentalWarning)
                 study.set_metric_names(spec.metric_names)
+            for key, value in (user_attrs or {}).items():
+                study.set_user_attr(key, value)
+            for params in enqueue:  # before the row below makes the study visible to workers
+                study.enqueue_trial(dict(params), user_attrs={"enqueued": True})
             with self.db.session() as session:
                 session.add(
                     StudyRow(
@@ -329,18 +363,7 @@ class StudyService:
         with self.db.session() as session:
             row = self._row(session, name)
         loaded = self._load(row.study_id)
-        by_name = {p.name: p for p in loaded.space}
-        for index, params in enumerate(param_sets):
-            for key, value in params.items():
-                param = by_name.get(key)
-                if param is None:
-                    raise InvalidSpec(f"params[{index}].{key}", "not a parameter of this study")
-                if not param.contains(value):
-                    raise InvalidSpec(f"params[{index}].{key}", f"{value!r} is outside the space")
-            try:
-                resolve_config(loaded.spec, params)
-            except InvalidSpec as error:
-                raise InvalidSpec(f"params[{index}].{error.field}", error.reason) from error
+        _check_param_sets(loaded.spec, loaded.space, param_sets)
         with self._study_lock(row.study_id):
             for params in param_sets:
                 loaded.study.enqueue_trial(params, user_attrs={"enqueued": True})

@@ -18,6 +18,7 @@ def settings(database_url: str) -> Settings:
         heartbeat_interval_s=0.2,
         lease_timeout_s=1,
         run_reaper=False,  # tests reap explicitly, so timing never decides an assertion
+        run_scheduler=False,  # likewise, schedule tests tick a simulated clock themselves
         long_poll_step_s=0.05,
         db_connect_retries=0,
     )
