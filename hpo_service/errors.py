@@ -13,7 +13,9 @@ HTTP status codes in one place.
     │   ├── ResultConflict     a different result for a trial that already finished
     │   └── StudyNotRunning    the study was stopped, cancelled or deleted
     ├── AuthError              missing or wrong credentials (401) / scope (403)
-    └── StorageUnavailable     the database could not be reached (503)
+    ├── StorageUnavailable     the database could not be reached (503)
+    └── SchemaMismatch         the database schema is not the one this version needs
+                               (raised at start-up; `hpo migrate` upgrades it)
 """
 
 from __future__ import annotations
@@ -101,3 +103,22 @@ class AuthError(HPOError):
 
 class StorageUnavailable(HPOError):
     code = "storage_unavailable"
+
+
+class SchemaMismatch(HPOError):
+    """Raised at start-up when Optuna's or the service's schema is not at the installed head.
+
+    The server never migrates an existing database by itself: the message names the command
+    that does (``hpo migrate`` or ``optuna storage upgrade``).
+    """
+
+    code = "schema_mismatch"
+
+    def __init__(self, schema: str, current: str | None, head: str, remedy: str) -> None:
+        super().__init__(
+            f"the {schema} schema of this database is at {current or 'no revision'}, but this "
+            f"version needs {head}: {remedy}"
+        )
+        self.schema = schema
+        self.current = current
+        self.head = head
