@@ -14,12 +14,12 @@ import sys
 import textwrap
 from pathlib import Path
 
-import optuna
 import pytest
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from helpers import TOKENS, spec
+from optuna_schema import optuna_alembic
 from sqlalchemy import create_engine, inspect, text
 
 from hpo_service.app import create_app
@@ -35,15 +35,6 @@ OLD_OPTUNA_REVISION = "v3.0.0.c"  # Optuna 3.0's schema: two migrations behind 5
 
 def _settings(url: str) -> Settings:
     return Settings(database_url=url, tokens=TOKENS, run_reaper=False, db_connect_retries=0)  # type: ignore[arg-type]
-
-
-def _optuna_alembic(url: str) -> Config:
-    """Optuna's own migration history, configured the way ``RDBStorage`` configures it."""
-    package = Path(optuna.storages.__file__).parent / "_rdb"
-    config = Config(str(package / "alembic.ini"))
-    config.set_main_option("script_location", str(package / "alembic"))
-    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    return config
 
 
 def _optuna_revision(url: str) -> str | None:
@@ -78,10 +69,10 @@ def test_old_optuna_schema_is_refused_and_hpo_migrate_fixes_it(database_url: str
     settings = _settings(database_url)
     # Built by Optuna's migrations (as a storage upgraded over the years would be), not by
     # create_all, whose index names differ and cannot be downgraded.
-    command.upgrade(_optuna_alembic(database_url), "head")
+    command.upgrade(optuna_alembic(database_url), "head")
     _make_study(settings)
     head = _optuna_revision(database_url)
-    command.downgrade(_optuna_alembic(database_url), OLD_OPTUNA_REVISION)
+    command.downgrade(optuna_alembic(database_url), OLD_OPTUNA_REVISION)
     assert _optuna_revision(database_url) == OLD_OPTUNA_REVISION
 
     with pytest.raises(SchemaMismatch) as refused:
