@@ -8,6 +8,7 @@ checks add what a schema cannot know.
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,11 @@ def compose_problems(compose: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _parse(text: str) -> DockerfileParser:
+    # From memory: given only text, DockerfileParser would write it to ./Dockerfile.
+    return DockerfileParser(fileobj=io.BytesIO(text.encode()))
+
+
 def _runs(parser: DockerfileParser) -> list[str]:
     return [i["value"] for i in parser.structure if i["instruction"] == "RUN"]
 
@@ -157,8 +163,7 @@ def _common_problems(parser: DockerfileParser, label: str) -> list[str]:
 
 
 def server_dockerfile_problems(text: str) -> list[str]:
-    parser = DockerfileParser(fileobj=None)
-    parser.content = text
+    parser = _parse(text)
     problems = _common_problems(parser, "server")
     base = parser.baseimage or ""
     if "slim" not in base and "python" not in base:
@@ -178,8 +183,7 @@ def server_dockerfile_problems(text: str) -> list[str]:
 
 
 def worker_dockerfile_problems(text: str) -> list[str]:
-    parser = DockerfileParser(fileobj=None)
-    parser.content = text
+    parser = _parse(text)
     problems = _common_problems(parser, "worker")
     base = parser.baseimage or ""
     pinned = re.fullmatch(r"pytorch/pytorch:\d+\.\d+\.\d+-cuda[\d.]+-cudnn\d+-runtime", base)
