@@ -12,9 +12,10 @@ import optuna
 from fastapi import FastAPI
 
 from hpo_service.api.errors import install_error_handlers
-from hpo_service.api.routes import schedules, studies, workers
+from hpo_service.api.routes import health, schedules, studies, workers
 from hpo_service.config import Settings
 from hpo_service.dashboard import mount_dashboard
+from hpo_service.metrics import RequestTimer, ServiceMetrics
 from hpo_service.scheduler import Scheduler, run_scheduler
 from hpo_service.schedules import ScheduleService
 from hpo_service.studies import StudyService
@@ -82,6 +83,10 @@ def create_app(settings: Settings, storage: optuna.storages.RDBStorage | None = 
     app.state.settings = settings
     app.state.tokens = settings.token_scopes()
     install_error_handlers(app)
+    # Observability: /readyz, /metrics and per-route latencies (metrics.py).
+    app.state.metrics = ServiceMetrics(service, settings.metrics_cache_s)
+    app.add_middleware(RequestTimer, metrics=app.state.metrics)
+    app.include_router(health.router)
     app.include_router(studies.router, prefix=API_PREFIX)
     app.include_router(workers.router, prefix=API_PREFIX)
     app.include_router(schedules.router, prefix=API_PREFIX)

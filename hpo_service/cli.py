@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
@@ -29,6 +29,9 @@ from hpo_service.schemas import (
     StudySpec,
     TrialSummary,
 )
+
+if TYPE_CHECKING:  # the server extra; the client commands work without it
+    from hpo_service.config import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
@@ -102,31 +105,90 @@ def serve(
 ) -> None:
     """Run the API server (and the lease reaper) on the configured database."""
     import uvicorn
+    from sqlalchemy.exc import OperationalError
 
     from hpo_service.app import create_app
-    from hpo_service.config import get_settings
+    from hpo_service.errors import SchemaMismatch
+    from hpo_service.logging_setup import configure_logging
 
-    settings = get_settings()
+    settings = _server_settings()
     updates: dict[str, Any] = {}
     if host is not None:
         updates["host"] = host
     if port is not None:
         updates["port"] = port
     settings = settings.model_copy(update=updates)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     try:
         application = create_app(settings)
-    except ValueError as error:
+    except (ValueError, SchemaMismatch) as error:
         raise _fail(str(error), 2) from error
-    console.print(
-        f"serving {settings.database_url} on http://{settings.host}:{settings.port} "
-        f"(API docs: http://{settings.host}:{settings.port}/v1/docs)"
+    except OperationalError as error:
+        raise _unreachable(settings, error) from error
+    logging.getLogger("hpo_service").info(
+        "serving %s on http://%s:%d (API docs: /v1/docs)",
+        settings.database_url_redacted,
+        settings.host,
+        settings.port,
     )
+    # log_config=None: uvicorn's loggers go through our handler (JSON or text).
     uvicorn.run(
-        application, host=settings.host, port=settings.port, log_level=settings.log_level.lower()
+        application,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        log_config=None,
     )
+
+
+def _unreachable(settings: Settings, error: Exception) -> typer.Exit:
+    reason = getattr(error, "orig", None) or error
+    return _fail(f"database {settings.database_url_redacted} unreachable: {reason}")
+
+
+def _server_settings() -> Settings:
+    """The server's settings from the environment; exits 2 naming a bad variable."""
+    from hpo_service.config import get_settings
+
+    try:
+        return get_settings()
+    except ValueError as error:  # pydantic's ValidationError is a ValueError
+        raise _fail(f"invalid settings: {error}", 2) from error
+
+
+@app.command()
+def migrate(
+    database_url: Annotated[
+        str | None,
+        typer.Option("--database-url", help="Storage URL (default HPO_DATABASE_URL)."),
+    ] = None,
+) -> None:
+    """Upgrade the database's schemas (Optuna's and the service's) to this release.
+
+    The server never migrates an existing database at start-up; run this once after an upgrade,
+    with the servers stopped. On an up-to-date database it changes nothing.
+    """
+    from sqlalchemy.exc import OperationalError
+
+    from hpo_service.errors import SchemaMismatch
+    from hpo_service.logging_setup import configure_logging
+    from hpo_service.migrate import migrate as run_migrations
+
+    settings = _server_settings()
+    if database_url is not None:
+        settings = settings.model_copy(update={"database_url": database_url})
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        results = run_migrations(settings)
+    except SchemaMismatch as error:
+        raise _fail(str(error), 2) from error
+    except OperationalError as error:
+        raise _unreachable(settings, error) from error
+    for before, after in results:
+        if before.current == after.current:
+            console.print(f"{after.schema} schema: at {after.current} (up to date)")
+        else:
+            console.print(f"{after.schema} schema: {before.current or 'empty'} -> {after.current}")
 
 
 @app.command()

@@ -7,11 +7,17 @@ result is passed to ``create_app(settings)``; tests build their own ``Settings``
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 Scope = Literal["admin", "worker", "viewer"]
 SCOPES: tuple[Scope, ...] = ("admin", "worker", "viewer")
@@ -20,6 +26,35 @@ SCOPES: tuple[Scope, ...] = ("admin", "worker", "viewer")
 def default_database_url() -> str:
     """A SQLite file in the working directory: the embedded default."""
     return f"sqlite:///{Path.cwd() / 'hpo.db'}"
+
+
+class FileSettingsSource(PydanticBaseSettingsSource):
+    """``HPO_<NAME>_FILE=/path``: read a setting from a file (Docker/Compose secrets).
+
+    Secrets never have to sit in the environment or an image: compose mounts them under
+    ``/run/secrets`` and points ``HPO_TOKENS_FILE`` (say) at one. One trailing newline is
+    dropped. A plain ``HPO_<NAME>`` variable wins over the file.
+    """
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        path = os.environ.get(f"HPO_{field_name.upper()}_FILE")
+        if not path:
+            return None, field_name, False
+        try:
+            text = Path(path).read_text()
+        except OSError as error:
+            raise ValueError(
+                f"HPO_{field_name.upper()}_FILE={path}: cannot read it ({error})"
+            ) from error
+        return text.removesuffix("\n").removesuffix("\r"), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name, field in self.settings_cls.model_fields.items():
+            value, key, _ = self.get_field_value(field, name)
+            if value is not None:
+                values[key] = value
+        return values
 
 
 class Settings(BaseSettings):
@@ -53,6 +88,41 @@ class Settings(BaseSettings):
     schedule_claim_timeout_s: float = Field(
         300.0, gt=0, description="A firing claimed this long ago and not finished is taken over."
     )
+    # "json": one JSON object per line (containers, log shippers); "text": for a terminal.
+    log_format: Literal["text", "json"] = "text"
+    # Merged into database_url, so the URL can be configured without its password and the
+    # password mounted as a secret (HPO_DATABASE_PASSWORD_FILE).
+    database_password: SecretStr = SecretStr("")
+    # How long /metrics reuses its per-study trial counts, in seconds (0: count every scrape).
+    metrics_cache_s: float = Field(5.0, ge=0)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, FileSettingsSource(settings_cls))
+
+    @model_validator(mode="after")
+    def _merge_database_password(self) -> Settings:
+        password = self.database_password.get_secret_value()
+        if password:
+            from sqlalchemy.engine import make_url
+
+            url = make_url(self.database_url).set(password=password)
+            self.database_url = url.render_as_string(hide_password=False)
+        return self
+
+    @property
+    def database_url_redacted(self) -> str:
+        """The URL with its password masked, for logs and messages."""
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.database_url).render_as_string(hide_password=True)
 
     @model_validator(mode="after")
     def _timeout_longer_than_heartbeat(self) -> Settings:

@@ -16,7 +16,9 @@ HTTP status codes in one place.
     │   └── ScheduleExists
     ├── AuthError              missing or wrong credentials (401) / scope (403)
     ├── ReadOnly               a write through a read-only view, e.g. the dashboard (405)
-    └── StorageUnavailable     the database could not be reached (503)
+    ├── StorageUnavailable     the database could not be reached (503)
+    └── SchemaMismatch         the database schema is not the one this version needs
+                               (raised at start-up; `hpo migrate` upgrades it)
 """
 
 from __future__ import annotations
@@ -124,3 +126,22 @@ class ScheduleExists(Conflict):
 
     def __init__(self, name: str) -> None:
         super().__init__(f"a schedule named {name!r} already exists")
+
+
+class SchemaMismatch(HPOError):
+    """Raised at start-up when Optuna's or the service's schema is not at the installed head.
+
+    The server never migrates an existing database by itself: the message names the command
+    that does (``hpo migrate`` or ``optuna storage upgrade``).
+    """
+
+    code = "schema_mismatch"
+
+    def __init__(self, schema: str, current: str | None, head: str, remedy: str) -> None:
+        super().__init__(
+            f"the {schema} schema of this database is at {current or 'no revision'}, but this "
+            f"version needs {head}: {remedy}"
+        )
+        self.schema = schema
+        self.current = current
+        self.head = head

@@ -16,11 +16,13 @@ from collections.abc import Callable
 from typing import Any
 
 import optuna
+import sqlalchemy
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial
 from sqlalchemy.exc import OperationalError
 
 from hpo_service.config import Settings
+from hpo_service.schema_status import MIGRATE_HINT, SchemaStatus, require_head
 
 log = logging.getLogger(__name__)
 
@@ -35,29 +37,77 @@ def engine_options(settings: Settings) -> dict[str, Any]:
         "pool_size": settings.db_pool_size,
         "max_overflow": settings.db_max_overflow,
         "pool_pre_ping": True,  # drop connections a database restart left dead
+        # Fail a connection attempt to an unreachable host in seconds, not the OS's minutes,
+        # so start-up retries and /readyz answer promptly.
+        "connect_args": {"connect_timeout": 10},
     }
 
 
+def optuna_schema_status(storage: optuna.storages.RDBStorage) -> SchemaStatus:
+    """Where Optuna's tables stand, through ``RDBStorage``'s public version API."""
+    return SchemaStatus(
+        "Optuna",
+        storage.get_current_version(),
+        storage.get_head_version(),
+        tuple(storage.get_all_versions()),
+    )
+
+
+def _has_optuna_tables(settings: Settings) -> bool:
+    """Whether Optuna has set this database up before (its ``version_info`` table exists)."""
+    engine = sqlalchemy.create_engine(settings.database_url, **engine_options(settings))
+    try:
+        return sqlalchemy.inspect(engine).has_table("version_info")
+    finally:
+        engine.dispose()
+
+
+def _connect(
+    settings: Settings, on_stale: StaleCallback | None, check_schema: bool
+) -> optuna.storages.RDBStorage:
+    existing = _has_optuna_tables(settings)
+    with warnings.catch_warnings():
+        # heartbeat_interval is flagged experimental; we rely on documented behaviour.
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(
+            settings.database_url,
+            engine_kwargs=engine_options(settings),
+            # We check the schema ourselves (below) to name our own command. On an existing
+            # database Optuna must not create tables either: a table created ahead of its
+            # migration makes the later `optuna storage upgrade` fail.
+            skip_compatibility_check=True,
+            skip_table_creation=existing,
+            heartbeat_interval=max(1, math.ceil(settings.heartbeat_interval_s)),
+            grace_period=max(1, math.ceil(settings.lease_timeout_s)),
+            heartbeat_stale_trial_callback=on_stale,
+        )
+    if check_schema:
+        hint = (
+            f"{MIGRATE_HINT} (for Optuna's tables alone: `optuna storage upgrade "
+            f"--storage {settings.database_url_redacted}`)"
+        )
+        try:
+            require_head(optuna_schema_status(storage), hint)
+        except BaseException:
+            storage.engine.dispose()
+            raise
+    return storage
+
+
 def build_storage(
-    settings: Settings, on_stale: StaleCallback | None = None
+    settings: Settings, on_stale: StaleCallback | None = None, *, check_schema: bool = True
 ) -> optuna.storages.RDBStorage:
     """Connect, retrying while the database comes up (``RDBStorage()`` has no retry of its own).
 
-    Raises the last ``OperationalError`` after ``db_connect_retries`` attempts.
+    An empty database gets Optuna's tables; an existing one must already be at Optuna's head
+    schema unless ``check_schema`` is off (``hpo migrate`` turns it off to upgrade).
+    Raises the last ``OperationalError`` after ``db_connect_retries`` attempts, and
+    ``SchemaMismatch`` naming the upgrade command for an old schema.
     """
     attempts = settings.db_connect_retries + 1
     for attempt in range(1, attempts + 1):
         try:
-            with warnings.catch_warnings():
-                # heartbeat_interval is flagged experimental; we rely on documented behaviour.
-                warnings.simplefilter("ignore", ExperimentalWarning)
-                return optuna.storages.RDBStorage(
-                    settings.database_url,
-                    engine_kwargs=engine_options(settings),
-                    heartbeat_interval=max(1, math.ceil(settings.heartbeat_interval_s)),
-                    grace_period=max(1, math.ceil(settings.lease_timeout_s)),
-                    heartbeat_stale_trial_callback=on_stale,
-                )
+            return _connect(settings, on_stale, check_schema)
         except OperationalError:
             if attempt == attempts:
                 raise

@@ -35,7 +35,7 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from hpo_service.config import Settings
-from hpo_service.db import Database, upgrade_schema
+from hpo_service.db import Database, prepare_service_schema
 from hpo_service.errors import (
     InvalidSpec,
     LeaseMismatch,
@@ -46,6 +46,7 @@ from hpo_service.errors import (
     TrialNotFound,
     TrialReaped,
 )
+from hpo_service.logging_setup import trial_fields
 from hpo_service.models import LeaseRow, StudyRow
 from hpo_service.optimizers import build_pruner, build_sampler, describe
 from hpo_service.schemas import (
@@ -136,11 +137,12 @@ class StudyService:
         if storage is not None:
             storage.heartbeat_stale_trial_callback = self._on_stale_trial
         self.db = Database(self.storage.engine)
-        upgrade_schema(self.storage.engine)
+        prepare_service_schema(self.storage.engine)  # creates on an empty DB, never migrates
         self._is_postgres = self.storage.engine.dialect.name == "postgresql"
         self._guard = threading.Lock()
         self._locks: dict[int, threading.RLock] = {}
         self._loaded: dict[int, _Loaded] = {}
+        self.reaped_leases = 0  # trials this process failed for an expired lease (/metrics)
 
     # --- locking and loading ----------------------------------------------------------------
 
@@ -506,7 +508,20 @@ class StudyService:
                 )
             )
             row.last_leased_at = _now()
-        log.info("leased trial %d of %s to %s", trial.number, row.name, worker_id)
+        log.info(
+            "leased trial %d of %s to %s",
+            trial.number,
+            row.name,
+            worker_id,
+            extra=trial_fields(
+                "lease_granted",
+                study=row.name,
+                study_id=study_id,
+                trial_id=trial_id,
+                trial_number=trial.number,
+                worker_id=worker_id,
+            ),
+        )
         return self._lease_answer(loaded, trial_id, trial.number, token, config)
 
     def _lease_answer(
@@ -648,6 +663,20 @@ class StudyService:
             )
             row.outcome, row.fingerprint = "complete", fingerprint
             row.answer = answer.model_dump(mode="json")
+        log.info(
+            "trial %d of %s completed: %s",
+            row.trial_number,
+            loaded.spec.name,
+            list(values),
+            extra=trial_fields(
+                "trial_completed",
+                study=loaded.spec.name,
+                study_id=study_id,
+                trial_id=trial_id,
+                trial_number=row.trial_number,
+                worker_id=row.worker_id,
+            ),
+        )
         return answer
 
     @staticmethod
@@ -689,6 +718,21 @@ class StudyService:
             answer = FailAnswer(trial_id=trial_id, state=state, retry_trial_number=retry_number)
             row.outcome, row.fingerprint = "fail", state
             row.answer = answer.model_dump(mode="json")
+        log.info(
+            "trial %d of %s %s: %s",
+            row.trial_number,
+            loaded.spec.name,
+            "pruned" if pruned else "failed",
+            reason[:200],
+            extra=trial_fields(
+                "trial_pruned" if pruned else "trial_failed",
+                study=loaded.spec.name,
+                study_id=study_id,
+                trial_id=trial_id,
+                trial_number=row.trial_number,
+                worker_id=row.worker_id,
+            ),
+        )
         return answer
 
     # --- reaping and retries ----------------------------------------------------------------
@@ -728,15 +772,38 @@ class StudyService:
             failed.number,
             loaded.spec.name,
             newest.number,
+            extra=trial_fields(
+                "retry_queued",
+                study=loaded.spec.name,
+                study_id=loaded.study._study_id,
+                trial_id=failed._trial_id,
+                trial_number=failed.number,
+            ),
         )
         return newest.number
 
     def _on_stale_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Optuna's stale-trial callback: the lease expired, so retry if the study still runs."""
         study_id = study._study_id
+        with self._guard:
+            self.reaped_leases += 1
         with self.db.session() as session:
             row = session.get(StudyRow, study_id)
             running = row is not None and row.state == "running"
+            lease = session.get(LeaseRow, trial._trial_id)
+        log.warning(
+            "trial %d of %s: lease expired; trial failed",
+            trial.number,
+            study.study_name,
+            extra=trial_fields(
+                "lease_reaped",
+                study=study.study_name,
+                study_id=study_id,
+                trial_id=trial._trial_id,
+                trial_number=trial.number,
+                worker_id=lease.worker_id if lease is not None else None,
+            ),
+        )
         if running:
             self._requeue(self._load(study_id), trial)
 

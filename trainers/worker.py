@@ -107,9 +107,26 @@ class Worker:
             idle_since = time.monotonic()
         return self.trials_done
 
+    def _fields(self, lease: Lease, event: str) -> dict[str, object]:
+        """``extra=`` for a trial's log line: the ids the server's logs use too."""
+        return {
+            "event": event,
+            "study": lease.study,
+            "trial_id": lease.trial_id,
+            "trial_number": lease.trial_number,
+            "worker_id": self.options.worker_id,
+        }
+
     def run_trial(self, lease: Lease) -> str:
         """Train one leased trial and settle it with the server. Returns the outcome."""
         state = _TrialState()
+        log.info(
+            "trial %d of %s: leased, training on %s",
+            lease.trial_number,
+            lease.study,
+            self.options.device or lease.config.get("device", "auto"),
+            extra=self._fields(lease, "trial_started"),
+        )
         config = dict(lease.config)
         if self.options.device is not None:
             config["device"] = self.options.device
@@ -131,17 +148,22 @@ class Worker:
         finally:
             state.stop.set()
             beat.join(timeout=5)
+        trained = time.monotonic()
         outcome = self._settle(lease, state, result)
+        timings = _timings(result, trained - started, time.monotonic() - trained)
         log.info(
-            "trial %d of %s: %s after %d epochs in %.1fs (%s)",
+            "trial %d of %s: %s after %d epochs in %.1fs (train %.1fs, %.0f samples/s; %s)",
             lease.trial_number,
             lease.study,
             outcome,
             result.epochs_run,
-            time.monotonic() - started,
+            timings["wall_s"],
+            timings["train_s"],
+            timings["samples_per_sec"],
             ", ".join(
                 f"{m}={result.metrics.get(m, float('nan')):.4g}" for m in lease.objective_metrics
             ),
+            extra={**self._fields(lease, "trial_finished"), "outcome": outcome, **timings},
         )
         return outcome
 
@@ -162,7 +184,7 @@ class Worker:
                 state.lost, state.stop_reason = True, str(error)
                 return "stop"
             log.info(
-                "trial %d epoch %d: -ELBO %.2f KL %.2f AU %d beta %.3g lr %.3g",
+                "trial %d epoch %d: -ELBO %.2f KL %.2f AU %d beta %.3g lr %.3g, %.0f samples/s",
                 lease.trial_number,
                 epoch.epoch,
                 epoch.values.get("val_neg_elbo", math.nan),
@@ -170,6 +192,13 @@ class Worker:
                 int(epoch.values.get("active_units", 0)),
                 epoch.values.get("beta", math.nan),
                 epoch.values.get("lr", math.nan),
+                epoch.values.get("samples_per_sec", math.nan),
+                extra={
+                    **self._fields(lease, "epoch_reported"),
+                    "epoch": epoch.epoch,
+                    "samples_per_sec": epoch.values.get("samples_per_sec"),
+                    "epoch_seconds": epoch.values.get("epoch_seconds"),
+                },
             )
             if answer.action == "prune":
                 state.pruned = True
@@ -247,6 +276,18 @@ class Worker:
             log.warning("trial %d: could not settle: %s", lease.trial_number, error)
             return "lost"
         return "pruned" if pruned else ("handed back" if retryable else "failed")
+
+
+def _timings(result: TrainResult, train_s: float, settle_s: float) -> dict[str, float]:
+    """A trial's timings in seconds and its mean training throughput (samples per second,
+    the mean of the epochs' ``samples_per_sec``; NaN when no epoch ran)."""
+    rates = [e.values["samples_per_sec"] for e in result.history if "samples_per_sec" in e.values]
+    return {
+        "wall_s": train_s + settle_s,
+        "train_s": train_s,
+        "settle_s": settle_s,
+        "samples_per_sec": sum(rates) / len(rates) if rates else math.nan,
+    }
 
 
 def _pick(metrics: Mapping[str, float], names: list[str]) -> dict[str, float | None]:

@@ -6,12 +6,14 @@ import logging
 import os
 import signal
 import socket
+from pathlib import Path
 from types import FrameType
 from typing import Annotated
 
 import typer
 
 from hpo_service.client import HPOClient, make_http_client
+from trainers.logs import LogFormat, configure_logging
 from trainers.worker import Worker, WorkerOptions
 
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -19,14 +21,24 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 @app.command()
 def run(
-    server: Annotated[str, typer.Option(help="Base URL of the HPO server.")] = (
-        "http://127.0.0.1:8000"
-    ),
+    server: Annotated[
+        str, typer.Option(envvar="HPO_SERVER_URL", help="Base URL of the HPO server.")
+    ] = "http://127.0.0.1:8000",
     token: Annotated[
         str | None, typer.Option(envvar="HPO_WORKER_TOKEN", help="A token with worker scope.")
     ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="HPO_WORKER_TOKEN_FILE",
+            help="Read the worker token from this file (a mounted secret).",
+        ),
+    ] = None,
     device: Annotated[
-        str | None, typer.Option(help="Training device, e.g. cuda:0 or cpu (default: auto).")
+        str | None,
+        typer.Option(
+            envvar="HPO_WORKER_DEVICE", help="Training device, e.g. cuda:0 or cpu (default: auto)."
+        ),
     ] = None,
     worker_id: Annotated[
         str | None,
@@ -37,8 +49,20 @@ def run(
         float | None, typer.Option(help="Exit after this many seconds without work.")
     ] = None,
     wait: Annotated[float, typer.Option(help="Long-poll seconds per lease request.")] = 20.0,
+    log_format: Annotated[
+        str, typer.Option(envvar="HPO_LOG_FORMAT", help="text or json (one object per line).")
+    ] = "text",
 ) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if log_format not in ("text", "json"):
+        raise typer.BadParameter("must be 'text' or 'json'", param_hint="--log-format")
+    fmt: LogFormat = "json" if log_format == "json" else "text"
+    configure_logging(fmt)
+    if token_file is not None and token is None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as error:
+            hint = "--token-file"
+            raise typer.BadParameter(f"cannot read it: {error}", param_hint=hint) from error
     identity = worker_id or f"{socket.gethostname()}-{os.getpid()}"
     worker = Worker(
         HPOClient(make_http_client(server, token)),
@@ -56,11 +80,33 @@ def run(
         worker.request_shutdown()
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    described = describe_device(device)
     logging.getLogger("hpo.worker").info(
-        "worker %s on %s (device %s)", identity, server, device or "auto"
+        "worker %s on %s (device %s)",
+        identity,
+        server,
+        described,
+        extra={"event": "worker_started", "worker_id": identity, "device": described},
     )
     done = worker.run()
     logging.getLogger("hpo.worker").info("worker %s exiting after %d trials", identity, done)
+
+
+def describe_device(device: str | None) -> str:
+    """The device trials will run on, by name: ``cuda:0 (NVIDIA H100 80GB HBM3)``, ``cpu (16
+    threads)``. ``None``/``auto`` is resolved the way the trainer resolves it."""
+    import torch
+
+    name = device or "auto"
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and torch.cuda.is_available():
+        index = torch.device(name).index
+        index = torch.cuda.current_device() if index is None else index
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    if name == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return name  # e.g. cuda asked for without CUDA: the trainer names the error per trial
 
 
 def main() -> None:

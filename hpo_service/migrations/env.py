@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from alembic import context
 
+from hpo_service.db import VERSION_TABLE
 from hpo_service.models import Base
-
-VERSION_TABLE = "hpo_alembic_version"
 
 connection = context.config.attributes["connection"]
 context.configure(
