@@ -74,6 +74,7 @@ class TrainResult:
     epochs_run: int
     best_epoch: int  # 1-based epoch with the lowest validation −ELBO (the selected model)
     stopped_early: bool  # `on_epoch` returned "stop"
+    plateaued: bool = False  # ended by `patience`: no new best validation −ELBO for that long
 
 
 #: Eval batches are larger than training ones: no activations are kept for backward.
@@ -106,12 +107,21 @@ VAE_CHECKS = ("objective", "grad_norm")
 VAEGAN_CHECKS = ("objective", "gen_loss", "disc_loss", "grad_norm", "disc_grad_norm")
 
 
-def train(config: TrainConfig | Mapping[str, Any], on_epoch: OnEpoch | None = None) -> TrainResult:
+def train(
+    config: TrainConfig | Mapping[str, Any],
+    on_epoch: OnEpoch | None = None,
+    *,
+    patience: int | None = None,
+) -> TrainResult:
     """Train one VAE or VAE-GAN and return its metrics.
 
     ``on_epoch`` is called after every epoch with that epoch's metrics; returning ``"stop"``
     ends the run at once (``stopped_early=True``; the test-set evaluation is skipped because a
     stopped trial is a pruned one).
+
+    ``patience`` (epochs): end the run once the validation −ELBO has not improved on its best
+    for that many epochs in a row (``plateaued=True``); unlike a stop, the selected model is
+    still evaluated on the test set. ``None`` runs all ``epochs``.
 
     Per-epoch ``values`` (nats per example where a loss): ``train_loss`` (the optimised
     objective; for a VAE-GAN the encoder's), ``train_neg_elbo``, ``train_recon``, ``train_kl``,
@@ -135,6 +145,8 @@ def train(config: TrainConfig | Mapping[str, Any], on_epoch: OnEpoch | None = No
     (NaN/Inf loss or gradient norm, with the epoch and the first bad step).
     """
     cfg = parse_config(config)
+    if patience is not None and patience < 1:
+        raise ConfigError("patience", f"must be at least 1 epoch (got {patience})")
 
     # --- 1) device and seeds: same seed on the same device → identical metrics --------------
     device = resolve_device(cfg.device)
@@ -199,7 +211,7 @@ def train(config: TrainConfig | Mapping[str, Any], on_epoch: OnEpoch | None = No
     history: list[EpochMetrics] = []
     best_val, best_epoch, best_au = math.inf, 0, 0.0
     best_state = copy.deepcopy(vae.state_dict())
-    stopped_early = False
+    stopped_early = plateaued = False
     step = 0
     for epoch in range(1, cfg.epochs + 1):
         t_epoch = time.perf_counter()
@@ -291,6 +303,9 @@ def train(config: TrainConfig | Mapping[str, Any], on_epoch: OnEpoch | None = No
         if on_epoch is not None and on_epoch(metrics) == "stop":
             stopped_early = True
             break
+        if patience is not None and epoch - best_epoch >= patience:
+            plateaued = True
+            break
 
     # --- final: the selected model on the test set ---------------------------------------------
     final = dict(history[-1].values)
@@ -322,6 +337,7 @@ def train(config: TrainConfig | Mapping[str, Any], on_epoch: OnEpoch | None = No
         epochs_run=len(history),
         best_epoch=best_epoch,
         stopped_early=stopped_early,
+        plateaued=plateaued,
     )
 
 
