@@ -9,7 +9,8 @@ Speed rules the loop keeps:
   the device and read once per epoch (a NaN/Inf check included — the first bad step is recorded
   on the device and reported when the epoch ends);
 * LR and β are Python floats from pure schedule functions of the step, so setting them is free;
-* fused Adam/AdamW kernels on every device (one pass over the parameters instead of a dozen);
+* fused Adam/AdamW kernels on every device (one pass over the parameters, not one per
+  elementwise op);
 * on CUDA: bf16 autocast (``amp``); optional ``torch.compile`` of forward + loss together (a VAE)
   or of the modules (a VAE-GAN).
 
@@ -408,7 +409,7 @@ def build_optimizer(
 
     ``fused`` (the default, chosen by measurement, docs/benchmarks.md): torch's single-kernel
     Adam/AdamW on CPU and CUDA. On a 2-core CPU the multi-tensor ``foreach`` kernels spent about
-    a third of a training step in the optimizer, the fused ones under a tenth; the update rule
+    a third of a training step in the optimizer, the fused ones about a tenth; the update rule
     is the same and only rounding differs (a test compares the two). ``foreach`` when False and
     for RAdam (torch has no fused RAdam). ``device`` is where the parameters live.
     """
