@@ -1,8 +1,9 @@
 """``hpo-train``: one training run, the LR range test, or a preview of β(t) and LR(t).
 
-* ``run --config cfg.yaml [--set key=value ...] [--out DIR]`` trains once with a progress bar
-  per epoch, writes ``metrics.jsonl`` (one JSON object per epoch), ``curves.png`` and
-  ``final.json`` to ``DIR`` and prints the final metrics.
+* ``run --config cfg.yaml [--set key=value ...] [--out DIR] [--patience N]`` trains once with a
+  progress bar per epoch, writes ``metrics.jsonl`` (one JSON object per epoch), ``curves.png``
+  and ``final.json`` to ``DIR`` and prints the final metrics. ``--patience N`` ends the run
+  once the validation −ELBO has not improved for N epochs (the test set is still evaluated).
 * ``lr-find --config cfg.yaml [--out DIR]`` writes ``lr_find.json`` and ``lr_find.png`` and
   prints the suggested ``base_lr``/``max_lr``.
 * ``schedules --config cfg.yaml --plot out.png [--steps-per-epoch N]`` plots the schedules
@@ -154,9 +155,18 @@ def run(
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Output folder (default: runs/<time>).")
     ] = None,
+    patience: Annotated[
+        int | None,
+        typer.Option(
+            help="End the run once the validation −ELBO has not improved for this many epochs "
+            "(the best model is still evaluated on the test set). Default: run all epochs."
+        ),
+    ] = None,
 ) -> None:
     """Train once; write per-epoch JSON lines, the curves PNG and the final metrics."""
     cfg = _config_or_exit(config, set_)
+    if patience is not None and patience < 1:
+        raise _fail(f"`--patience` must be at least 1 epoch (got {patience})", 2)
     out_dir = out or Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
@@ -183,7 +193,7 @@ def run(
     with progress:
         task = progress.add_task("train", total=cfg.epochs, stats="")
         try:
-            result = train(cfg, on_epoch)
+            result = train(cfg, on_epoch, patience=patience)
         except ConfigError as e:
             raise _fail(f"invalid config — `{e.field}`: {e.reason}", 2) from None
         except NonFiniteLossError as e:
@@ -192,6 +202,12 @@ def run(
 
     plot_curves(history, out_dir / "curves.png")
     (out_dir / "final.json").write_text(json.dumps(result.metrics, indent=2))
+    if result.plateaued:
+        console.print(
+            f"plateau: ended at epoch {result.epochs_run}, no better validation −ELBO for "
+            f"{patience} epochs",
+            soft_wrap=True,
+        )
     table = Table(title=f"final metrics (best epoch {result.best_epoch})")
     table.add_column("metric")
     table.add_column("value", justify="right")

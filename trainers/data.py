@@ -10,12 +10,17 @@ is validated on the same examples.
 Parsed arrays of the small bundled sets (``mnist5k``, ``digits``) are cached as ``.npy`` files in
 ``$HPO_CACHE_DIR`` (default ``~/.cache/vae-hpo``) and in process memory, so a worker pays the
 parsing cost once.
+
+MNIST and Fashion-MNIST are read from their IDX files in torchvision's folder layout; torchvision
+is needed only to download them.
 """
 
 from __future__ import annotations
 
 import functools
+import gzip
 import os
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +65,9 @@ def cache_dir() -> Path:
 def load_dataset(config: TrainConfig, device: torch.device) -> Dataset:
     """Load ``config.dataset`` onto ``device``.
 
-    Raises ``ConfigError`` naming ``dataset`` (or ``data_dir``) when the data cannot be had:
-    torchvision missing, no ``data_dir``, or files absent without ``download=True``.
+    Raises ``ConfigError`` naming ``dataset`` (or ``data_dir``) when the data cannot be had: no
+    ``data_dir``, files absent without ``download=True``, a file that is not an IDX image file,
+    or ``download=True`` without torchvision.
     """
     name = config.dataset
     image_shape: tuple[int, int, int]
@@ -176,31 +182,100 @@ def _synthetic_splits(size: int) -> Splits:
     return _read_only((flat[:n_train], flat[n_train : n_train + n_val], flat[n_train + n_val :]))
 
 
-# --- torchvision MNIST / Fashion-MNIST from a local folder --------------------------------------
+# --- MNIST / Fashion-MNIST from a local folder in torchvision's layout ----------------------------
+
+#: torchvision's folder per dataset: ``<data_dir>/<folder>/raw/<file>`` (``datasets.MNIST`` and
+#: ``datasets.FashionMNIST`` download and read exactly these files).
+TORCHVISION_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+#: The image files of each split (labels are not needed: the VAE is unsupervised).
+IDX_IMAGE_FILES = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
+#: IDX header of a 3-d array of unsigned bytes (LeCun et al., "THE MNIST DATABASE" file format).
+_IDX_UBYTE_3D = b"\x00\x00\x08\x03"
+#: The validation split is this fraction of the training file: 5,000 of MNIST's 60,000.
+VAL_FRACTION_DENOMINATOR = 12
 
 
 def _torchvision_splits(
     name: str, data_dir: str | None, download: bool
 ) -> tuple[Splits, tuple[int, int, int]]:
-    """The 60k/10k sets; the last 5,000 of a fixed permutation of train become validation."""
+    """The 60k/10k sets; a fixed 1/12 of train (5,000 images) becomes validation.
+
+    The IDX files are read directly from ``<data_dir>/<MNIST|FashionMNIST>/raw/`` (plain or
+    ``.gz``), so a folder that torchvision once filled needs no torchvision. Only
+    ``download=True`` with files missing calls torchvision, which fetches them into that layout.
+    """
     if data_dir is None:
         raise ConfigError("dataset", f"{name!r} needs `data_dir` (a local folder of the files)")
     if not download and not Path(data_dir).is_dir():
         raise ConfigError("data_dir", f"folder {data_dir!r} does not exist (and download=False)")
+    raw = Path(data_dir) / TORCHVISION_FOLDERS[name] / "raw"
+    if not all(_find_idx(raw, f) for f in IDX_IMAGE_FILES.values()):
+        if not download:
+            files = " and ".join(f"{f}[.gz]" for f in IDX_IMAGE_FILES.values())
+            raise ConfigError(
+                "data_dir", f"{name!r} needs {files} under {str(raw)!r} (or download=True)"
+            )
+        _download_with_torchvision(name, data_dir)
+    train_all, test = (
+        _read_idx_images(_require_idx(raw, IDX_IMAGE_FILES[split])) for split in ("train", "test")
+    )
+    n_val = len(train_all) // VAL_FRACTION_DENOMINATOR
+    if n_val < 1:
+        raise ConfigError("data_dir", f"{name!r} training file has too few images to split")
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(train_all))
+    train, val = train_all[order[:-n_val]], train_all[order[-n_val:]]
+    return (train, val, test), (1, 28, 28)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for path in (folder / stem, folder / f"{stem}.gz"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _require_idx(folder: Path, stem: str) -> Path:
+    path = _find_idx(folder, stem)
+    if path is None:  # torchvision reported success but the file is not there
+        raise ConfigError("data_dir", f"{stem} not found under {str(folder)!r}")
+    return path
+
+
+def _read_idx_images(path: Path) -> np.ndarray:
+    """An IDX file of 28×28 unsigned-byte images → ``(N, 784)`` float32 in [0, 1].
+
+    Raises ``ConfigError`` naming ``data_dir`` for a file that is not such an IDX file.
+    """
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            content = handle.read()
+    except (OSError, EOFError) as e:  # unreadable, or a corrupt .gz
+        raise ConfigError("data_dir", f"cannot read {str(path)!r}: {e}") from e
+    if content[:4] != _IDX_UBYTE_3D or len(content) < 16:
+        raise ConfigError("data_dir", f"{str(path)!r} is not an IDX file of unsigned-byte images")
+    n, height, width = struct.unpack(">III", content[4:16])
+    if (height, width) != (28, 28) or len(content) != 16 + n * height * width:
+        raise ConfigError(
+            "data_dir",
+            f"{str(path)!r} holds {n} images of {height}×{width} in {len(content) - 16} bytes; "
+            "expected 28×28 images and a complete file",
+        )
+    pixels = np.frombuffer(content, dtype=np.uint8, offset=16).reshape(n, height * width)
+    return pixels.astype(np.float32) / 255.0
+
+
+def _download_with_torchvision(name: str, data_dir: str) -> None:
+    """Fetch the raw files with torchvision (the only use of it; the reader above is ours)."""
     try:
         from torchvision import datasets  # lazy: the trainer runs without torchvision
     except ImportError as e:
         raise ConfigError(
-            "dataset", f"{name!r} needs torchvision, which is not installed ({e})"
+            "dataset", f"download=True for {name!r} needs torchvision, which is not installed ({e})"
         ) from e
     cls = datasets.MNIST if name == "mnist" else datasets.FashionMNIST
     try:
-        train_set = cls(data_dir, train=True, download=download)
-        test_set = cls(data_dir, train=False, download=download)
-    except RuntimeError as e:  # torchvision's "Dataset not found. You can use download=True"
-        raise ConfigError("dataset", f"{name!r} not found under {data_dir!r}: {e}") from e
-    train_all = train_set.data.numpy().reshape(-1, 28 * 28).astype(np.float32) / 255.0
-    test = test_set.data.numpy().reshape(-1, 28 * 28).astype(np.float32) / 255.0
-    order = np.random.default_rng(SPLIT_SEED).permutation(len(train_all))
-    train, val = train_all[order[:-5000]], train_all[order[-5000:]]
-    return (train, val, test), (1, 28, 28)
+        for train in (True, False):
+            cls(data_dir, train=train, download=True)
+    except (RuntimeError, OSError) as e:  # network or checksum failures
+        raise ConfigError("dataset", f"downloading {name!r} into {data_dir!r} failed: {e}") from e

@@ -50,7 +50,6 @@ from torch import nn
 from trainers.config import TrainConfig
 from trainers.data import load_dataset
 from trainers.errors import ConfigError
-from trainers.losses import elbo_terms
 from trainers.models import build_vae
 from trainers.schedules import lr_scale_factor
 from trainers.train import (
@@ -59,6 +58,7 @@ from trainers.train import (
     clip_gradients,
     parse_config,
     resolve_device,
+    vae_loss_fn,
 )
 
 #: fastai drops the last 5 points (where the loss explodes) before suggesting.
@@ -295,7 +295,7 @@ def find_lr(
     vae = build_vae(cfg, data.image_shape).to(device)
     optimizer = build_optimizer(vae, cfg, device)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    autocast = amp_context(cfg, device)
+    losses = vae_loss_fn(vae, cfg, amp_context(cfg, device))  # the training loop's own losses
     beta = cfg.beta_target  # the objective the peak LR will meet (VAE_DEFINITIONS §7)
     perm = torch.randperm(n_train, device=device, generator=gen)
 
@@ -308,13 +308,7 @@ def find_lr(
         if cfg.binarize:
             x = torch.bernoulli(x, generator=gen)
         eps = torch.randn(bs, cfg.latent_dim, device=device, generator=gen)
-        with autocast():
-            mu, logvar, output = vae(x, eps)
-        terms = elbo_terms(
-            output.float(), x, mu.float(), logvar.float(), beta=beta,
-            likelihood=cfg.likelihood, gaussian_std=cfg.gaussian_std,
-            free_bits=cfg.free_bits, free_bits_mode=cfg.free_bits_mode,
-        )  # fmt: skip
+        terms = losses(x, eps, beta)
         optimizer.zero_grad(set_to_none=True)
         terms.objective.backward()
         clip_gradients(params, cfg.grad_clip_norm, cfg.grad_clip_value)

@@ -9,7 +9,12 @@ Speed rules the loop keeps:
   the device and read once per epoch (a NaN/Inf check included — the first bad step is recorded
   on the device and reported when the epoch ends);
 * LR and β are Python floats from pure schedule functions of the step, so setting them is free;
-* on CUDA: bf16 autocast (``amp``), fused Adam/AdamW, optional ``torch.compile``.
+* fused Adam/AdamW kernels on every device (one pass over the parameters, not one per
+  elementwise op);
+* on CUDA: bf16 autocast (``amp``); optional ``torch.compile`` of forward + loss together (a VAE)
+  or of the modules (a VAE-GAN).
+
+Defaults were chosen by measurement: ``docs/benchmarks.md`` ("Trainer throughput").
 
 Units: every loss is in nats per example; ``step`` is the 0-based global optimizer step;
 ``epoch`` is 1-based.
@@ -35,7 +40,7 @@ from torch import nn
 from trainers.config import TrainConfig
 from trainers.data import load_dataset
 from trainers.errors import ConfigError, NonFiniteLossError
-from trainers.losses import elbo_terms, gaussian_kl_per_dim, reconstruction_nll
+from trainers.losses import ELBOTerms, elbo_terms, gaussian_kl_per_dim, reconstruction_nll
 from trainers.metrics import active_units, importance_sampled_nll, posterior_collapse
 from trainers.models import VAE, VAEGAN, build_vae, discriminator
 from trainers.schedules import (
@@ -70,6 +75,7 @@ class TrainResult:
     epochs_run: int
     best_epoch: int  # 1-based epoch with the lowest validation −ELBO (the selected model)
     stopped_early: bool  # `on_epoch` returned "stop"
+    plateaued: bool = False  # ended by `patience`: no new best validation −ELBO for that long
 
 
 #: Eval batches are larger than training ones: no activations are kept for backward.
@@ -102,12 +108,21 @@ VAE_CHECKS = ("objective", "grad_norm")
 VAEGAN_CHECKS = ("objective", "gen_loss", "disc_loss", "grad_norm", "disc_grad_norm")
 
 
-def train(config: TrainConfig | Mapping[str, Any], on_epoch: OnEpoch | None = None) -> TrainResult:
+def train(
+    config: TrainConfig | Mapping[str, Any],
+    on_epoch: OnEpoch | None = None,
+    *,
+    patience: int | None = None,
+) -> TrainResult:
     """Train one VAE or VAE-GAN and return its metrics.
 
     ``on_epoch`` is called after every epoch with that epoch's metrics; returning ``"stop"``
     ends the run at once (``stopped_early=True``; the test-set evaluation is skipped because a
     stopped trial is a pruned one).
+
+    ``patience`` (epochs): end the run once the validation −ELBO has not improved on its best
+    for that many epochs in a row (``plateaued=True``); unlike a stop, the selected model is
+    still evaluated on the test set. ``None`` runs all ``epochs``.
 
     Per-epoch ``values`` (nats per example where a loss): ``train_loss`` (the optimised
     objective; for a VAE-GAN the encoder's), ``train_neg_elbo``, ``train_recon``, ``train_kl``,
@@ -131,6 +146,8 @@ def train(config: TrainConfig | Mapping[str, Any], on_epoch: OnEpoch | None = No
     (NaN/Inf loss or gradient norm, with the epoch and the first bad step).
     """
     cfg = parse_config(config)
+    if patience is not None and patience < 1:
+        raise ConfigError("patience", f"must be at least 1 epoch (got {patience})")
 
     # --- 1) device and seeds: same seed on the same device → identical metrics --------------
     device = resolve_device(cfg.device)
@@ -156,10 +173,17 @@ def train(config: TrainConfig | Mapping[str, Any], on_epoch: OnEpoch | None = No
     vae = build_vae(cfg, data.image_shape).to(device)
     disc = discriminator(cfg, data.image_shape).to(device) if is_gan else None
     model: nn.Module = VAEGAN(vae, disc) if disc is not None else vae
-    vae_forward: Callable[..., Any] = torch.compile(vae) if cfg.compile else vae
+    autocast = amp_context(cfg, device)
+    vae_forward: Callable[..., Any] = vae
     disc_forward: Callable[..., Any] | None = None
+    losses = vae_loss_fn(vae, cfg, autocast)
     if disc is not None:
+        vae_forward = torch.compile(vae) if cfg.compile else vae
         disc_forward = torch.compile(disc) if cfg.compile else disc
+    elif cfg.compile:
+        # One graph for forward + ELBO terms, so the loss's elementwise work fuses with the
+        # model's (and with its backward).
+        losses = torch.compile(losses)
 
     ksched = kl_schedule_from_config(cfg, steps_per_epoch)
     lsched = lr_schedule_from_config(cfg, steps_per_epoch)
@@ -179,7 +203,6 @@ def train(config: TrainConfig | Mapping[str, Any], on_epoch: OnEpoch | None = No
             lr_schedule_from_config(cfg, steps_per_epoch, base_lr=cfg.decoder_lr),
             lr_schedule_from_config(cfg, steps_per_epoch, base_lr=cfg.disc_lr),
         ]
-    autocast = amp_context(cfg, device)
     stat_names = VAEGAN_STEP_STATS if is_gan else VAE_STEP_STATS
     check_names = VAEGAN_CHECKS if is_gan else VAE_CHECKS
     # Statistics whose epoch maximum is reported too (pre-clip gradient norms).
@@ -189,7 +212,7 @@ def train(config: TrainConfig | Mapping[str, Any], on_epoch: OnEpoch | None = No
     history: list[EpochMetrics] = []
     best_val, best_epoch, best_au = math.inf, 0, 0.0
     best_state = copy.deepcopy(vae.state_dict())
-    stopped_early = False
+    stopped_early = plateaued = False
     step = 0
     for epoch in range(1, cfg.epochs + 1):
         t_epoch = time.perf_counter()
@@ -211,7 +234,7 @@ def train(config: TrainConfig | Mapping[str, Any], on_epoch: OnEpoch | None = No
             # 3) forward, all backward passes, clipping, optimizer steps
             eps = torch.randn(bs, cfg.latent_dim, device=device, generator=gen)
             if disc_forward is None:
-                stats, checks = vae_step(vae_forward, x, eps, beta, cfg, optimizers[0], autocast)
+                stats, checks = vae_step(losses, x, eps, beta, cfg, optimizers[0])
             else:
                 eps_prior = torch.randn(bs, cfg.latent_dim, device=device, generator=gen)
                 stats, checks = vaegan_step(
@@ -281,6 +304,9 @@ def train(config: TrainConfig | Mapping[str, Any], on_epoch: OnEpoch | None = No
         if on_epoch is not None and on_epoch(metrics) == "stop":
             stopped_early = True
             break
+        if patience is not None and epoch - best_epoch >= patience:
+            plateaued = True
+            break
 
     # --- final: the selected model on the test set ---------------------------------------------
     final = dict(history[-1].values)
@@ -312,6 +338,7 @@ def train(config: TrainConfig | Mapping[str, Any], on_epoch: OnEpoch | None = No
         epochs_run=len(history),
         best_epoch=best_epoch,
         stopped_early=stopped_early,
+        plateaued=plateaued,
     )
 
 
@@ -371,7 +398,7 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 
 def build_optimizer(
-    module: nn.Module, cfg: TrainConfig, device: torch.device
+    module: nn.Module, cfg: TrainConfig, device: torch.device, *, fused: bool = True
 ) -> torch.optim.Optimizer:
     """The config's optimizer over ``module``; the LR is set every step by the loop.
 
@@ -380,28 +407,24 @@ def build_optimizer(
     * ``radam``: rectified Adam (Liu et al. 2020) with the same decoupled decay;
     * ``adam``: L2-coupled decay, ``g ← g + wd·θ`` (Kingma & Ba 2015 with L2).
 
-    Fused kernels on CUDA (Adam, AdamW); multi-tensor ``foreach`` otherwise.
+    ``fused`` (the default, chosen by measurement, docs/benchmarks.md): torch's single-kernel
+    Adam/AdamW on CPU and CUDA. On a 2-core CPU the multi-tensor ``foreach`` kernels spent about
+    a third of a training step in the optimizer, the fused ones about a tenth; the update rule
+    is the same and only rounding differs (a test compares the two). ``foreach`` when False and
+    for RAdam (torch has no fused RAdam). ``device`` is where the parameters live.
     """
     groups = param_groups(module, cfg.weight_decay)
     betas = (cfg.beta1, cfg.beta2)
     lr = cfg.base_lr  # placeholder: overwritten with the schedule's value before every step
-    cuda = device.type == "cuda"
+    fused = fused and device.type in ("cpu", "cuda")
+    kernels: dict[str, Any] = {"fused": True} if fused else {"foreach": True}
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(
-            groups,
-            lr=lr,
-            betas=betas,
-            eps=cfg.eps,
-            fused=cuda or None,
-            foreach=None if cuda else True,
-        )
-    if cfg.optimizer == "radam":  # torch has no fused RAdam
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=cfg.eps, **kernels)
+    if cfg.optimizer == "radam":
         return torch.optim.RAdam(
             groups, lr=lr, betas=betas, eps=cfg.eps, decoupled_weight_decay=True, foreach=True
         )
-    return torch.optim.Adam(
-        groups, lr=lr, betas=betas, eps=cfg.eps, fused=cuda or None, foreach=None if cuda else True
-    )
+    return torch.optim.Adam(groups, lr=lr, betas=betas, eps=cfg.eps, **kernels)
 
 
 def set_schedule(optimizer: torch.optim.Optimizer, step: int, schedule: Any) -> float:
@@ -457,30 +480,44 @@ def clip_gradients(
     return norm, fired.float()
 
 
-def vae_step(
+LossFn = Callable[[torch.Tensor, torch.Tensor, float], ELBOTerms]
+
+
+def vae_loss_fn(
     forward: Callable[..., Any],
+    cfg: TrainConfig,
+    autocast: Callable[[], AbstractContextManager[Any]],
+) -> LossFn:
+    """``(x, ε, β) -> ELBOTerms`` of ``forward`` (a VAE) under the config's likelihood.
+
+    The model runs under ``autocast``; the losses in fp32, because sums over 784 pixels lose too
+    much in bf16. Only plain values are captured (no config object), so ``torch.compile``
+    traces it without guards on the config.
+    """
+    likelihood, gaussian_std = cfg.likelihood, cfg.gaussian_std
+    free_bits, free_bits_mode = cfg.free_bits, cfg.free_bits_mode
+
+    def losses(x: torch.Tensor, eps: torch.Tensor, beta: float) -> ELBOTerms:
+        with autocast():
+            mu, logvar, output = forward(x, eps)
+        return elbo_terms(
+            output.float(), x, mu.float(), logvar.float(), beta=beta, likelihood=likelihood,
+            gaussian_std=gaussian_std, free_bits=free_bits, free_bits_mode=free_bits_mode,
+        )  # fmt: skip
+
+    return losses
+
+
+def vae_step(
+    losses: LossFn,
     x: torch.Tensor,
     eps: torch.Tensor,
     beta: float,
     cfg: TrainConfig,
     optimizer: torch.optim.Optimizer,
-    autocast: Callable[[], AbstractContextManager[Any]],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One VAE update; returns (``VAE_STEP_STATS`` values, ``VAE_CHECKS`` values) on the device."""
-    with autocast():
-        mu, logvar, output = forward(x, eps)
-    # Losses in fp32: sums over 784 pixels lose too much in bf16.
-    terms = elbo_terms(
-        output.float(),
-        x,
-        mu.float(),
-        logvar.float(),
-        beta=beta,
-        likelihood=cfg.likelihood,
-        gaussian_std=cfg.gaussian_std,
-        free_bits=cfg.free_bits,
-        free_bits_mode=cfg.free_bits_mode,
-    )
+    terms = losses(x, eps, beta)
     optimizer.zero_grad(set_to_none=True)
     terms.objective.backward()
     params = _params(optimizer)
@@ -688,6 +725,7 @@ def evaluate(
 __all__ = [
     "Decision",
     "EpochMetrics",
+    "LossFn",
     "OnEpoch",
     "TrainResult",
     "build_optimizer",
@@ -696,4 +734,5 @@ __all__ = [
     "parse_config",
     "resolve_device",
     "train",
+    "vae_loss_fn",
 ]

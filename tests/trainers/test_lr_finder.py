@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-import trainers.lr_finder as lr_finder_module
+import trainers.train as train_module
 from trainers.errors import ConfigError
 from trainers.lr_finder import (
     LRFinderResult,
@@ -208,13 +208,13 @@ def test_find_lr_uses_beta_target_and_the_configured_batch_size(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     seen: list[tuple[float, int]] = []
-    real = lr_finder_module.elbo_terms
+    real = train_module.elbo_terms  # the loss function training and the LR finder share
 
     def spy(output: torch.Tensor, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         seen.append((kwargs["beta"], x.shape[0]))
         return real(output, x, *args, **kwargs)
 
-    monkeypatch.setattr(lr_finder_module, "elbo_terms", spy)
+    monkeypatch.setattr(train_module, "elbo_terms", spy)
     # training would start at β = 0 (linear warm-up) and use LRs scaled by 32/128
     cfg = {**DIGITS, "beta_target": 0.5, "batch_size": 32, "reference_batch_size": 128}
     result = find_lr(cfg, start_lr=1e-4, end_lr=1e-2, num_iter=12)

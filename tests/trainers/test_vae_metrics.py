@@ -97,6 +97,28 @@ def test_is_nll_is_tighter_than_the_elbo_on_average() -> None:
     assert nll_100.item() < neg_elbo - 0.01  # Burda et al. 2016, Thm 1: the bound tightens
 
 
+def test_is_nll_with_k_5000_decodes_in_bounded_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Memory is bounded by the rows decoded at once, whatever k and the number of examples.
+    torch.manual_seed(0)
+    vae = mlp_vae(input_dim=6, hidden_sizes=(8,), latent_dim=2, act="tanh")
+    x = torch.rand(7, 6, generator=torch.Generator().manual_seed(1))
+    rows: list[int] = []
+    real_decode = VAE.decode
+
+    def counting(self: VAE, z: torch.Tensor) -> torch.Tensor:
+        rows.append(z.shape[0])
+        return real_decode(self, z)
+
+    monkeypatch.setattr(VAE, "decode", counting)
+    nll = importance_sampled_nll(
+        vae, x, k=5000, likelihood="bernoulli", gaussian_std=1.0,
+        generator=torch.Generator().manual_seed(2), rows_per_chunk=2048,
+    )  # fmt: skip
+    assert max(rows) <= 2048
+    assert sum(rows) == 7 * 5000  # every example got all k samples
+    assert nll.shape == (7,) and bool(torch.isfinite(nll).all())
+
+
 def test_is_nll_rejects_zero_samples() -> None:
     vae = mlp_vae(4, (4,), 2, "relu")
     with pytest.raises(ValueError, match="`k`"):

@@ -248,3 +248,9 @@ def test_trainer_errors_survive_pickling_between_processes() -> None:
     assert str(config_error) == "`batch_size`: too large"
     nan_error = pickle.loads(pickle.dumps(NonFiniteLossError(3, 41, "disc_loss")))
     assert (nan_error.epoch, nan_error.step, nan_error.term) == (3, 41, "disc_loss")
+
+
+def test_patience_must_be_a_positive_number_of_epochs() -> None:
+    with pytest.raises(ConfigError) as info:
+        train(SMALL, patience=0)
+    assert info.value.field == "patience"
