@@ -524,9 +524,9 @@ class StudyService:
                 return None
             attrs = {"worker_id": worker_id, "config": sample.config}
             trial_id, number = self._write_leased_trial(study_id, sample, attrs)
-            row.last_leased_at = _now()
-        # The trial now counts toward the budget; the rest needs no lock. A trial without a
-        # heartbeat is never reaped, so a crash before the beat leaves it RUNNING — as before.
+        # The trial now counts toward the budget; the rest needs no lock (and the lock's own
+        # transaction wrote nothing, so releasing it waits for no disk flush). A trial without
+        # a heartbeat is never reaped, so a crash before the beat leaves it RUNNING — as before.
         self.storage.record_heartbeat(trial_id)
         token = secrets.token_urlsafe(24)
         with self.db.session() as session:
@@ -538,6 +538,9 @@ class StudyService:
                     token=token,
                     worker_id=worker_id,
                 )
+            )
+            session.execute(  # fairness: the study served longest ago goes first
+                update(StudyRow).where(StudyRow.study_id == study_id).values(last_leased_at=_now())
             )
         pending = sample.view.pending
         if pending is not None:  # what was just written is the running trial as it stands
