@@ -9,10 +9,25 @@ PostgreSQL advisory lock taken in the lease transaction, plus a process lock (SQ
 process by design, see ARCHITECTURE.md). Optuna owns trial state; our ``hpo_leases`` row holds the
 lease token and the answer given to ``complete``, so a repeated ``complete`` gets the same answer
 and a late one after the reaper failed the trial gets ``TrialReaped`` instead of being dropped.
+Finishing a trial is claimed with a compare-and-set on that row, so of two results for one trial,
+sent to any replicas, exactly one is told.
+
+The per-trial path does as few database round trips as it can (``docs/benchmarks.md``):
+- trials are read through one Optuna ``_CachedStorage`` per process, which re-reads only running
+  and new trials (finished trials never change);
+- a lease samples against that read and writes the whole new trial — parameters and
+  attributes — in one transaction (``study_view.StudyView``) instead of one commit per
+  ``suggest_*``;
+- a report writes its metrics and its intermediate value and decides pruning from the running
+  trial this process already holds, re-reading it only when this process did not handle the
+  trial's previous report (``_RunningTrial``); the study's finished trials for the pruner come
+  from a snapshot at most ``SNAPSHOT_MAX_AGE_S`` old, refreshed whenever this process
+  leases a trial of the study and re-read after it finished one.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -22,16 +37,17 @@ import threading
 import time
 import warnings
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import optuna
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy import select, text
+from sqlalchemy import and_, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from hpo_service.config import Settings
@@ -64,11 +80,20 @@ from hpo_service.schemas import (
 )
 from hpo_service.search_space import Param, check_spec, resolve_config, suggest
 from hpo_service.storage import build_storage
+from hpo_service.study_view import StudyView
 
 log = logging.getLogger(__name__)
 
 SPEC_ATTR = "spec"
 ACTIVE_STATES = ("running", "stopped", "cancelled")
+#: How old (s) the study's trials may be when the pruner compares against finished trials. Only
+#: trials that other replicas finished can be missing: this process's own leases refresh the
+#: snapshot and its own results force a fresh read.
+SNAPSHOT_MAX_AGE_S = 1.0
+#: Running trials this process remembers between reports (least recently used dropped first).
+RUNNING_CACHE_SIZE = 4096
+#: ``hpo_leases.outcome`` while a result is being told; the final outcome replaces it.
+CLAIMED = {"complete": "completing", "fail": "failing"}
 
 
 @dataclass
@@ -78,6 +103,35 @@ class _Loaded:
     study: optuna.Study
     spec: StudySpec
     space: list[Param]
+    # The study's trials as last read (monotonic time), for the pruner; not ``exact`` once this
+    # process changed a trial's state after reading them.
+    snapshot: list[FrozenTrial] | None = None
+    snapshot_at: float = 0.0
+    exact: bool = False
+
+
+@dataclass
+class _Sample:
+    """A sampled trial not yet leased: pending in ``view`` (new) or popped (WAITING)."""
+
+    view: StudyView
+    trial: optuna.Trial
+    config: dict[str, Any] | None  # None: the sampled values make no valid config
+    failure: str = ""
+
+
+@dataclass
+class _RunningTrial:
+    """A running trial as this process last wrote or read it.
+
+    Workers report epochs in order and wait for each answer, so when this process handled the
+    report of epoch e - 1 and now gets epoch e, no other replica can have written the trial in
+    between: ``trial`` is current and need not be re-read.
+    """
+
+    trial: FrozenTrial
+    last_epoch: int | None = None  # the epoch of the last report this process handled
+    beat_at: float = field(default=float("-inf"))  # monotonic time of our last heartbeat write
 
 
 def _fingerprint(values: Sequence[float]) -> str:
@@ -136,6 +190,9 @@ class StudyService:
         self.storage = storage or build_storage(settings, on_stale=self._on_stale_trial)
         if storage is not None:
             storage.heartbeat_stale_trial_callback = self._on_stale_trial
+        # Optuna's own cache over the storage, shared by every study of this process: finished
+        # trials are read once, later reads fetch only running and new trials.
+        self.cache = optuna.storages.get_storage(self.storage)
         self.db = Database(self.storage.engine)
         prepare_service_schema(self.storage.engine)  # creates on an empty DB, never migrates
         self._is_postgres = self.storage.engine.dialect.name == "postgresql"
@@ -143,6 +200,7 @@ class StudyService:
         self._locks: dict[int, threading.RLock] = {}
         self._loaded: dict[int, _Loaded] = {}
         self.reaped_leases = 0  # trials this process failed for an expired lease (/metrics)
+        self._running: OrderedDict[int, _RunningTrial] = OrderedDict()
 
     # --- locking and loading ----------------------------------------------------------------
 
@@ -171,7 +229,7 @@ class StudyService:
         spec = StudySpec.model_validate(attrs[SPEC_ATTR])
         study = optuna.load_study(
             study_name=name,
-            storage=self.storage,
+            storage=self.cache,
             sampler=build_sampler(spec.sampler),
             pruner=build_pruner(spec.pruner, spec.epochs),
         )
@@ -211,7 +269,7 @@ class StudyService:
         try:
             study = optuna.create_study(
                 study_name=spec.name,
-                storage=self.storage,
+                storage=self.cache,
                 sampler=sampler,
                 pruner=pruner,
                 directions=spec.directions,
@@ -242,7 +300,7 @@ class StudyService:
                     )
                 )
         except BaseException:
-            self.storage.delete_study(study_id)
+            self.cache.delete_study(study_id)
             raise
         with self._guard:
             self._loaded[study_id] = _Loaded(study=study, spec=spec, space=space)
@@ -259,7 +317,7 @@ class StudyService:
         with self.db.session() as session:
             row = self._row(session, name)
         loaded = self._load(row.study_id)
-        trials = self.storage.get_all_trials(row.study_id, deepcopy=False)
+        trials = self.cache.get_all_trials(row.study_id, deepcopy=False)
         counts = TrialCounts(
             **{
                 state.name.lower(): sum(1 for t in trials if t.state == state)
@@ -303,9 +361,7 @@ class StudyService:
                     )
                 )
             }
-        trials = sorted(
-            self.storage.get_all_trials(row.study_id, deepcopy=False), key=lambda t: t.number
-        )
+        trials = self.cache.get_all_trials(row.study_id, deepcopy=False)  # sorted by number
         page = trials[offset : offset + limit]
         return TrialPage(
             study=name,
@@ -355,7 +411,7 @@ class StudyService:
             session.query(LeaseRow).filter(LeaseRow.study_id == study_id).delete()
         with self._guard:
             self._loaded.pop(study_id, None)
-        self.storage.delete_study(study_id)
+        self.cache.delete_study(study_id)  # through the cache, which forgets the study's trials
 
     def enqueue(self, name: str, param_sets: list[dict[str, Any]]) -> int:
         """Queue known configurations; each is checked against the study's space first.
@@ -472,45 +528,53 @@ class StudyService:
                 row.state = "stopped"
                 log.info("study %s reached its timeout; no new trials", row.name)
                 return None
-            trials = self.storage.get_all_trials(study_id, deepcopy=False)
+            # Complete under the lock: every trial of a study is created under it (leases,
+            # enqueues, retries), so no trial can appear behind the cache's back.
+            trials = self.cache.get_all_trials(study_id, deepcopy=False)
+            self._remember_snapshot(loaded, trials)
             counted, running, _waiting, failures = self._tally(trials)
             if failures >= budget.max_failed or counted >= budget.n_trials:
                 return None
             if running >= min(budget.max_concurrent, row.max_concurrent):
                 return None
-            with warnings.catch_warnings():
-                # Optuna warns that its heartbeat thread only runs in optimize(); we record
-                # every heartbeat ourselves (OPTUNA5_NOTES.md), so the warning does not apply.
-                warnings.filterwarnings("ignore", message="Heartbeat of storage", module="optuna")
-                trial = loaded.study.ask()  # pops WAITING trials (enqueued, retries) first
-            try:
-                params = suggest(trial, loaded.spec, loaded.space)
-                config = resolve_config(loaded.spec, params)
-            except InvalidSpec as error:
-                trial.set_user_attr("fail_reason", f"invalid config: {error}")
-                loaded.study.tell(trial, state=TrialState.FAIL)
-                log.warning(
-                    "trial %d of %s has an invalid config: %s", trial.number, row.name, error
-                )
+            # Sampled under the lock, so the sampler sees every trial leased before this one
+            # (constant liar). Sampling ahead of the lock was measured slower in one process:
+            # the sampling threads held the GIL while the lock holder waited on the database.
+            sample = self._sample(loaded, trials)
+            if sample.config is None:
+                reason = {"fail_reason": sample.failure}
+                _, number = self._write_leased_trial(study_id, sample, reason)
+                loaded.study.tell(number, state=TrialState.FAIL)
+                log.warning("trial %d of %s has an %s", number, row.name, sample.failure)
                 return None
-            trial_id = trial._trial_id
-            token = secrets.token_urlsafe(24)
-            self.storage.record_heartbeat(trial_id)  # Optuna never reaps a trial with no beat
-            trial.set_user_attr("worker_id", worker_id)
-            trial.set_user_attr("config", config)
+            attrs = {"worker_id": worker_id, "config": sample.config}
+            trial_id, number = self._write_leased_trial(study_id, sample, attrs)
+        # The trial now counts toward the budget; the rest needs no lock (and the lock's own
+        # transaction wrote nothing, so releasing it waits for no disk flush). A trial without
+        # a heartbeat is never reaped, so a crash before the beat leaves it RUNNING — as before.
+        self.storage.record_heartbeat(trial_id)
+        token = secrets.token_urlsafe(24)
+        with self.db.session() as session:
             session.add(
                 LeaseRow(
                     trial_id=trial_id,
                     study_id=study_id,
-                    trial_number=trial.number,
+                    trial_number=number,
                     token=token,
                     worker_id=worker_id,
                 )
             )
-            row.last_leased_at = _now()
+            session.execute(  # fairness: the study served longest ago goes first
+                update(StudyRow).where(StudyRow.study_id == study_id).values(last_leased_at=_now())
+            )
+        pending = sample.view.pending
+        if pending is not None:  # what was just written is the running trial as it stands
+            leased = copy.deepcopy(pending)
+            leased._trial_id, leased.number = trial_id, number
+            self._remember_running(trial_id, _RunningTrial(leased, beat_at=time.monotonic()))
         log.info(
             "leased trial %d of %s to %s",
-            trial.number,
+            number,
             row.name,
             worker_id,
             extra=trial_fields(
@@ -518,11 +582,51 @@ class StudyService:
                 study=row.name,
                 study_id=study_id,
                 trial_id=trial_id,
-                trial_number=trial.number,
+                trial_number=number,
                 worker_id=worker_id,
             ),
         )
-        return self._lease_answer(loaded, trial_id, trial.number, token, config)
+        return self._lease_answer(loaded, trial_id, number, token, sample.config)
+
+    def _sample(self, loaded: _Loaded, trials: list[FrozenTrial]) -> _Sample:
+        """Ask the study's sampler for a trial over ``trials``; a WAITING trial is popped
+        (through the real storage) if there is one, else a new one stays pending in memory."""
+        view = StudyView(
+            self.cache, loaded.study._study_id, loaded.spec.name, loaded.study.directions, trials
+        )
+        trial = view.study(loaded.study.sampler, loaded.study.pruner).ask()
+        try:
+            params = suggest(trial, loaded.spec, loaded.space)
+            return _Sample(view, trial, resolve_config(loaded.spec, params))
+        except InvalidSpec as error:
+            return _Sample(view, trial, None, f"invalid config: {error}")
+
+    def _write_leased_trial(
+        self, study_id: int, sample: _Sample, attrs: dict[str, Any]
+    ) -> tuple[int, int]:
+        """Write the sampled trial with ``attrs`` as user attributes; returns (id, number).
+
+        A new trial is written whole — parameters, the sampler's system attributes and
+        ``attrs`` — in one transaction. A popped WAITING trial already exists: only ``attrs``
+        are written.
+        """
+        pending, trial = sample.view.pending, sample.trial
+        if pending is None:
+            for key, value in attrs.items():
+                self.storage.set_trial_user_attr(trial._trial_id, key, value)
+            return trial._trial_id, trial.number
+        pending.user_attrs.update(attrs)
+        trial_id = self.cache.create_new_trial(study_id, template_trial=pending)
+        # Optuna numbers a trial by counting the study's earlier trials; under the study lock
+        # that is the snapshot's length, which the cache (filled by create_new_trial) confirms.
+        number = pending.number
+        try:
+            confirmed = self.cache.get_trial_id_from_study_id_trial_number(study_id, number)
+        except KeyError:
+            confirmed = None
+        if confirmed != trial_id:  # a trial was made outside the service: ask the database
+            number = self.storage.get_trial(trial_id).number
+        return trial_id, number
 
     def _lease_answer(
         self, loaded: _Loaded, trial_id: int, number: int, token: str, config: dict[str, Any]
@@ -548,29 +652,144 @@ class StudyService:
             raise LeaseMismatch(f"the lease token does not match trial {trial_id}'s lease")
         return row
 
+    def _lease_and_study_state(self, trial_id: int, token: str) -> tuple[LeaseRow, str | None]:
+        """The lease (token checked) and its study's state (None: deleted), in one query."""
+        with self.db.session() as session:
+            found = session.execute(
+                select(LeaseRow, StudyRow.state)
+                .outerjoin(StudyRow, StudyRow.study_id == LeaseRow.study_id)
+                .where(LeaseRow.trial_id == trial_id)
+            ).first()
+        if found is None:
+            raise TrialNotFound(trial_id)
+        row, state = found
+        if not secrets.compare_digest(row.token, token):
+            raise LeaseMismatch(f"the lease token does not match trial {trial_id}'s lease")
+        return row, state
+
+    @staticmethod
+    def _not_running(row: LeaseRow, state: TrialState | str) -> TrialReaped:
+        name = state.name.lower() if isinstance(state, TrialState) else state
+        if name == "fail" and row.outcome is None:
+            return TrialReaped(
+                f"trial {row.trial_number} is fail: its lease expired and it was failed "
+                "(a retry was queued if retries remained)"
+            )
+        return TrialReaped(f"trial {row.trial_number} was already finished ({name})")
+
     def _running_trial(self, row: LeaseRow) -> FrozenTrial:
-        """The trial behind a lease, which must still be running. Raises ``TrialReaped``."""
+        """The trial behind an open lease, which must still be running.
+
+        Raises ``TrialReaped`` when the lease was finished through the service or the trial is
+        no longer running (the reaper failed it).
+        """
+        if row.outcome is not None:
+            raise self._not_running(row, row.outcome)
         trial = self.storage.get_trial(row.trial_id)
         if trial.state != TrialState.RUNNING:
-            raise TrialReaped(
-                f"trial {row.trial_number} is {trial.state.name.lower()}: its lease expired "
-                "and it was failed (a retry was queued if retries remained)"
-            )
+            self._forget_running(row.trial_id)
+            raise self._not_running(row, trial.state)
         return trial
+
+    def _finished_meanwhile(self, row: LeaseRow, error: Exception) -> TrialReaped:
+        """Optuna refused a write because the trial finished after we checked it."""
+        self._forget_running(row.trial_id)
+        state = self.storage.get_trial(row.trial_id).state
+        reaped = self._not_running(row, state)
+        reaped.__cause__ = error
+        return reaped
+
+    @staticmethod
+    def _reason_to_stop(study_state: str | None) -> str | None:
+        if study_state is None:
+            return "study deleted"
+        return "study cancelled" if study_state == "cancelled" else None
 
     def _stop_reason(self, study_id: int) -> str | None:
         with self.db.session() as session:
             row = session.get(StudyRow, study_id)
-        if row is None:
-            return "study deleted"
-        return "study cancelled" if row.state == "cancelled" else None
+        return self._reason_to_stop(row.state if row is not None else None)
+
+    # --- what this process remembers of running trials ------------------------------------
+
+    def _remember_running(self, trial_id: int, running: _RunningTrial) -> None:
+        with self._guard:
+            self._running[trial_id] = running
+            self._running.move_to_end(trial_id)
+            while len(self._running) > RUNNING_CACHE_SIZE:
+                self._running.popitem(last=False)
+
+    def _forget_running(self, trial_id: int) -> None:
+        with self._guard:
+            self._running.pop(trial_id, None)
+
+    def _current_running(self, row: LeaseRow, epoch: int) -> _RunningTrial:
+        """The running trial for a report of ``epoch``: remembered if this process handled the
+        report of ``epoch - 1`` (see ``_RunningTrial``), else read. Raises ``TrialReaped``."""
+        with self._guard:
+            known = self._running.get(row.trial_id)
+        if known is not None and known.last_epoch is not None and epoch == known.last_epoch + 1:
+            if row.outcome is not None:
+                raise self._not_running(row, row.outcome)
+            return known
+        trial = self._running_trial(row)
+        running = _RunningTrial(trial, beat_at=known.beat_at if known else float("-inf"))
+        self._remember_running(row.trial_id, running)
+        return running
+
+    def _beat(self, trial_id: int, running: _RunningTrial | None, due_only: bool) -> None:
+        """Record a heartbeat; with ``due_only``, only if this process has not recorded one in
+        the last half heartbeat interval (a lease outlives a whole interval without a beat)."""
+        now = time.monotonic()
+        recent = (
+            running is not None and now - running.beat_at < self.settings.heartbeat_interval_s / 2
+        )
+        if due_only and recent:
+            return
+        self.storage.record_heartbeat(trial_id)
+        if running is not None:
+            running.beat_at = now
+
+    def _remember_snapshot(self, loaded: _Loaded, trials: list[FrozenTrial]) -> None:
+        loaded.snapshot, loaded.snapshot_at, loaded.exact = trials, time.monotonic(), True
+
+    def _snapshot_changed(self, loaded: _Loaded) -> None:
+        """This process just changed a trial's state: the snapshot no longer tells it."""
+        loaded.exact = False
+
+    def _pruning_snapshot(self, loaded: _Loaded) -> list[FrozenTrial]:
+        """The study's trials for the pruner: the last snapshot while it is younger than
+        ``SNAPSHOT_MAX_AGE_S`` and this process changed no trial since; else a fresh read."""
+        snapshot = loaded.snapshot
+        age = time.monotonic() - loaded.snapshot_at
+        if snapshot is None or not loaded.exact or age > SNAPSHOT_MAX_AGE_S:
+            snapshot = self.cache.get_all_trials(loaded.study._study_id, deepcopy=False)
+            self._remember_snapshot(loaded, snapshot)
+        return snapshot
+
+    def _view(
+        self, loaded: _Loaded, trials: list[FrozenTrial], current: FrozenTrial
+    ) -> optuna.Study:
+        """The study as Optuna's pruner and ``tell`` see it: ``trials`` with ``current`` in it."""
+        view = StudyView(
+            self.cache,
+            loaded.study._study_id,
+            loaded.spec.name,
+            loaded.study.directions,
+            trials,
+            current=current,
+        )
+        return view.study(loaded.study.sampler, loaded.study.pruner)
+
+    # --- heartbeat and report ---------------------------------------------------------------
 
     def heartbeat(self, trial_id: int, token: str) -> HeartbeatAnswer:
-        with self.db.session() as session:
-            row = self._check_lease(session, trial_id, token)
-        self._running_trial(row)
-        self.storage.record_heartbeat(trial_id)
-        reason = self._stop_reason(row.study_id)
+        row, study_state = self._lease_and_study_state(trial_id, token)
+        self._running_trial(row)  # a heartbeat is rare enough to re-read the trial's state
+        with self._guard:
+            known = self._running.get(trial_id)
+        self._beat(trial_id, known, due_only=False)
+        reason = self._reason_to_stop(study_state)
         if reason is not None:
             return HeartbeatAnswer(action="stop", reason=reason)
         return HeartbeatAnswer(action="continue")
@@ -585,26 +804,108 @@ class StudyService:
     ) -> ReportAnswer:
         """Store the epoch's objective value as an intermediate value and its metrics as a user
         attribute, then ask the study's pruner. A repeated report of an epoch is not re-stored.
+        A report counts as a heartbeat.
+
+        Raises ``TrialNotFound``, ``LeaseMismatch``, ``TrialReaped`` (the trial is no longer
+        running) or ``InvalidSpec`` (a non-finite value).
         """
         if value is not None and not math.isfinite(value):
             raise InvalidSpec("value", f"must be a finite number (got {value})")
-        with self.db.session() as session:
-            row = self._check_lease(session, trial_id, token)
-        trial = self._running_trial(row)
-        self.storage.record_heartbeat(trial_id)
+        row, study_state = self._lease_and_study_state(trial_id, token)
         loaded = self._load(row.study_id)
-        live = optuna.Trial(loaded.study, trial_id)
-        live.set_user_attr("metrics", _finite_metrics({"epoch": epoch, **metrics}))
-        reason = self._stop_reason(row.study_id)
-        if reason is not None:
-            return ReportAnswer(action="stop", reason=reason)
-        if value is None or len(loaded.spec.objectives) != 1:
-            return ReportAnswer(action="continue")
-        if epoch not in trial.intermediate_values:
-            live.report(value, epoch)
-        if live.should_prune():
+        running = self._current_running(row, epoch)
+        try:
+            # Optuna refuses writes to a finished trial: this is the running check.
+            self.storage.set_trial_user_attr(
+                trial_id, "metrics", _finite_metrics({"epoch": epoch, **metrics})
+            )
+            self._beat(trial_id, running, due_only=True)
+            reason = self._reason_to_stop(study_state)
+            if reason is not None:
+                running.last_epoch = epoch
+                return ReportAnswer(action="stop", reason=reason)
+            if value is None or len(loaded.spec.objectives) != 1:
+                running.last_epoch = epoch
+                return ReportAnswer(action="continue")
+            if epoch not in running.trial.intermediate_values:
+                self.storage.set_trial_intermediate_value(trial_id, epoch, value)
+                running.trial.intermediate_values[epoch] = value
+        except UpdateFinishedTrialError as error:
+            raise self._finished_meanwhile(row, error) from error
+        running.last_epoch = epoch
+        # Trial.should_prune() without re-reading anything: the pruner gets the trial as just
+        # written and the study's trials from the snapshot.
+        study = self._view(loaded, self._pruning_snapshot(loaded), running.trial)
+        if study.pruner.prune(study, copy.deepcopy(running.trial)):
             return ReportAnswer(action="prune", reason=f"pruned at epoch {epoch}")
         return ReportAnswer(action="continue")
+
+    # --- complete and fail ------------------------------------------------------------------
+
+    def _claim(self, row: LeaseRow, outcome: str, fingerprint: str) -> dict[str, Any] | None:
+        """Claim the right to finish ``row``'s trial with this result (a compare-and-set on the
+        lease row, atomic across threads and replicas). Returns None when claimed — also when
+        the same result was claimed before but not finished (a retry after a crash) — or the
+        answer recorded for this same result. Raises ``ResultConflict`` for another result.
+        """
+        pending = CLAIMED[outcome]
+        with self.db.session() as session:
+            claimed = session.execute(
+                update(LeaseRow)
+                .where(
+                    LeaseRow.trial_id == row.trial_id,
+                    or_(
+                        LeaseRow.outcome.is_(None),
+                        and_(LeaseRow.outcome == pending, LeaseRow.fingerprint == fingerprint),
+                    ),
+                )
+                .values(outcome=pending, fingerprint=fingerprint)
+            )
+            if claimed.rowcount == 1:  # type: ignore[attr-defined]
+                return None
+            current = session.get(LeaseRow, row.trial_id, populate_existing=True)
+        if current is None:
+            raise TrialNotFound(row.trial_id)
+        return self._previous_answer(current, outcome, fingerprint)
+
+    @staticmethod
+    def _previous_answer(
+        row: LeaseRow, outcome: str, fingerprint: str | None
+    ) -> dict[str, Any] | None:
+        """The answer recorded for this result (``fingerprint`` None: any result with this
+        outcome), None if the trial is still open, or ``ResultConflict``."""
+        if row.outcome is None:
+            return None
+        if row.outcome == outcome and fingerprint in (None, row.fingerprint):
+            return row.answer
+        if row.outcome == CLAIMED[outcome] and fingerprint in (None, row.fingerprint):
+            return None  # claimed with this result but not finished: finish it again
+        raise ResultConflict(
+            f"trial {row.trial_number} was already finished ({row.outcome}) with a different "
+            "result; the first result stands"
+        )
+
+    def _release(self, row: LeaseRow, outcome: str, fingerprint: str) -> None:
+        """Undo our claim when the trial turned out not to be running (the reaper failed it),
+        so later calls get ``TrialReaped`` rather than a conflict with a result never told."""
+        with self.db.session() as session:
+            session.execute(
+                update(LeaseRow)
+                .where(
+                    LeaseRow.trial_id == row.trial_id,
+                    LeaseRow.outcome == CLAIMED[outcome],
+                    LeaseRow.fingerprint == fingerprint,
+                )
+                .values(outcome=None, fingerprint=None)
+            )
+
+    def _record_answer(self, trial_id: int, outcome: str, answer: dict[str, Any]) -> None:
+        with self.db.session() as session:
+            session.execute(
+                update(LeaseRow)
+                .where(LeaseRow.trial_id == trial_id)
+                .values(outcome=outcome, answer=answer)
+            )
 
     def complete(
         self,
@@ -623,46 +924,42 @@ class StudyService:
             raise InvalidSpec("values", f"must be finite numbers (got {bad})")
         fingerprint = _fingerprint(values)
         with self.db.session() as session:
-            study_id = self._check_lease(session, trial_id, token).study_id
-        loaded = self._load(study_id)
+            row = self._check_lease(session, trial_id, token)
+        loaded = self._load(row.study_id)
         if len(values) != len(loaded.spec.objectives):
             raise InvalidSpec(
                 "values",
                 f"this study has {len(loaded.spec.objectives)} objective(s) "
                 f"({', '.join(loaded.spec.metric_names)}); got {len(values)} value(s)",
             )
-        with self._study_lock(study_id) as session:
-            row = self._check_lease(session, trial_id, token)
-            previous = self._previous_answer(row, fingerprint)
-            if previous is not None:
-                return CompleteAnswer.model_validate(previous)
+        previous = self._previous_answer(row, "complete", fingerprint)
+        if previous is None:
+            previous = self._claim(row, "complete", fingerprint)
+        if previous is not None:
+            return CompleteAnswer.model_validate(previous)
+        try:
+            self.storage.set_trial_user_attr(trial_id, "metrics", _finite_metrics(dict(metrics)))
+            self._tell(loaded, row, list(values))
+        except (UpdateFinishedTrialError, ValueError) as error:
+            # Finished before us: by an earlier try of this same result whose answer was not
+            # recorded, or by the reaper.
             trial = self.storage.get_trial(trial_id)
-            if trial.state == TrialState.COMPLETE and trial.values is not None:
-                # tell() committed but our record of it did not: answer from Optuna's state.
-                if _fingerprint(trial.values) != fingerprint:
-                    raise ResultConflict(
-                        f"trial {trial.number} already completed with values {trial.values}"
-                    )
-            else:
-                self._running_trial(row)
-                optuna.Trial(loaded.study, trial_id).set_user_attr(
-                    "metrics", _finite_metrics(dict(metrics))
-                )
-                try:
-                    loaded.study.tell(row.trial_number, list(values))
-                except (UpdateFinishedTrialError, ValueError, RuntimeError) as error:
-                    # The reaper failed it between our check and tell().
-                    raise TrialReaped(
-                        f"trial {row.trial_number} finished meanwhile: {error}"
-                    ) from error
-            answer = CompleteAnswer(
-                trial_id=trial_id,
-                trial_number=row.trial_number,
-                state="complete",
-                values=list(values),
-            )
-            row.outcome, row.fingerprint = "complete", fingerprint
-            row.answer = answer.model_dump(mode="json")
+            if trial.state == TrialState.RUNNING:
+                raise
+            if trial.state != TrialState.COMPLETE or trial.values is None:
+                self._release(row, "complete", fingerprint)
+                raise self._not_running(row, trial.state) from error
+            if _fingerprint(trial.values) != fingerprint:
+                raise ResultConflict(
+                    f"trial {trial.number} already completed with values {trial.values}"
+                ) from error
+        finally:
+            self._forget_running(trial_id)
+            self._snapshot_changed(loaded)
+        answer = CompleteAnswer(
+            trial_id=trial_id, trial_number=row.trial_number, state="complete", values=list(values)
+        )
+        self._record_answer(trial_id, "complete", answer.model_dump(mode="json"))
         log.info(
             "trial %d of %s completed: %s",
             row.trial_number,
@@ -671,7 +968,7 @@ class StudyService:
             extra=trial_fields(
                 "trial_completed",
                 study=loaded.spec.name,
-                study_id=study_id,
+                study_id=row.study_id,
                 trial_id=trial_id,
                 trial_number=row.trial_number,
                 worker_id=row.worker_id,
@@ -679,45 +976,51 @@ class StudyService:
         )
         return answer
 
-    @staticmethod
-    def _previous_answer(row: LeaseRow, fingerprint: str) -> dict[str, Any] | None:
-        if row.outcome is None:
-            return None
-        if row.outcome == "complete" and row.fingerprint == fingerprint:
-            return row.answer
-        raise ResultConflict(
-            f"trial {row.trial_number} was already finished ({row.outcome}) with a different "
-            "result; the first result stands"
-        )
+    def _tell(self, loaded: _Loaded, row: LeaseRow, values: list[float]) -> None:
+        """``study.tell`` — without re-reading the trial when this process holds it (the state
+        change itself is still a compare-and-set in Optuna's storage)."""
+        with self._guard:
+            known = self._running.get(row.trial_id)
+        if known is None:
+            loaded.study.tell(row.trial_number, values)
+            return
+        study = self._view(loaded, loaded.snapshot or [], known.trial)
+        study.tell(row.trial_number, values)
 
     def fail(
         self, trial_id: int, token: str, reason: str, retryable: bool, pruned: bool = False
     ) -> FailAnswer:
         """A worker gives a trial up: pruned (told PRUNED), or failed and maybe retried."""
         with self.db.session() as session:
-            study_id = self._check_lease(session, trial_id, token).study_id
-        loaded = self._load(study_id)
-        with self._study_lock(study_id) as session:
             row = self._check_lease(session, trial_id, token)
-            if row.outcome == "fail" and row.answer is not None:
-                return FailAnswer.model_validate(row.answer)
-            if row.outcome is not None:
-                raise ResultConflict(f"trial {row.trial_number} already completed")
-            self._running_trial(row)
-            retry_number: int | None = None
-            if pruned:
-                loaded.study.tell(row.trial_number, state=TrialState.PRUNED)
-                state = "pruned"
-            else:
-                optuna.Trial(loaded.study, trial_id).set_user_attr("fail_reason", reason[:2000])
-                loaded.study.tell(row.trial_number, state=TrialState.FAIL)
-                state = "fail"
-                study_row = session.get(StudyRow, study_id)
-                if retryable and study_row is not None and study_row.state == "running":
-                    retry_number = self._requeue(loaded, self.storage.get_trial(trial_id))
-            answer = FailAnswer(trial_id=trial_id, state=state, retry_trial_number=retry_number)
-            row.outcome, row.fingerprint = "fail", state
-            row.answer = answer.model_dump(mode="json")
+        loaded = self._load(row.study_id)
+        state = "pruned" if pruned else "fail"
+        # A repeated fail gets the first answer, whichever state it asked for.
+        previous = self._previous_answer(row, "fail", None)
+        if previous is None:
+            previous = self._claim(row, "fail", state)
+        if previous is not None:
+            return FailAnswer.model_validate(previous)
+        retry_number: int | None = None
+        try:
+            with self._study_lock(row.study_id) as session:  # a retry creates a trial
+                trial = self.storage.get_trial(trial_id)
+                if trial.state != TrialState.RUNNING:
+                    self._release(row, "fail", state)
+                    raise self._not_running(row, trial.state)
+                if pruned:
+                    loaded.study.tell(row.trial_number, state=TrialState.PRUNED)
+                else:
+                    self.storage.set_trial_user_attr(trial_id, "fail_reason", reason[:2000])
+                    loaded.study.tell(row.trial_number, state=TrialState.FAIL)
+                    study_row = session.get(StudyRow, row.study_id)
+                    if retryable and study_row is not None and study_row.state == "running":
+                        retry_number = self._requeue(loaded, self.storage.get_trial(trial_id))
+        finally:
+            self._forget_running(trial_id)
+            self._snapshot_changed(loaded)
+        answer = FailAnswer(trial_id=trial_id, state=state, retry_trial_number=retry_number)
+        self._record_answer(trial_id, "fail", answer.model_dump(mode="json"))
         log.info(
             "trial %d of %s %s: %s",
             row.trial_number,
@@ -727,7 +1030,7 @@ class StudyService:
             extra=trial_fields(
                 "trial_pruned" if pruned else "trial_failed",
                 study=loaded.spec.name,
-                study_id=study_id,
+                study_id=row.study_id,
                 trial_id=trial_id,
                 trial_number=row.trial_number,
                 worker_id=row.worker_id,
@@ -787,6 +1090,7 @@ class StudyService:
         study_id = study._study_id
         with self._guard:
             self.reaped_leases += 1
+        self._forget_running(trial._trial_id)
         with self.db.session() as session:
             row = session.get(StudyRow, study_id)
             running = row is not None and row.state == "running"
@@ -822,4 +1126,5 @@ class StudyService:
             with self._study_lock(study_id), warnings.catch_warnings():
                 warnings.simplefilter("ignore", ExperimentalWarning)
                 optuna.storages.fail_stale_trials(loaded.study)
+            self._snapshot_changed(loaded)
         return len(study_ids)
