@@ -187,4 +187,7 @@ def _report(
         f"database: {database}  (optuna.load_study(study_name={tuned.name!r}, "
         f"storage='sqlite:///{database}'))"
     )
-    console.print("browse it: `hpo serve` then http://127.0.0.1:8000/v1/docs (API docs)")
+    console.print(
+        "browse it: `hpo serve`, then http://127.0.0.1:8000/ (the Optuna dashboard) "
+        "or http://127.0.0.1:8000/v1/docs (the API)"
+    )
