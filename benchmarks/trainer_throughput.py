@@ -8,9 +8,10 @@ Run from the repository root::
 Both loops train the identical MLP VAE (``trainers.models.build_vae``) on the same training
 tensor, device, batch size and number of epochs, in the same process:
 
-* **ours**: ``trainers.train.train(config)`` with its defaults (fused Adam; on CUDA also bf16
-  autocast); ``samples_per_sec`` is read from each epoch's ``EpochMetrics.values`` (training
-  steps only, validation excluded);
+* **ours**: ``trainers.train.train(config)`` with its defaults (fused Adam; bf16 autocast
+  where the device multiplies bf16 natively — CUDA, CPUs with AVX512-BF16 or AMX — which the
+  header line ``ours:`` states); ``samples_per_sec`` is read from each epoch's
+  ``EpochMetrics.values`` (training steps only, validation excluded);
 * **baseline**: a ``DataLoader`` over a ``TensorDataset`` (``shuffle=True``), Adam with torch's
   default kernels, BCE-with-logits + analytic KL, ``loss.item()`` every step, fp32 — the
   structure of pytorch/examples ``vae/main.py``. Its training epochs are timed with
@@ -20,6 +21,9 @@ Optional rows (``--variants``), all measured in the same run:
 
 * ``ours-foreach``: our loop with torch's multi-tensor ``foreach`` Adam instead of the fused one
   (the measurement behind the fused default);
+* ``ours-fp32``: our loop with ``amp: off`` — the loop's own gain, without bf16;
+* ``baseline-bf16``: the baseline loop with its forward pass under bf16 autocast — what bf16
+  alone buys a loop of the pytorch/examples shape;
 * ``ours-compile``: our loop with ``compile: true`` (forward + ELBO terms in one graph); its
   compile time falls in epoch 1 and is reported separately, never counted in samples/s;
 * ``gemm-floor``: only the matrix multiplications of one training step (forward ``addmm`` and
@@ -66,10 +70,10 @@ from trainers import train as train_module
 from trainers.config import TrainConfig
 from trainers.data import load_dataset
 from trainers.models import build_vae
-from trainers.train import build_optimizer, resolve_device, train
+from trainers.train import build_optimizer, resolve_device, train, uses_bf16
 
 GOALS = {"cpu": 1.5, "cuda": 20.0}
-VARIANTS = ("ours", "ours-foreach", "ours-compile", "gemm-floor")
+VARIANTS = ("ours", "ours-fp32", "ours-foreach", "ours-compile", "baseline-bf16", "gemm-floor")
 Clock = Callable[[], float]
 
 
@@ -141,8 +145,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_baseline(cfg: TrainConfig, device: torch.device, clock: Clock) -> list[float]:
-    """Samples/s of each baseline epoch after the first (pytorch/examples vae/main.py style)."""
+def bench_baseline(
+    cfg: TrainConfig, device: torch.device, clock: Clock, bf16: bool = False
+) -> list[float]:
+    """Samples/s of each baseline epoch after the first (pytorch/examples vae/main.py style);
+    ``bf16``: its forward pass under bf16 autocast, the loss in fp32 (as in our loop)."""
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg, torch.device("cpu"))  # examples keep the data on the host
     model = build_vae(cfg, data.image_shape).to(device)
@@ -159,7 +166,9 @@ def bench_baseline(cfg: TrainConfig, device: torch.device, clock: Clock) -> list
             x = x.to(device)
             eps = torch.randn(x.shape[0], cfg.latent_dim, device=device)
             optimizer.zero_grad()
-            mu, logvar, logits = model(x, eps)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                mu, logvar, logits = model(x, eps)
+            mu, logvar, logits = mu.float(), logvar.float(), logits.float()
             bce = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
             kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
             loss = (bce + kld) / x.shape[0]
@@ -274,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
 
     runners: dict[str, Callable[[list[float]], list[float]]] = {
         "ours": lambda w: bench_ours(cfg, w, cpu_clock),
+        "ours-fp32": lambda w: bench_ours(make_config(args, amp="off"), w, cpu_clock),
         "ours-foreach": lambda w: bench_ours_foreach(cfg, w, cpu_clock),
+        "baseline-bf16": lambda _: bench_baseline(cfg, device, clock, bf16=True),
         "ours-compile": lambda w: bench_ours(make_config(args, compile=True), w, cpu_clock),
         "gemm-floor": lambda _: bench_gemm_floor(cfg, device, input_dim, steps, clock),
     }
@@ -287,8 +298,9 @@ def main(argv: list[str] | None = None) -> int:
             rates[name] += runners[name](warmups[name])
 
     medians = {name: statistics.median(r) for name, r in rates.items()}
-    samples = {name: steps * cfg.batch_size for name in rates} | {"baseline": n_train}
-    amp = "bf16 autocast, fused Adam" if device.type == "cuda" else "fp32, fused Adam"
+    samples = {name: steps * cfg.batch_size for name in rates}
+    samples |= {name: n_train for name in rates if name.startswith("baseline")}
+    amp = "bf16 autocast, fused Adam" if uses_bf16(cfg, device) else "fp32, fused Adam"
 
     print(f"load average (1, 5, 15 min) after:  {load_average()}")
     print(f"torch:   {torch.__version__}")
@@ -299,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         f"setup:   dataset={cfg.dataset} (n_train={n_train}) model=mlp "
         f"hidden={list(cfg.hidden_sizes)} latent={cfg.latent_dim} batch={cfg.batch_size} "
         f"epochs={cfg.epochs} (epoch 1 = warm-up, not counted) repeats={args.repeats}; "
-        f"ours: {amp}; samples/s = median over counted epochs"
+        f"ours: {amp} (amp={cfg.amp}); baseline: fp32; samples/s = median over counted epochs"
     )
     print()
     header = f"{'loop':<13} {'samples/s':>10} {'s/epoch':>8} {'min–max samples/s':>20} {'×base':>6}"
@@ -319,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     if "gemm-floor" in medians:
         bound = medians["gemm-floor"] / medians["baseline"]
         print(f"upper bound for any loop around the same fp32 GEMMs: {bound:.2f}× the baseline")
+    if "ours-fp32" in medians:
+        alone = medians["ours-fp32"] / medians["baseline"]
+        print(f"the loop alone, both in fp32 (ours-fp32/baseline): {alone:.2f}×")
     if "ours" in medians:
         ratio = medians["ours"] / medians["baseline"]
         goal = GOALS.get(device.type)

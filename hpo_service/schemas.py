@@ -129,7 +129,9 @@ class TrainConfig(BaseModel):
     final_is_examples: int = Field(1000, ge=0)  # test examples used for the IS-NLL; 0 = all
 
     # --- speed ----------------------------------------------------------------------------
-    amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 on CUDA, off on CPU
+    # bf16 autocast. auto: on where the device multiplies bf16 natively (CUDA; CPUs with
+    # AVX512-BF16 or AMX), off elsewhere.
+    amp: Literal["auto", "bf16", "off"] = "auto"
     compile: bool = False  # torch.compile the model
 
     # --- VAE-GAN (Larsen et al. 2016) -------------------------------------------------------
@@ -167,6 +169,12 @@ class TrainConfig(BaseModel):
         if value is not None and not math.isfinite(value):
             raise ValueError("must be a finite number")
         return value
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        """YAML 1.1 reads a bare ``off`` as false: ``amp: off`` in a config file means "off"."""
+        return "off" if value is False else value
 
     @field_validator("hidden_sizes", "conv_channels")
     @classmethod

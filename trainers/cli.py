@@ -173,8 +173,14 @@ def run(
     lines_path = out_dir / "metrics.jsonl"
     lines_path.write_text("")
 
-    from trainers.train import train
+    from trainers.train import resolve_device, train, uses_bf16
 
+    try:
+        device = resolve_device(cfg.device)
+    except ConfigError as e:
+        raise _fail(f"invalid config — `{e.field}`: {e.reason}", 2) from None
+    precision = "bf16 autocast" if uses_bf16(cfg, device) else "fp32"
+    err_console.print(f"training on {device} ({precision}, amp={cfg.amp})", highlight=False)
     history: list[EpochMetrics] = []
     progress = Progress(
         TextColumn("epoch {task.completed}/{task.total}"),

@@ -78,7 +78,8 @@ def test_fused_optimizer_trains_like_the_foreach_one(
 def test_compiled_forward_and_loss_train_like_the_eager_ones() -> None:
     # Free bits and a β warm-up exercise the loss's branches and a changing β (a float input
     # that torch.compile must not bake into the graph).
-    config = {**SMALL, "free_bits": 0.5}
+    # fp32: bf16 rounding differs between fused and unfused kernels by more than the tolerance.
+    config = {**SMALL, "free_bits": 0.5, "amp": "off"}
     eager = train(config)
     compiled = train({**config, "compile": True})
     _assert_same_run(compiled, eager)

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from trainers import train as train_module
 from trainers.config import TrainConfig
@@ -240,6 +241,37 @@ def test_bf16_autocast_on_cpu_still_trains_with_fp32_losses() -> None:
     first, last = result.history[0].values, result.history[-1].values
     assert last["val_neg_elbo"] < first["val_neg_elbo"]
     assert result.metrics != run(amp="off", epochs=2, base_lr=3e-3).metrics  # autocast was on
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_auto_uses_bf16_exactly_where_the_device_has_it_natively(
+    monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    monkeypatch.setattr(train_module, "native_bf16", lambda device: native)
+    auto = _without_timings(run(amp="auto", epochs=1).metrics)
+    assert auto == _without_timings(run(amp="bf16" if native else "off", epochs=1).metrics)
+    assert auto != _without_timings(run(amp="off" if native else "bf16", epochs=1).metrics)
+
+
+def test_native_bf16_probes_the_cpu_and_says_no_for_other_devices(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert not train_module.native_bf16(cpu)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert train_module.native_bf16(cpu)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert not train_module.native_bf16(cpu)  # a torch without the probes: no bf16
+    assert not train_module.native_bf16(torch.device("meta"))
+
+
+def test_a_bare_yaml_off_means_amp_off() -> None:
+    assert TrainConfig.from_mapping({"amp": False}).amp == "off"  # what YAML makes of `off`
+    with pytest.raises(ValidationError, match="amp"):
+        TrainConfig.from_mapping({"amp": True})
 
 
 def test_trainer_errors_survive_pickling_between_processes() -> None:
