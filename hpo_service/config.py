@@ -72,6 +72,10 @@ class Settings(BaseSettings):
     )
     reap_interval_s: float = Field(5.0, gt=0, description="How often the reaper runs.")
     long_poll_step_s: float = Field(0.5, gt=0)
+    # SQLite runs in WAL mode (readers never block the writer, nor it them). "normal": a commit
+    # is durable once the OS has it (a power cut may roll back the last commits, never corrupt
+    # the file); "full": each commit also waits for the disk.
+    sqlite_synchronous: Literal["normal", "full"] = "normal"
     db_pool_size: int = Field(10, ge=1)
     db_max_overflow: int = Field(20, ge=0)
     db_connect_retries: int = Field(10, ge=0, description="Start-up retries while the DB comes up.")

@@ -9,7 +9,7 @@ the caller itself, so every write needs the header (no cross-site request forger
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -27,7 +27,12 @@ TOKEN_COOKIE = "hpo_token"
 SAFE_METHODS = frozenset({"GET", "HEAD"})
 
 
-def get_service(request: Request) -> StudyService:
+# The dependencies below are ``async`` though they never await: FastAPI runs a plain ``def``
+# dependency in its thread pool, a hop per dependency per request (measured: ~0.2 ms each on
+# the worker protocol's hot path); these only read memory, so they run on the event loop.
+
+
+async def get_service(request: Request) -> StudyService:
     service: StudyService = request.app.state.service
     return service
 
@@ -63,10 +68,10 @@ def scope_of(request: Request, token: str | None) -> Scope | None:
     return found
 
 
-def require(*allowed: Scope) -> Callable[..., Scope]:
+def require(*allowed: Scope) -> Callable[..., Awaitable[Scope]]:
     """A dependency that admits admin and the given scopes."""
 
-    def check(
+    async def check(
         request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> Scope:
