@@ -29,6 +29,8 @@ work, no auth) on the same server: the least any HTTP service path can cost here
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sqlite3
 import statistics
 import sys
 import time
@@ -191,6 +193,12 @@ def measure_backend(
                 sampler=build_sampler(spec.sampler),
                 pruner=build_pruner(spec.pruner, spec.epochs),
             )
+        if backend == "sqlite":
+            # The server puts the file in WAL mode, which is stored in the file itself: raw
+            # Optuna's connections to it use WAL too (with SQLite's default synchronous=FULL).
+            with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as db:
+                (mode,) = db.execute("PRAGMA journal_mode").fetchone()
+            print(f"  sqlite: journal mode {mode} for both sides", flush=True)
         trials = history(spec, max(args.sizes), seed=1)
         filled = 0
         with http_client(server, WORKER_TOKEN) as http:
