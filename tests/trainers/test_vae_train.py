@@ -253,7 +253,7 @@ def test_amp_auto_uses_bf16_exactly_where_the_device_has_it_natively(
     assert auto != _without_timings(run(amp="off" if native else "bf16", epochs=1).metrics)
 
 
-def test_native_bf16_probes_the_cpu_and_says_no_for_other_devices(
+def test_native_bf16_probes_the_cpu_and_the_gpu_generation(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cpu = torch.device("cpu")
@@ -266,6 +266,11 @@ def test_native_bf16_probes_the_cpu_and_says_no_for_other_devices(
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
     assert not train_module.native_bf16(cpu)  # a torch without the probes: no bf16
     assert not train_module.native_bf16(torch.device("meta"))
+    gpu = torch.device("cuda:0")  # no GPU needed: the capability probe is replaced
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (7, 5))  # Turing
+    assert not train_module.native_bf16(gpu)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))  # Hopper
+    assert train_module.native_bf16(gpu)
 
 
 def test_a_bare_yaml_off_means_amp_off() -> None:
