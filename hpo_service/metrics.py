@@ -1,7 +1,7 @@
 """Prometheus metrics of one server process, served at ``/metrics``.
 
 * ``hpo_trials{study,state}`` — trials per study by state, read through Optuna's storage API
-  (a cached ``Study`` per study, so only unfinished trials are re-read) and reused for
+  (through the service's shared Optuna cache, so only unfinished trials are re-read) and reused for
   ``metrics_cache_s`` seconds, so a scrape costs little even with many trials.
 * ``hpo_active_workers`` — distinct worker ids holding a lease on a trial that is RUNNING.
 * ``hpo_leases_reaped_total`` — trials this process failed because their lease expired.
@@ -63,19 +63,6 @@ class StudyCollector(Collector):
         self._lock = threading.Lock()
         self._snapshot: _Snapshot | None = None
         self._taken_at = 0.0
-        self._studies: dict[int, optuna.Study] = {}
-
-    def _study(self, study_id: int, name: str) -> optuna.Study:
-        study = self._studies.get(study_id)
-        if study is None:
-            # A sampler is required to build a Study; this one never samples.
-            study = optuna.load_study(
-                study_name=name,
-                storage=self._service.storage,
-                sampler=optuna.samplers.RandomSampler(),
-            )
-            self._studies[study_id] = study
-        return study
 
     def _count(self) -> _Snapshot:
         with self._service.db.session() as session:
@@ -89,7 +76,8 @@ class StudyCollector(Collector):
         running: set[int] = set()
         for study_id, name in studies:
             try:
-                trials = self._study(study_id, name).get_trials(deepcopy=False)
+                # The service's shared cache: finished trials are read once per process.
+                trials = self._service.cache.get_all_trials(study_id, deepcopy=False)
             except KeyError:  # deleted since the listing
                 continue
             counts = dict.fromkeys(TRIAL_STATES, 0)
@@ -100,8 +88,6 @@ class StudyCollector(Collector):
             snapshot.trials[name] = counts
         # A lease whose trial was reaped keeps no outcome; only RUNNING trials make a worker live.
         snapshot.active_workers = len({w for trial_id, w in open_leases if trial_id in running})
-        live_ids = {study_id for study_id, _ in studies}
-        self._studies = {k: v for k, v in self._studies.items() if k in live_ids}
         return snapshot
 
     def snapshot(self) -> _Snapshot:

@@ -131,7 +131,9 @@ def _night(studies: StudyService, run: FiringRow, metric: str, direction: Direct
             f"this run optimised {info.metric_names[0]} ({info.directions[0]}), not {metric}"
         )
         return night
-    storage = studies.storage
+    # The service's shared cache: a past night's trials are finished, so they are read once
+    # per process, not once per report request.
+    storage = studies.cache
     complete = [
         t
         for t in storage.get_all_trials(
@@ -158,7 +160,7 @@ def _importances(
             f"{len(complete)} complete trial(s); importances need {MIN_TRIALS_FOR_IMPORTANCE}"
         )
     study = optuna.load_study(
-        study_name=study_name, storage=studies.storage, sampler=optuna.samplers.RandomSampler()
+        study_name=study_name, storage=studies.cache, sampler=optuna.samplers.RandomSampler()
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

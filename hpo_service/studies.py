@@ -206,7 +206,9 @@ class StudyService:
 
     @contextmanager
     def _study_lock(self, study_id: int) -> Iterator[Session]:
-        """Serialise lease/complete/fail of one study across threads and server replicas.
+        """Serialise the trial-creating operations of one study (lease, enqueue, fail with its
+        retry, reap) across threads and server replicas; ``complete`` is claimed by
+        compare-and-set instead (``_claim``).
 
         Yields a session whose transaction holds the lock; commit releases it. On SQLite only
         the process lock applies (one writer process) and our own writes must come after
@@ -1015,7 +1017,9 @@ class StudyService:
                     loaded.study.tell(row.trial_number, state=TrialState.FAIL)
                     study_row = session.get(StudyRow, row.study_id)
                     if retryable and study_row is not None and study_row.state == "running":
-                        retry_number = self._requeue(loaded, self.storage.get_trial(trial_id))
+                        retry_number = self._requeue(
+                            loaded, trial
+                        )  # read above; what it copies is unchanged
         finally:
             self._forget_running(trial_id)
             self._snapshot_changed(loaded)
