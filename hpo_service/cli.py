@@ -1,6 +1,7 @@
 """``hpo``: run the server, submit and inspect studies, recurring sweeps, and the demo.
 
-Every command except ``serve`` and ``demo`` talks to a running server through the REST client.
+Every command except ``serve``, ``migrate``, ``scheduler`` and ``demo`` talks to a running server
+through the REST client; those four open the database themselves.
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -61,19 +62,27 @@ def _api_error(error: ClientError) -> typer.Exit:
     return _fail(str(error), 2 if isinstance(error, APIError) else 1)
 
 
-def load_spec(path: Path) -> StudySpec:
-    """A study spec from YAML or JSON; raises ``typer.Exit(2)`` naming the bad field."""
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def load_yaml_model(path: Path, model: type[ModelT], what: str) -> ModelT:
+    """A ``model`` from a YAML or JSON file; raises ``typer.Exit(2)`` naming the bad field."""
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as error:
         raise _fail(f"cannot read {path}: {error}", 2) from error
     try:
-        return StudySpec.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as error:
         lines = "\n".join(
-            f"  {'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in error.errors()
+            f"  {'.'.join(str(p) for p in e['loc']) or what}: {e['msg']}" for e in error.errors()
         )
-        raise _fail(f"invalid spec {path}:\n{lines}", 2) from error
+        raise _fail(f"invalid {what} {path}:\n{lines}", 2) from error
+
+
+def load_spec(path: Path) -> StudySpec:
+    """A study spec from YAML or JSON; raises ``typer.Exit(2)`` naming the bad field."""
+    return load_yaml_model(path, StudySpec, "spec")
 
 
 def _counts_line(info: StudyInfo) -> str:
@@ -350,18 +359,7 @@ app.add_typer(schedule_app, name="schedule")
 
 def load_schedule_spec(path: Path) -> ScheduleSpec:
     """A schedule spec from YAML or JSON; raises ``typer.Exit(2)`` naming the bad field."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise _fail(f"cannot read {path}: {error}", 2) from error
-    try:
-        return ScheduleSpec.model_validate(data)
-    except ValidationError as error:
-        lines = "\n".join(
-            f"  {'.'.join(str(p) for p in e['loc']) or 'schedule'}: {e['msg']}"
-            for e in error.errors()
-        )
-        raise _fail(f"invalid schedule {path}:\n{lines}", 2) from error
+    return load_yaml_model(path, ScheduleSpec, "schedule")
 
 
 def _schedule_line(info: ScheduleInfo) -> str:
@@ -617,21 +615,27 @@ def scheduler(
     import signal
     import threading
 
-    from hpo_service.config import get_settings
+    from sqlalchemy.exc import OperationalError
+
+    from hpo_service.errors import SchemaMismatch
+    from hpo_service.logging_setup import configure_logging
     from hpo_service.scheduler import Scheduler, run_scheduler
     from hpo_service.studies import StudyService
 
-    settings = get_settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    settings = _server_settings()
+    configure_logging(settings.log_level, settings.log_format)  # HPO_LOG_FORMAT, as `serve`
     if settings.is_sqlite:
         raise _fail(
             "a SQLite database has one writer process, the server: leave the scheduler inside "
             "`hpo serve` (HPO_RUN_SCHEDULER=true) or use PostgreSQL",
             2,
         )
-    service = StudyService(settings)
+    try:
+        service = StudyService(settings)
+    except SchemaMismatch as error:
+        raise _fail(str(error), 2) from error
+    except OperationalError as error:
+        raise _unreachable(settings, error) from error
     ticker = Scheduler(service, settings)
     try:
         if once:
