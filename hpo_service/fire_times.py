@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterBadCronError, CroniterBadDateError, CroniterError, croniter
@@ -38,10 +38,6 @@ class FireTime:
 
     local: datetime  # naive wall-clock time in the schedule's zone
     instant: datetime  # aware, UTC
-
-    @property
-    def local_date(self) -> date:
-        return self.local.date()
 
 
 def parse_zone(name: str) -> ZoneInfo:

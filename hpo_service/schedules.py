@@ -194,15 +194,7 @@ class ScheduleService:
 
     def set_enabled(self, ref: str, enabled: bool) -> ScheduleInfo:
         """Pause, or resume from now on: fire times missed while paused are not caught up."""
-        now = self.clock()
-        with self.db.session() as session:
-            row = get_schedule(session, ref)
-            if enabled and not row.enabled:
-                row.active_since = now
-            row.enabled = enabled
-            row.updated_at = now
-            name = row.name
-        return self.get(name)
+        return self.update(ref, ScheduleUpdate(enabled=enabled))
 
     def delete(self, ref: str) -> None:
         """Delete the schedule and its firing records; the studies it created remain."""

@@ -30,12 +30,12 @@ _ERRORS: dict[int | str, dict[str, object]] = {
 }
 
 
-def get_schedules(request: Request) -> ScheduleService:
+async def get_schedules(request: Request) -> ScheduleService:  # async: see api/deps.py
     schedules: ScheduleService = request.app.state.schedules
     return schedules
 
 
-def get_scheduler(request: Request) -> Scheduler:
+async def get_scheduler(request: Request) -> Scheduler:
     scheduler: Scheduler = request.app.state.scheduler
     return scheduler
 
