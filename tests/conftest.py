@@ -70,3 +70,38 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
             )
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
         engine.dispose()
+
+
+# --- The device the trainer tests train on -------------------------------------------------------
+# ``pytest --device cuda`` (or ``HPO_TEST_DEVICE=cuda``) runs every test that trains on that device
+# (through the ``train_device`` fixture); tests marked ``cpu_only`` are skipped there and tests
+# marked ``cuda_only`` are skipped everywhere else. The default is ``cpu``, which is what CI has.
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--device",
+        default=os.environ.get("HPO_TEST_DEVICE", "cpu"),
+        help="torch device the trainer tests train on (default: $HPO_TEST_DEVICE or cpu)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cpu_only: skipped when the tests train on another device")
+    config.addinivalue_line("markers", "cuda_only: runs only with --device cuda")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    device = str(config.getoption("--device"))
+    on_cuda = device.startswith("cuda")
+    for item in items:
+        if on_cuda and item.get_closest_marker("cpu_only"):
+            item.add_marker(pytest.mark.skip(reason=f"CPU-only test; training on {device}"))
+        if not on_cuda and item.get_closest_marker("cuda_only"):
+            item.add_marker(pytest.mark.skip(reason="needs --device cuda"))
+
+
+@pytest.fixture(scope="session")
+def train_device(pytestconfig: pytest.Config) -> str:
+    """The device name every training test puts in its config's ``device``."""
+    return str(pytestconfig.getoption("--device"))
