@@ -28,7 +28,6 @@ SMALL: dict[str, Any] = {
     "base_lr": 3e-3,
     "final_is_samples": 0,
     "active_unit_examples": 180,
-    "device": "cpu",
 }
 TIMINGS = {"samples_per_sec", "epoch_seconds"}
 COMPARED = ("train_loss", "train_neg_elbo", "train_kl", "val_neg_elbo", "val_kl", "grad_norm_max")
@@ -42,6 +41,8 @@ def _assert_same_run(fast: TrainResult, plain: TrainResult) -> None:
         assert f.values["active_units"] == p.values["active_units"]
 
 
+# The CUDA counterpart is in test_cuda.py.
+@pytest.mark.cpu_only
 @pytest.mark.parametrize(
     ("optimizer", "cls"), [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)]
 )
@@ -56,9 +57,15 @@ def test_adam_and_adamw_are_fused_by_default_on_cpu(optimizer: str, cls: type) -
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw"])
 def test_fused_optimizer_trains_like_the_foreach_one(
-    optimizer: str, monkeypatch: pytest.MonkeyPatch
+    optimizer: str, monkeypatch: pytest.MonkeyPatch, train_device: str
 ) -> None:
-    config = {**SMALL, "optimizer": optimizer, "weight_decay": 1e-2, "grad_clip_norm": 50.0}
+    config = {
+        **SMALL,
+        "device": train_device,
+        "optimizer": optimizer,
+        "weight_decay": 1e-2,
+        "grad_clip_norm": 50.0,
+    }
     built: list[torch.optim.Optimizer] = []
 
     def spy(*args: Any, **kwargs: Any) -> torch.optim.Optimizer:
@@ -75,11 +82,11 @@ def test_fused_optimizer_trains_like_the_foreach_one(
 
 # Importing inductor imports torch.utils.mkldnn, which uses the deprecated torch.jit API.
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
-def test_compiled_forward_and_loss_train_like_the_eager_ones() -> None:
+def test_compiled_forward_and_loss_train_like_the_eager_ones(train_device: str) -> None:
     # Free bits and a β warm-up exercise the loss's branches and a changing β (a float input
     # that torch.compile must not bake into the graph).
     # fp32: bf16 rounding differs between fused and unfused kernels by more than the tolerance.
-    config = {**SMALL, "free_bits": 0.5, "amp": "off"}
+    config = {**SMALL, "device": train_device, "free_bits": 0.5, "amp": "off"}
     eager = train(config)
     compiled = train({**config, "compile": True})
     _assert_same_run(compiled, eager)

@@ -137,7 +137,7 @@ def test_idx_files_in_torchvisions_layout_load_without_torchvision(
 
 
 def test_a_run_trains_on_mnist_idx_files(
-    real_digits: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    real_digits: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, train_device: str
 ) -> None:
     monkeypatch.setitem(sys.modules, "torchvision", None)
     raw = tmp_path / "MNIST" / "raw"
@@ -149,7 +149,7 @@ def test_a_run_trains_on_mnist_idx_files(
             "dataset": "mnist", "data_dir": str(tmp_path), "hidden_sizes": (64,),
             "latent_dim": 4, "epochs": 3, "batch_size": 50, "base_lr": 3e-3,
             "final_is_samples": 10, "final_is_examples": 20, "active_unit_examples": 50,
-            "device": "cpu",
+            "device": train_device,
         }
     )  # fmt: skip
     history = [m.values["val_neg_elbo"] for m in result.history]
