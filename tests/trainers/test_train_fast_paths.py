@@ -7,6 +7,7 @@ tolerance, not bit for bit; a wrong update rule or a wrong loss would be far out
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import pytest
@@ -91,3 +92,18 @@ def test_compiled_forward_and_loss_train_like_the_eager_ones(train_device: str) 
     compiled = train({**config, "compile": True})
     _assert_same_run(compiled, eager)
     assert compiled.history[0].values["beta"] != compiled.history[1].values["beta"]
+
+
+def test_torch_trace_records_stay_out_of_the_captured_logs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # torch.compile emits these by the hundred; a failing compile test used to print them all.
+    from torch._logging._internal import trace_structured
+
+    with caplog.at_level(logging.DEBUG):
+        trace_structured(
+            "artifact", lambda: {"name": "probe", "encoding": "string"}, payload_fn=str
+        )
+        logging.getLogger("trainers").debug("our own debug records are still captured")
+    names = [record.name for record in caplog.records]
+    assert "torch.__trace" not in names and "trainers" in names
