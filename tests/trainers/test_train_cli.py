@@ -189,3 +189,18 @@ def test_lr_find_writes_json_and_png_and_prints_the_suggestion(
 
     bad = runner.invoke(app, ["lr-find", "-c", str(cfg), "--start-lr", "1", "--end-lr", "0.1"])
     assert bad.exit_code == 2 and "end_lr" in bad.output
+
+
+def test_schedules_describes_a_cyclical_kl_schedule_as_its_cycles(tmp_path: Path) -> None:
+    # 3 epochs × 4 steps, 3 cycles rising over half of each: no "warm-up" is involved.
+    cfg = write_config(
+        tmp_path,
+        {**TINY, "epochs": 3, "kl_schedule": "cyclical", "kl_cycles": 3, "kl_ratio": 0.5},
+    )
+    result = runner.invoke(app, ["schedules", "-c", str(cfg), "--plot", str(tmp_path / "s.png")])
+    assert result.exit_code == 0, result.output
+    assert "KL cyclical: 3 cycles of 4 steps, β rising 0 → 1 over the first 2" in result.output
+    assert "KL warm-up" not in result.output
+    warm = write_config(tmp_path, {**TINY, "kl_schedule": "linear", "kl_warmup_epochs": 1.0})
+    result = runner.invoke(app, ["schedules", "-c", str(warm), "--plot", str(tmp_path / "w.png")])
+    assert "KL warm-up 4 steps (linear, β 0 → 1)" in result.output, result.output
