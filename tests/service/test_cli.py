@@ -115,6 +115,14 @@ def test_a_refused_spec_is_printed_once_naming_the_field_without_pydantic_prefix
     )
     assert "body." not in result.output and "Value error" not in result.output
 
+    # The same rule for a fixed batch size as for searched ones.
+    fixed_batch = write_spec(tmp_path, "b0", fixed={**TINY_FIXED, "batch_size": 100})
+    result = hpo(server, "submit", str(fixed_batch))
+    assert result.exit_code == 2, result.output
+    assert "fixed.batch_size: batch sizes must be positive powers of two (got 100)" in (
+        result.output
+    )
+
     # Refused before sending: the unknown parameter by its name, not "spec".
     unknown = write_spec(tmp_path, "b2", search_space={"batch_sise": {"choices": [64]}})
     result = hpo(server, "submit", str(unknown))
