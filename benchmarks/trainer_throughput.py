@@ -3,7 +3,8 @@
 Run from the repository root::
 
     .venv/bin/python benchmarks/trainer_throughput.py [--device cpu] [--epochs N] \
-        [--batch-size B] [--dataset mnist5k] [--repeats R] [--variants ours,ours-foreach,...]
+        [--batch-size B] [--dataset mnist5k] [--repeats R] [--variants ours,ours-foreach,...] \
+        [--json FIGURES.json]
 
 Both loops train the identical MLP VAE (``trainers.models.build_vae``) on the same training
 tensor, device, batch size and number of epochs, in the same process:
@@ -41,6 +42,9 @@ the CPU seconds this process spent (``time.process_time``): samples per CPU-seco
 from other processes hardly changes. For our loop the CPU seconds of each epoch's validation
 are measured and subtracted, so both clocks count training steps only.
 
+``--json PATH`` also writes the figures (every row's samples/s, the ratios, device, torch version,
+load) as JSON, for ``scripts/gpu-check``.
+
 Goals (from the issue): ours/baseline ≥ 1.5× on CPU, ≥ 20× on an H100.
 """
 
@@ -50,6 +54,7 @@ import argparse
 import datetime
 import functools
 import itertools
+import json
 import os
 import platform
 import statistics
@@ -258,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         default="ours",
         help=f"comma-separated rows besides the baseline, from {', '.join(VARIANTS)}",
     )
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     if args.epochs < 2:
         parser.error("--epochs must be ≥ 2 (epoch 1 is a warm-up)")
@@ -278,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     n_train, input_dim = data.train.shape
     steps = n_train // cfg.batch_size  # our loop drops the ragged last batch
     load_before = load_average()
-    print(f"date:    {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
+    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    print(f"date:    {started}")
     print(f"load average (1, 5, 15 min) before: {load_before}", flush=True)
 
     runners: dict[str, Callable[[list[float]], list[float]]] = {
@@ -302,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     samples |= {name: n_train for name in rates if name.startswith("baseline")}
     amp = "bf16 autocast, fused Adam" if uses_bf16(cfg, device) else "fp32, fused Adam"
 
-    print(f"load average (1, 5, 15 min) after:  {load_average()}")
+    load_after = load_average()
+    print(f"load average (1, 5, 15 min) after:  {load_after}")
     print(f"torch:   {torch.__version__}")
     print(f"device:  {device_name(device)}")
     unit = "CPU seconds of this process" if cpu_clock else "wall-clock seconds"
@@ -341,6 +349,42 @@ def main(argv: list[str] | None = None) -> int:
             "" if goal is None else f" (goal ≥ {goal:g}×: {'met' if ratio >= goal else 'NOT met'})"
         )
         print(f"ratio ours/baseline: {ratio:.2f}×{verdict}")
+    if args.json is not None:
+        figures = {
+            "date": started,
+            "load_before": load_before,
+            "load_after": load_after,
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "device": device_name(device),
+            "device_type": device.type,
+            "clock": args.clock,
+            "threads": torch.get_num_threads(),
+            "setup": {
+                "dataset": cfg.dataset,
+                "n_train": n_train,
+                "hidden": list(cfg.hidden_sizes),
+                "latent": cfg.latent_dim,
+                "batch_size": cfg.batch_size,
+                "epochs": cfg.epochs,
+                "repeats": args.repeats,
+                "ours": amp,
+            },
+            "rows": {
+                name: {
+                    "samples_per_sec": rate,
+                    "min": min(rates[name]),
+                    "max": max(rates[name]),
+                    "x_baseline": rate / medians["baseline"],
+                }
+                for name, rate in medians.items()
+            },
+            "compile_epoch1_seconds": warmups.get("ours-compile", []),
+        }
+        if "ours" in medians and "gemm-floor" in medians:
+            figures["ours_over_gemm_floor"] = medians["ours"] / medians["gemm-floor"]
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0
 
 

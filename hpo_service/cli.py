@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import typer
 import yaml
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from hpo_service.client import APIError, ClientError, HPOClient, make_http_client
@@ -34,7 +36,15 @@ from hpo_service.schemas import (
 if TYPE_CHECKING:  # the server extra; the client commands work without it
     from hpo_service.config import Settings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+# The help the user sees: plain words, no reST markup. `rich_markup_mode=None` gives click's own
+# formatting: docstring paragraphs reflowed to the terminal (no line breaks mid-sentence) and
+# flags without typer's "<bool>" metavar.
+APP_HELP = (
+    "hpo: run the server, submit and inspect studies, recurring sweeps, and the demo.\n\n"
+    "Every command except serve, migrate, scheduler and demo talks to a running server over "
+    "its REST API (--server, --token); those four open the database themselves."
+)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=APP_HELP, rich_markup_mode=None)
 console = Console()
 
 ServerOpt = Annotated[
@@ -43,7 +53,13 @@ ServerOpt = Annotated[
 TokenOpt = Annotated[
     str | None, typer.Option("--token", envvar="HPO_TOKEN", help="API token (admin/viewer).")
 ]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 DEFAULT_SERVER = "http://127.0.0.1:8000"
+
+
+def _print_json(data: Any) -> None:
+    """Plain JSON on stdout (not through rich: no markup, no wrapping), for scripts and jq."""
+    print(json.dumps(data, indent=2))
 
 
 def _client(server: str, token: str | None) -> HPOClient:
@@ -51,15 +67,33 @@ def _client(server: str, token: str | None) -> HPOClient:
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
+    # soft_wrap: off a terminal rich would break the message at 80 columns, mid-phrase.
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     return typer.Exit(code)
 
 
-def _api_error(error: ClientError) -> typer.Exit:
+def _field(location: str) -> str:
+    """A field as the user wrote it: the request body's ``body.`` prefix dropped."""
+    return location.removeprefix("body.")
+
+
+def _reason(text: str) -> str:
+    return text.removeprefix("Value error, ")
+
+
+def _api_error(error: ClientError, server: str | None = None) -> typer.Exit:
+    """The error once: each refused field on its own line (no summary repeating them), and on a
+    connection failure the URL that could not be reached."""
     if isinstance(error, APIError) and error.details:
-        lines = "\n".join(f"  {d.get('field')}: {d.get('reason')}" for d in error.details)
-        return _fail(f"{error.message}\n{lines}", 2)
-    return _fail(str(error), 2 if isinstance(error, APIError) else 1)
+        lines = "\n".join(
+            f"  {_field(str(d.get('field')))}: {_reason(str(d.get('reason')))}"
+            for d in error.details
+        )
+        return _fail(f"the server refused the request ({error.status} {error.code}):\n{lines}", 2)
+    if isinstance(error, APIError):
+        return _fail(f"{error.status} {error.code}: {_reason(error.message)}", 2)
+    where = f"cannot reach the server at {server}" if server else "cannot reach the server"
+    return _fail(f"{where} ({error}); is it running? (--server, HPO_SERVER_URL)", 1)
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -68,16 +102,27 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 def load_yaml_model(path: Path, model: type[ModelT], what: str) -> ModelT:
     """A ``model`` from a YAML or JSON file; raises ``typer.Exit(2)`` naming the bad field."""
     try:
-        data = yaml.safe_load(path.read_text())
+        with path.open() as stream:  # a stream, so YAML errors name the file
+            data = yaml.safe_load(stream)
     except (OSError, yaml.YAMLError) as error:
         raise _fail(f"cannot read {path}: {error}", 2) from error
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        lines = "\n".join(
-            f"  {'.'.join(str(p) for p in e['loc']) or what}: {e['msg']}" for e in error.errors()
-        )
-        raise _fail(f"invalid {what} {path}:\n{lines}", 2) from error
+        raise _fail(f"invalid {what} {path}:\n{_validation_lines(error, what)}", 2) from error
+
+
+def _validation_lines(error: ValidationError, what: str) -> str:
+    """One line per error: ``field: reason``. Whole-model checks name their field in backticks
+    at the start of the message (`search_space.batch_sise`: unknown parameter): use that."""
+    lines = []
+    for e in error.errors():
+        field, reason = ".".join(str(p) for p in e["loc"]), _reason(str(e["msg"]))
+        named = re.match(r"^`([^`]+)`:? (.*)$", reason, re.DOTALL)
+        if named and not field:
+            field, reason = named.group(1), named.group(2)
+        lines.append(f"  {field or what}: {reason}")
+    return "\n".join(lines)
 
 
 def load_spec(path: Path) -> StudySpec:
@@ -213,7 +258,7 @@ def submit(
     try:
         info = client.create_study(spec)
     except ClientError as error:
-        raise _api_error(error) from error
+        raise _api_error(error, server) from error
     console.print(f"created study [bold]{info.name}[/bold] → {info.links.get('self', '')}")
     if wait:
         _follow(client, info.name)
@@ -239,12 +284,16 @@ def studies(
     server: ServerOpt = DEFAULT_SERVER,
     token: TokenOpt = None,
     state: Annotated[str | None, typer.Option(help="Filter by state.")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """List studies."""
     try:
         infos = _client(server, token).list_studies(state)
     except ClientError as error:
-        raise _api_error(error) from error
+        raise _api_error(error, server) from error
+    if as_json:
+        _print_json([info.model_dump(mode="json") for info in infos])
+        return
     table = Table(title="studies")
     for column in ("name", "state", "complete", "pruned", "running", "failed", "best"):
         table.add_column(column)
@@ -267,8 +316,9 @@ def trials(
     name: str,
     server: ServerOpt = DEFAULT_SERVER,
     token: TokenOpt = None,
-    offset: int = 0,
-    limit: int = 50,
+    offset: Annotated[int, typer.Option(help="Skip this many trials (by number).")] = 0,
+    limit: Annotated[int, typer.Option(help="At most this many trials.")] = 50,
+    as_json: JsonOpt = False,
 ) -> None:
     """List a study's trials."""
     try:
@@ -276,14 +326,19 @@ def trials(
         page = client.list_trials(name, offset, limit)
         info = client.get_study(name)
     except ClientError as error:
-        raise _api_error(error) from error
-    console.print(
-        _trial_table(
-            f"{name}: trials {offset}–{offset + len(page.trials)} of {page.total}",
-            page.trials,
-            info.metric_names,
-        )
-    )
+        raise _api_error(error, server) from error
+    if as_json:
+        _print_json(page.model_dump(mode="json"))
+        return
+    console.print(_trial_table(trials_title(name, offset, len(page.trials), page.total),
+                               page.trials, info.metric_names))  # fmt: skip
+
+
+def trials_title(name: str, offset: int, shown: int, total: int) -> str:
+    """``trials 0–11 of 12``: the first and last index shown (inclusive), of how many."""
+    if shown == 0:
+        return f"{name}: no trials from {offset} on, of {total}"
+    return f"{name}: trials {offset}–{offset + shown - 1} of {total}"
 
 
 @app.command()
@@ -291,15 +346,15 @@ def best(
     name: str,
     server: ServerOpt = DEFAULT_SERVER,
     token: TokenOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """The best trial (or the Pareto front of a multi-objective study)."""
     try:
         info = _client(server, token).get_study(name)
     except ClientError as error:
-        raise _api_error(error) from error
+        raise _api_error(error, server) from error
     if as_json:
-        print(json.dumps([t.model_dump(mode="json") for t in info.best_trials], indent=2))
+        _print_json([t.model_dump(mode="json") for t in info.best_trials])
         return
     if not info.best_trials:
         raise _fail(f"study {name} has no completed trial yet")
@@ -312,7 +367,7 @@ def stop(name: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None) 
     try:
         console.print(_counts_line(_client(server, token).stop_study(name)))
     except ClientError as error:
-        raise _api_error(error) from error
+        raise _api_error(error, server) from error
 
 
 @app.command()
@@ -321,16 +376,88 @@ def cancel(name: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None
     try:
         console.print(_counts_line(_client(server, token).cancel_study(name)))
     except ClientError as error:
-        raise _api_error(error) from error
+        raise _api_error(error, server) from error
+
+
+@app.command()
+def enqueue(
+    name: str,
+    params_file: Annotated[
+        Path | None,
+        typer.Argument(help="YAML or JSON: one mapping of parameters, or a list of them."),
+    ] = None,
+    param: Annotated[
+        list[str] | None,
+        typer.Option("--param", "-p", help="NAME=VALUE (a YAML value); repeat for several."),
+    ] = None,
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+) -> None:
+    """Queue trials with given parameters: workers get them before any sampled trial."""
+    if (params_file is None) == (not param):
+        raise _fail("give a parameters file or --param NAME=VALUE options, not both or neither", 2)
+    if params_file is not None:
+        try:
+            with params_file.open() as stream:
+                loaded = yaml.safe_load(stream)
+        except (OSError, yaml.YAMLError) as error:
+            raise _fail(f"cannot read {params_file}: {error}", 2) from error
+        batch = loaded if isinstance(loaded, list) else [loaded]
+        if not all(isinstance(item, dict) and item for item in batch):
+            raise _fail(f"{params_file}: expected a mapping of parameters or a list of them", 2)
+    else:
+        one: dict[str, Any] = {}
+        for item in param or []:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise _fail(f"--param {item!r}: expected NAME=VALUE", 2)
+            one[key.strip()] = _yaml_value(value)
+        batch = [one]
+    try:
+        count = _client(server, token).enqueue(name, batch)
+    except ClientError as error:
+        raise _api_error(error, server) from error
+    console.print(f"queued {count} trial(s) in {name}", soft_wrap=True)
+
+
+def _yaml_value(text: str) -> Any:
+    """A command-line value as YAML, with ``1e-3`` a float (YAML 1.1 keeps it a string)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+@app.command()
+def delete(
+    name: str,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+) -> None:
+    """Delete a study and all its trials (from the Optuna storage too)."""
+    if not yes and not typer.confirm(f"delete study {name} and all its trials?"):
+        raise _fail("not deleted", 1)
+    try:
+        _client(server, token).delete_study(name)
+    except ClientError as error:
+        raise _api_error(error, server) from error
+    console.print(f"deleted study {name}", soft_wrap=True)
 
 
 @app.command()
 def demo(
-    trials_: Annotated[int, typer.Option("--trials", help="Trials in the demo study.")] = 24,
-    epochs: Annotated[int, typer.Option(help="Epochs per trial.")] = 8,
+    # 12 trials of 4 epochs on 2 workers: under three minutes on two busy CPU cores.
+    trials_: Annotated[int, typer.Option("--trials", help="Trials in the demo study.")] = 12,
+    epochs: Annotated[int, typer.Option(help="Epochs per trial.")] = 4,
     workers: Annotated[int, typer.Option(help="Local worker processes.")] = 2,
     database: Annotated[Path, typer.Option(help="SQLite file.")] = Path("hpo.db"),
-    port: Annotated[int, typer.Option(help="Port of the demo server.")] = 8765,
+    port: Annotated[
+        int | None, typer.Option(help="Port of the demo server (default: a free one).")
+    ] = None,
 ) -> None:
     """Start a server and local workers, tune a VAE on bundled MNIST digits, compare with the
     untuned default configuration."""
@@ -352,7 +479,9 @@ def demo(
 # --- recurring sweeps: `hpo schedule …` and `hpo scheduler` ----------------------------------
 
 schedule_app = typer.Typer(
-    no_args_is_help=True, help="Recurring sweeps: a cron in a time zone and a study template."
+    rich_markup_mode=None,
+    no_args_is_help=True,
+    help="Recurring sweeps: a cron in a time zone and a study template.",
 )
 app.add_typer(schedule_app, name="schedule")
 
@@ -385,17 +514,22 @@ def schedule_create(
     try:
         info = _client(server, token).create_schedule(spec)
     except ClientError as error:
-        raise _api_error(error) from error
+        raise _api_error(error, server) from error
     console.print(f"created schedule {_schedule_line(info)}")
 
 
 @schedule_app.command("list")
-def schedule_list(server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None) -> None:
+def schedule_list(
+    server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None, as_json: JsonOpt = False
+) -> None:
     """List schedules with their next fire time and last run."""
     try:
         infos = _client(server, token).list_schedules()
     except ClientError as error:
-        raise _api_error(error) from error
+        raise _api_error(error, server) from error
+    if as_json:
+        _print_json([info.model_dump(mode="json") for info in infos])
+        return
     table = Table(title="schedules")
     for column in ("name", "cron", "timezone", "state", "next run", "last run"):
         table.add_column(column)
@@ -418,6 +552,7 @@ def schedule_show(
     server: ServerOpt = DEFAULT_SERVER,
     token: TokenOpt = None,
     firings: Annotated[int, typer.Option(help="Recent firings to list.")] = 10,
+    as_json: JsonOpt = False,
 ) -> None:
     """A schedule's settings and its recent firings (created, skipped, failed)."""
     try:
@@ -425,7 +560,15 @@ def schedule_show(
         info = client.get_schedule(name)
         recent = client.list_firings(name, firings)
     except ClientError as error:
-        raise _api_error(error) from error
+        raise _api_error(error, server) from error
+    if as_json:
+        _print_json(
+            {
+                "schedule": info.model_dump(mode="json"),
+                "firings": [f.model_dump(mode="json") for f in recent],
+            }
+        )
+        return
     console.print(_schedule_line(info))
     console.print(
         f"  warm start top-{info.warm_start_top_k}, seed policy {info.seed_policy}, "
@@ -473,7 +616,7 @@ def schedule_update(
     try:
         console.print(_schedule_line(_client(server, token).update_schedule(name, changes)))
     except ClientError as error:
-        raise _api_error(error) from error
+        raise _api_error(error, server) from error
 
 
 @schedule_app.command("pause")
@@ -482,7 +625,7 @@ def schedule_pause(name: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOp
     try:
         console.print(_schedule_line(_client(server, token).pause_schedule(name)))
     except ClientError as error:
-        raise _api_error(error) from error
+        raise _api_error(error, server) from error
 
 
 @schedule_app.command("resume")
@@ -491,7 +634,7 @@ def schedule_resume(name: str, server: ServerOpt = DEFAULT_SERVER, token: TokenO
     try:
         console.print(_schedule_line(_client(server, token).resume_schedule(name)))
     except ClientError as error:
-        raise _api_error(error) from error
+        raise _api_error(error, server) from error
 
 
 @schedule_app.command("delete")
@@ -500,7 +643,7 @@ def schedule_delete(name: str, server: ServerOpt = DEFAULT_SERVER, token: TokenO
     try:
         _client(server, token).delete_schedule(name)
     except ClientError as error:
-        raise _api_error(error) from error
+        raise _api_error(error, server) from error
     console.print(f"deleted schedule {name}")
 
 
@@ -510,7 +653,7 @@ def schedule_run(name: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt 
     try:
         firing = _client(server, token).run_schedule(name)
     except ClientError as error:
-        raise _api_error(error) from error
+        raise _api_error(error, server) from error
     console.print(
         f"started {firing.study} ({firing.warm_started} warm-start trial(s), seed {firing.seed})"
     )
@@ -568,7 +711,7 @@ def schedule_report(
     token: TokenOpt = None,
     nights: Annotated[int, typer.Option(help="Runs to include (newest).")] = 30,
     png: Annotated[Path | None, typer.Option(help="Also write the plot here.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """The morning report: per run the best value, trials, best parameters and their drift,
     importances, and a flag when a run got worse than the best before it by the threshold."""
@@ -577,7 +720,7 @@ def schedule_report(
         report = client.schedule_report(name, nights)
         image = client.schedule_report_png(name, nights) if png is not None else None
     except ClientError as error:
-        raise _api_error(error) from error
+        raise _api_error(error, server) from error
     if png is not None and image is not None:
         png.write_bytes(image)
     if as_json:

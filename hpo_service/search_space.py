@@ -240,6 +240,12 @@ def build_space(spec: StudySpec) -> list[Param]:
         params[name] = _apply_override(name, params.get(name), override)
     for name in spec.fixed:
         params.pop(name, None)
+    # One rule for a batch size, searched or fixed: a power of two (README, "Submitting").
+    fixed_batch = spec.fixed.get("batch_size")
+    if fixed_batch is not None and not _is_power_of_two(fixed_batch):
+        raise InvalidSpec(
+            "fixed.batch_size", f"batch sizes must be positive powers of two (got {fixed_batch})"
+        )
     if "max_lr" in spec.fixed or "max_lr" in params:
         params.pop("max_lr_factor", None)  # a fixed or searched max_lr replaces the factor
     if "batch_size" in params:

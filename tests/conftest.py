@@ -7,7 +7,9 @@ unreachable the run fails: it never silently skips half the backends.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,3 +107,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def train_device(pytestconfig: pytest.Config) -> str:
     """The device name every training test puts in its config's ``device``."""
     return str(pytestconfig.getoption("--device"))
+
+
+# --- torch's structured-trace logger stays out of failure reports --------------------------------
+# torch.compile logs hundreds of DEBUG records per compile to "torch.__trace"; the logger does not
+# propagate, but pytest attaches its capture handlers to it as well, so every compiling test that
+# failed printed them. torch tests ``isEnabledFor`` against the logger's own level only.
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        logging.getLogger("torch.__trace").setLevel(logging.INFO)

@@ -33,6 +33,7 @@ from trainers.config import TrainConfig
 from trainers.errors import ConfigError, NonFiniteLossError
 
 if TYPE_CHECKING:
+    from trainers.schedules import KLSchedule
     from trainers.train import EpochMetrics
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -355,10 +356,27 @@ def schedules(
     plot.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(plot, format="png")
     console.print(
-        f"{total} steps ({cfg.epochs} epochs × {spe}); KL warm-up {ks.warmup_steps} steps, "
+        f"{total} steps ({cfg.epochs} epochs × {spe}); {describe_kl(ks)}, "
         f"LR warm-up {ls.warmup_steps} steps; LR {min(lrs):.3g} … {max(lrs):.3g}, "
-        f"β {min(betas):.3g} … {max(betas):.3g}; wrote {plot}"
+        f"β {min(betas):.3g} … {max(betas):.3g}; wrote {plot}",
+        soft_wrap=True,
     )
+
+
+def describe_kl(ks: KLSchedule) -> str:
+    """The KL schedule in words and steps, as ``kl_beta`` runs it: a cyclical one as its cycles
+    (Fu et al. 2019: M cycles of P steps, rising over R·P of each), never as a warm-up."""
+    if ks.kind == "constant":
+        return f"KL weight constant β = {ks.beta_target:g}"
+    if ks.kind == "cyclical":
+        cycles = math.ceil(ks.total_steps / ks.cycle_steps)
+        rise = math.ceil(ks.ratio * ks.cycle_steps)
+        return (
+            f"KL cyclical: {cycles} cycles of {ks.cycle_steps} steps, β rising "
+            f"{ks.beta_min:g} → {ks.beta_target:g} over the first {rise} ({ks.ramp} ramp), "
+            f"then held"
+        )
+    return f"KL warm-up {ks.warmup_steps} steps ({ks.kind}, β {ks.beta_min:g} → {ks.beta_target:g})"
 
 
 def main() -> None:

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 
 from trainers.config import TrainConfig
 from trainers.errors import ConfigError
@@ -131,6 +130,9 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
 
 def _stratified_split(x: np.ndarray, y: np.ndarray, n_val: int, n_test: int) -> Splits:
     """Fixed-seed stratified train/val/test split (class balance kept in every split)."""
+    # Imported here, not at the top: a worker that reads cached arrays needs no scikit-learn.
+    from sklearn.model_selection import train_test_split
+
     x_rest, x_test, y_rest, _ = train_test_split(
         x, y, test_size=n_test, stratify=y, random_state=SPLIT_SEED
     )

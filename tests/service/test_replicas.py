@@ -22,10 +22,12 @@ import httpx
 import optuna
 import pytest
 from helpers import ADMIN, TOKENS, WORKER, spec
-from live import free_port
+from live import free_port, stop, wait_until_healthy
 
 pytestmark = [
     pytest.mark.slow,
+    # Generous bounds: 24 clients against two servers on a busy two-core box are slow, not broken.
+    pytest.mark.timeout(900),
     # Replicas share a database; only PostgreSQL supports several writer processes.
     pytest.mark.parametrize("database_url", ["postgresql"], indirect=True),
 ]
@@ -46,7 +48,8 @@ def _wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
 def start_replica(
     database_url: str, log: Path, **settings: str
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """One `hpo serve` process; returns it and its base URL once it answers /healthz."""
+    """One `hpo serve` process; returns it and its base URL once it answers /healthz. One that
+    never does is stopped before the error is raised: a failed setup leaves no server behind."""
     port = free_port()
     env = {
         **os.environ,
@@ -59,22 +62,19 @@ def start_replica(
         "HPO_DB_MAX_OVERFLOW": "5",
         **{f"HPO_{key.upper()}": value for key, value in settings.items()},
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "hpo_service", "serve"],
-        env=env,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "hpo_service", "serve"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        assert process.poll() is None, log.read_text()
-        try:
-            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    _wait_for(healthy, 60, f"the replica on port {port}")
+    try:
+        wait_until_healthy(url, lambda: process.poll() is None, f"the replica on port {port}", log)
+    except BaseException:
+        stop(process)
+        raise
     return process, url
 
 
@@ -94,8 +94,7 @@ def replicas(
     with ExitStack() as stack:
         for log in logs:
             process, url = start_replica(database_url, log, **replica_settings)
-            stack.callback(process.wait, 30)
-            stack.callback(process.terminate)
+            stack.callback(stop, process)
             urls.append(url)
         yield urls
     for log in logs:  # a replica that crashed a request would have logged a traceback
@@ -294,7 +293,7 @@ def test_both_replicas_reap_but_a_vanished_worker_is_retried_once(
         study = optuna.load_study(study_name="reaped", storage=database_url)
         return Counter(t.state.name for t in study.trials)
 
-    _wait_for(lambda: states()["FAIL"] == 1, 60, "a replica to reap the trial")
+    _wait_for(lambda: states()["FAIL"] == 1, 300, "a replica to reap the trial")
     time.sleep(1.0)  # five more reaping rounds of each replica
     assert states() == {"FAIL": 1, "WAITING": 1}  # one retry, not one per replica
     retry = _lease(replicas[0], "next")

@@ -137,8 +137,10 @@ def test_range_test_restores_state_even_when_the_step_raises() -> None:
 # --- find_lr on real (small) data ------------------------------------------------------------
 
 
-def test_find_lr_on_digits_suggests_base_below_max_inside_the_scan(tmp_path: Path) -> None:
-    result = find_lr(DIGITS, start_lr=1e-5, end_lr=1.0, num_iter=40)
+def test_find_lr_on_digits_suggests_base_below_max_inside_the_scan(
+    tmp_path: Path, train_device: str
+) -> None:
+    result = find_lr({**DIGITS, "device": train_device}, start_lr=1e-5, end_lr=1.0, num_iter=40)
     assert len(result.lrs) == len(result.losses) == len(result.smoothed) > 10
     assert result.lrs[0] == 1e-5
     assert result.suggested_base_lr is not None and result.suggested_max_lr is not None
@@ -165,9 +167,9 @@ def test_find_lr_on_digits_suggests_base_below_max_inside_the_scan(tmp_path: Pat
     assert width > 100 and height > 100
 
 
-def test_find_lr_stops_on_divergence_with_a_huge_end_lr() -> None:
+def test_find_lr_stops_on_divergence_with_a_huge_end_lr(train_device: str) -> None:
     result = find_lr(
-        {**DIGITS, "dataset": "synthetic", "synthetic_size": 320},
+        {**DIGITS, "device": train_device, "dataset": "synthetic", "synthetic_size": 320},
         start_lr=1e-4,
         end_lr=1e8,
         num_iter=300,
@@ -205,7 +207,7 @@ def test_no_divergence_runs_the_whole_ramp() -> None:
 
 
 def test_find_lr_uses_beta_target_and_the_configured_batch_size(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, train_device: str
 ) -> None:
     seen: list[tuple[float, int]] = []
     real = train_module.elbo_terms  # the loss function training and the LR finder share
@@ -216,7 +218,13 @@ def test_find_lr_uses_beta_target_and_the_configured_batch_size(
 
     monkeypatch.setattr(train_module, "elbo_terms", spy)
     # training would start at β = 0 (linear warm-up) and use LRs scaled by 32/128
-    cfg = {**DIGITS, "beta_target": 0.5, "batch_size": 32, "reference_batch_size": 128}
+    cfg = {
+        **DIGITS,
+        "device": train_device,
+        "beta_target": 0.5,
+        "batch_size": 32,
+        "reference_batch_size": 128,
+    }
     result = find_lr(cfg, start_lr=1e-4, end_lr=1e-2, num_iter=12)
     assert seen == [(0.5, 32)] * 12
     assert result.beta == 0.5 and result.lr_scale == 0.25

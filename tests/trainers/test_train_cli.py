@@ -39,9 +39,10 @@ TINY: dict[str, Any] = {
 runner = CliRunner()
 
 
-def write_config(tmp_path: Path, values: dict[str, Any]) -> Path:
+def write_config(tmp_path: Path, values: dict[str, Any], device: str = "cpu") -> Path:
+    """``values`` as a YAML config file; ``device`` is where a run of it trains."""
     path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(values))
+    path.write_text(yaml.safe_dump({"device": device, **values}))
     return path
 
 
@@ -119,8 +120,10 @@ def test_an_unreadable_config_file_exits_2(tmp_path: Path) -> None:
     assert "`config`" in result.output
 
 
-def test_run_writes_one_json_line_per_epoch_and_the_curves(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path, TINY)
+def test_run_writes_one_json_line_per_epoch_and_the_curves(
+    tmp_path: Path, train_device: str
+) -> None:
+    cfg = write_config(tmp_path, TINY, train_device)
     out = tmp_path / "run"
     result = runner.invoke(app, ["run", "-c", str(cfg), "--out", str(out), "--set", "epochs=3"])
     assert result.exit_code == 0, result.output
@@ -141,7 +144,7 @@ def test_run_writes_one_json_line_per_epoch_and_the_curves(tmp_path: Path) -> No
 
 
 def test_run_patience_ends_a_plateaued_run_and_still_evaluates_the_test_set(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, train_device: str
 ) -> None:
     import trainers.train as train_module
 
@@ -154,7 +157,7 @@ def test_run_patience_ends_a_plateaued_run_and_still_evaluates_the_test_set(
         return values, kl
 
     monkeypatch.setattr(train_module, "evaluate", plateau)
-    cfg = write_config(tmp_path, {**TINY, "epochs": 10})
+    cfg = write_config(tmp_path, {**TINY, "epochs": 10}, train_device)
     out = tmp_path / "run"
     result = runner.invoke(app, ["run", "-c", str(cfg), "-o", str(out), "--patience", "2"])
     assert result.exit_code == 0, result.output
@@ -169,8 +172,10 @@ def test_run_patience_ends_a_plateaued_run_and_still_evaluates_the_test_set(
     assert bad.exit_code == 2 and "`--patience`" in bad.output
 
 
-def test_lr_find_writes_json_and_png_and_prints_the_suggestion(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path, TINY)
+def test_lr_find_writes_json_and_png_and_prints_the_suggestion(
+    tmp_path: Path, train_device: str
+) -> None:
+    cfg = write_config(tmp_path, TINY, train_device)
     result = runner.invoke(
         app,
         ["lr-find", "-c", str(cfg), "--out", str(tmp_path), "--num-iter", "20",
@@ -184,3 +189,18 @@ def test_lr_find_writes_json_and_png_and_prints_the_suggestion(tmp_path: Path) -
 
     bad = runner.invoke(app, ["lr-find", "-c", str(cfg), "--start-lr", "1", "--end-lr", "0.1"])
     assert bad.exit_code == 2 and "end_lr" in bad.output
+
+
+def test_schedules_describes_a_cyclical_kl_schedule_as_its_cycles(tmp_path: Path) -> None:
+    # 3 epochs × 4 steps, 3 cycles rising over half of each: no "warm-up" is involved.
+    cfg = write_config(
+        tmp_path,
+        {**TINY, "epochs": 3, "kl_schedule": "cyclical", "kl_cycles": 3, "kl_ratio": 0.5},
+    )
+    result = runner.invoke(app, ["schedules", "-c", str(cfg), "--plot", str(tmp_path / "s.png")])
+    assert result.exit_code == 0, result.output
+    assert "KL cyclical: 3 cycles of 4 steps, β rising 0 → 1 over the first 2" in result.output
+    assert "KL warm-up" not in result.output
+    warm = write_config(tmp_path, {**TINY, "kl_schedule": "linear", "kl_warmup_epochs": 1.0})
+    result = runner.invoke(app, ["schedules", "-c", str(warm), "--plot", str(tmp_path / "w.png")])
+    assert "KL warm-up 4 steps (linear, β 0 → 1)" in result.output, result.output

@@ -7,6 +7,7 @@ tolerance, not bit for bit; a wrong update rule or a wrong loss would be far out
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import pytest
@@ -28,7 +29,6 @@ SMALL: dict[str, Any] = {
     "base_lr": 3e-3,
     "final_is_samples": 0,
     "active_unit_examples": 180,
-    "device": "cpu",
 }
 TIMINGS = {"samples_per_sec", "epoch_seconds"}
 COMPARED = ("train_loss", "train_neg_elbo", "train_kl", "val_neg_elbo", "val_kl", "grad_norm_max")
@@ -42,6 +42,8 @@ def _assert_same_run(fast: TrainResult, plain: TrainResult) -> None:
         assert f.values["active_units"] == p.values["active_units"]
 
 
+# The CUDA counterpart is in test_cuda.py.
+@pytest.mark.cpu_only
 @pytest.mark.parametrize(
     ("optimizer", "cls"), [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)]
 )
@@ -56,9 +58,15 @@ def test_adam_and_adamw_are_fused_by_default_on_cpu(optimizer: str, cls: type) -
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw"])
 def test_fused_optimizer_trains_like_the_foreach_one(
-    optimizer: str, monkeypatch: pytest.MonkeyPatch
+    optimizer: str, monkeypatch: pytest.MonkeyPatch, train_device: str
 ) -> None:
-    config = {**SMALL, "optimizer": optimizer, "weight_decay": 1e-2, "grad_clip_norm": 50.0}
+    config = {
+        **SMALL,
+        "device": train_device,
+        "optimizer": optimizer,
+        "weight_decay": 1e-2,
+        "grad_clip_norm": 50.0,
+    }
     built: list[torch.optim.Optimizer] = []
 
     def spy(*args: Any, **kwargs: Any) -> torch.optim.Optimizer:
@@ -75,12 +83,27 @@ def test_fused_optimizer_trains_like_the_foreach_one(
 
 # Importing inductor imports torch.utils.mkldnn, which uses the deprecated torch.jit API.
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
-def test_compiled_forward_and_loss_train_like_the_eager_ones() -> None:
+def test_compiled_forward_and_loss_train_like_the_eager_ones(train_device: str) -> None:
     # Free bits and a β warm-up exercise the loss's branches and a changing β (a float input
     # that torch.compile must not bake into the graph).
     # fp32: bf16 rounding differs between fused and unfused kernels by more than the tolerance.
-    config = {**SMALL, "free_bits": 0.5, "amp": "off"}
+    config = {**SMALL, "device": train_device, "free_bits": 0.5, "amp": "off"}
     eager = train(config)
     compiled = train({**config, "compile": True})
     _assert_same_run(compiled, eager)
     assert compiled.history[0].values["beta"] != compiled.history[1].values["beta"]
+
+
+def test_torch_trace_records_stay_out_of_the_captured_logs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # torch.compile emits these by the hundred; a failing compile test used to print them all.
+    from torch._logging._internal import trace_structured
+
+    with caplog.at_level(logging.DEBUG):
+        trace_structured(
+            "artifact", lambda: {"name": "probe", "encoding": "string"}, payload_fn=str
+        )
+        logging.getLogger("trainers").debug("our own debug records are still captured")
+    names = [record.name for record in caplog.records]
+    assert "torch.__trace" not in names and "trainers" in names

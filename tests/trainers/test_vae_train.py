@@ -1,4 +1,7 @@
-"""The training loop end to end on tiny CPU runs (sklearn digits, a few epochs)."""
+"""The training loop end to end on tiny runs (sklearn digits, a few epochs).
+
+Every test that trains does so on the `train_device` (``pytest --device cuda`` runs them on a GPU).
+"""
 
 from __future__ import annotations
 
@@ -27,7 +30,6 @@ SMALL: dict[str, Any] = {
     "kl_warmup_epochs": 1.0,
     "final_is_samples": 0,
     "active_unit_examples": 180,
-    "device": "cpu",
 }
 
 EPOCH_METRICS = {
@@ -39,16 +41,17 @@ EPOCH_METRICS = {
 TIMINGS = {"samples_per_sec", "epoch_seconds"}
 
 
-def run(**overrides: Any) -> train_module.TrainResult:
-    return train({**SMALL, **overrides})
+def run(device: str, /, **overrides: Any) -> train_module.TrainResult:
+    """``SMALL`` with ``overrides``, trained on ``device`` (unless an override names another)."""
+    return train({**SMALL, "device": device, **overrides})
 
 
 def _without_timings(values: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in values.items() if k not in TIMINGS}
 
 
-def test_a_few_epochs_lower_validation_neg_elbo_and_report_every_metric() -> None:
-    result = run(epochs=4, base_lr=3e-3, final_is_samples=20, final_is_examples=50)
+def test_a_few_epochs_lower_validation_neg_elbo_and_report_every_metric(train_device: str) -> None:
+    result = run(train_device, epochs=4, base_lr=3e-3, final_is_samples=20, final_is_examples=50)
     first, last = result.history[0].values, result.history[-1].values
     assert last["val_neg_elbo"] < first["val_neg_elbo"] - 1.0
     assert [m.epoch for m in result.history] == [1, 2, 3, 4]
@@ -64,8 +67,10 @@ def test_a_few_epochs_lower_validation_neg_elbo_and_report_every_metric() -> Non
     assert not result.stopped_early
 
 
-def test_reports_the_effective_learning_rate_and_the_kl_weight() -> None:
-    result = run(batch_size=64, reference_batch_size=128, base_lr=2e-3, kl_schedule="constant")
+def test_reports_the_effective_learning_rate_and_the_kl_weight(train_device: str) -> None:
+    result = run(
+        train_device, batch_size=64, reference_batch_size=128, base_lr=2e-3, kl_schedule="constant"
+    )
     cfg = TrainConfig.model_validate({**SMALL, "batch_size": 64, "base_lr": 2e-3})
     steps_per_epoch = 1437 // 64
     last_step = 3 * steps_per_epoch - 1
@@ -75,8 +80,8 @@ def test_reports_the_effective_learning_rate_and_the_kl_weight() -> None:
     assert result.metrics["beta"] == pytest.approx(1.0)
 
 
-def test_same_seed_same_metrics_different_seed_different_metrics() -> None:
-    a, b, c = run(seed=7), run(seed=7), run(seed=8)
+def test_same_seed_same_metrics_different_seed_different_metrics(train_device: str) -> None:
+    a, b, c = run(train_device, seed=7), run(train_device, seed=7), run(train_device, seed=8)
     for ma, mb in zip(a.history, b.history, strict=True):
         assert _without_timings(ma.values) == _without_timings(mb.values)
         assert ma.kl_per_dim == mb.kl_per_dim
@@ -84,23 +89,26 @@ def test_same_seed_same_metrics_different_seed_different_metrics() -> None:
     assert a.history[0].values["train_loss"] != c.history[0].values["train_loss"]
 
 
-def test_on_epoch_stop_stops_immediately() -> None:
+def test_on_epoch_stop_stops_immediately(train_device: str) -> None:
     seen: list[EpochMetrics] = []
 
     def stop_after_two(metrics: EpochMetrics) -> Decision:
         seen.append(metrics)
         return "stop" if metrics.epoch == 2 else "continue"
 
-    result = train({**SMALL, "epochs": 5, "final_is_samples": 50}, on_epoch=stop_after_two)
+    result = train(
+        {**SMALL, "device": train_device, "epochs": 5, "final_is_samples": 50},
+        on_epoch=stop_after_two,
+    )
     assert [m.epoch for m in seen] == [1, 2]
     assert result.stopped_early and result.epochs_run == 2 and len(result.history) == 2
     assert "test_is_nll" not in result.metrics  # a pruned trial skips the final evaluation
     assert result.metrics["epochs_run"] == 2.0
 
 
-def test_forced_collapse_has_no_active_units_and_raises_the_flag() -> None:
-    collapsed = run(beta_target=1000.0, kl_schedule="constant", base_lr=3e-3)
-    healthy = run(beta_target=0.05, kl_schedule="constant", base_lr=3e-3)
+def test_forced_collapse_has_no_active_units_and_raises_the_flag(train_device: str) -> None:
+    collapsed = run(train_device, beta_target=1000.0, kl_schedule="constant", base_lr=3e-3)
+    healthy = run(train_device, beta_target=0.05, kl_schedule="constant", base_lr=3e-3)
     assert collapsed.metrics["active_units"] == 0.0
     assert collapsed.metrics["posterior_collapse"] == 1.0
     assert collapsed.metrics["val_kl"] < 0.1
@@ -108,8 +116,8 @@ def test_forced_collapse_has_no_active_units_and_raises_the_flag() -> None:
     assert healthy.metrics["posterior_collapse"] == 0.0
 
 
-def test_free_bits_floor_is_reported_and_enters_only_the_objective() -> None:
-    result = run(free_bits=2.0, kl_schedule="constant")
+def test_free_bits_floor_is_reported_and_enters_only_the_objective(train_device: str) -> None:
+    result = run(train_device, free_bits=2.0, kl_schedule="constant")
     values = result.metrics
     assert values["free_bits_floor_dims"] > 0
     # Every dim's KL is below 2 nats early on: the objective pays the floor, −ELBO does not.
@@ -117,18 +125,19 @@ def test_free_bits_floor_is_reported_and_enters_only_the_objective() -> None:
     assert first["train_loss"] > first["train_neg_elbo"] + 1.0
 
 
-def test_gradient_clipping_reports_pre_clip_norms_and_the_clip_fraction() -> None:
-    clipped = run(epochs=1, grad_clip_norm=1e-3)
-    free = run(epochs=1)
+def test_gradient_clipping_reports_pre_clip_norms_and_the_clip_fraction(train_device: str) -> None:
+    clipped = run(train_device, epochs=1, grad_clip_norm=1e-3)
+    free = run(train_device, epochs=1)
     assert clipped.metrics["clip_fraction"] == 1.0
     assert clipped.metrics["grad_norm_max"] > 1e-3  # the norm before clipping
     assert free.metrics["clip_fraction"] == 0.0
-    by_value = run(epochs=1, grad_clip_value=1e-4)
+    by_value = run(train_device, epochs=1, grad_clip_value=1e-4)
     assert by_value.metrics["clip_fraction"] == 1.0
 
 
 def test_nan_from_the_model_raises_with_epoch_and_first_bad_step(
     monkeypatch: pytest.MonkeyPatch,
+    train_device: str,
 ) -> None:
     original = VAE.forward
     calls = {"n": 0}
@@ -144,14 +153,16 @@ def test_nan_from_the_model_raises_with_epoch_and_first_bad_step(
 
     monkeypatch.setattr(VAE, "forward", poisoned)
     with pytest.raises(NonFiniteLossError) as info:
-        run()
+        run(train_device)
     assert (info.value.epoch, info.value.step, info.value.term) == (2, 14, "objective")
     assert isinstance(info.value, TrainerError)
 
 
-def test_an_absurd_learning_rate_without_clipping_is_reported_as_non_finite() -> None:
+def test_an_absurd_learning_rate_without_clipping_is_reported_as_non_finite(
+    train_device: str,
+) -> None:
     with pytest.raises(NonFiniteLossError) as info:
-        run(base_lr=10.0, grad_clip_norm=0.0)
+        run(train_device, base_lr=10.0, grad_clip_norm=0.0)
     assert info.value.epoch == 1 and info.value.step >= 0
 
 
@@ -168,9 +179,11 @@ def test_an_absurd_learning_rate_without_clipping_is_reported_as_non_finite() ->
         ({"device": "tpu:0"}, "device"),
     ],
 )
-def test_config_errors_name_the_field(overrides: dict[str, Any], field: str) -> None:
+def test_config_errors_name_the_field(
+    overrides: dict[str, Any], field: str, train_device: str
+) -> None:
     with pytest.raises(ConfigError) as info:
-        run(**overrides)
+        run(train_device, **overrides)
     assert info.value.field == field
     assert str(info.value).startswith(f"`{field}`: ")
     assert isinstance(info.value, ValueError)
@@ -203,15 +216,15 @@ def test_other_optimizers_and_their_weight_decay(name: str, cls: type, decoupled
 
 
 @pytest.mark.parametrize("optimizer", ["radam", "adam"])
-def test_every_optimizer_trains(optimizer: str) -> None:
-    result = run(optimizer=optimizer, weight_decay=1e-4, epochs=2, base_lr=3e-3)
+def test_every_optimizer_trains(optimizer: str, train_device: str) -> None:
+    result = run(train_device, optimizer=optimizer, weight_decay=1e-4, epochs=2, base_lr=3e-3)
     first, last = result.history[0].values, result.history[-1].values
     assert last["train_neg_elbo"] < first["train_neg_elbo"]
 
 
-def test_conv_model_trains_on_synthetic_images() -> None:
+def test_conv_model_trains_on_synthetic_images(train_device: str) -> None:
     result = run(
-        dataset="synthetic", synthetic_size=256, model="conv", conv_channels=(4, 8),
+        train_device, dataset="synthetic", synthetic_size=256, model="conv", conv_channels=(4, 8),
         batch_size=16, epochs=2, base_lr=3e-3, kl_warmup_epochs=0.0, active_unit_examples=25,
     )  # fmt: skip
     first, last = result.history[0].values, result.history[-1].values
@@ -220,6 +233,7 @@ def test_conv_model_trains_on_synthetic_images() -> None:
 
 def test_dynamic_binarization_trains_on_sampled_binary_pixels(
     monkeypatch: pytest.MonkeyPatch,
+    train_device: str,
 ) -> None:
     seen: list[torch.Tensor] = []
     original = VAE.forward
@@ -231,26 +245,32 @@ def test_dynamic_binarization_trains_on_sampled_binary_pixels(
         return original(self, x, eps)
 
     monkeypatch.setattr(VAE, "forward", spy)
-    run(epochs=1, binarize=True)
+    run(train_device, epochs=1, binarize=True)
     assert all(set(torch.unique(x).tolist()) <= {0.0, 1.0} for x in seen)
     assert not torch.equal(seen[0], seen[1])
 
 
-def test_bf16_autocast_on_cpu_still_trains_with_fp32_losses() -> None:
-    result = run(amp="bf16", epochs=2, base_lr=3e-3)
+def test_bf16_autocast_still_trains_with_fp32_losses(train_device: str) -> None:
+    result = run(train_device, amp="bf16", epochs=2, base_lr=3e-3)
     first, last = result.history[0].values, result.history[-1].values
     assert last["val_neg_elbo"] < first["val_neg_elbo"]
-    assert result.metrics != run(amp="off", epochs=2, base_lr=3e-3).metrics  # autocast was on
+    assert (
+        result.metrics != run(train_device, amp="off", epochs=2, base_lr=3e-3).metrics
+    )  # autocast was on
 
 
 @pytest.mark.parametrize("native", [True, False])
 def test_amp_auto_uses_bf16_exactly_where_the_device_has_it_natively(
-    monkeypatch: pytest.MonkeyPatch, native: bool
+    monkeypatch: pytest.MonkeyPatch, native: bool, train_device: str
 ) -> None:
     monkeypatch.setattr(train_module, "native_bf16", lambda device: native)
-    auto = _without_timings(run(amp="auto", epochs=1).metrics)
-    assert auto == _without_timings(run(amp="bf16" if native else "off", epochs=1).metrics)
-    assert auto != _without_timings(run(amp="off" if native else "bf16", epochs=1).metrics)
+    auto = _without_timings(run(train_device, amp="auto", epochs=1).metrics)
+    assert auto == _without_timings(
+        run(train_device, amp="bf16" if native else "off", epochs=1).metrics
+    )
+    assert auto != _without_timings(
+        run(train_device, amp="off" if native else "bf16", epochs=1).metrics
+    )
 
 
 def test_native_bf16_probes_the_cpu_and_the_gpu_generation(
@@ -287,7 +307,7 @@ def test_trainer_errors_survive_pickling_between_processes() -> None:
     assert (nan_error.epoch, nan_error.step, nan_error.term) == (3, 41, "disc_loss")
 
 
-def test_patience_must_be_a_positive_number_of_epochs() -> None:
+def test_patience_must_be_a_positive_number_of_epochs(train_device: str) -> None:
     with pytest.raises(ConfigError) as info:
-        train(SMALL, patience=0)
+        train({**SMALL, "device": train_device}, patience=0)
     assert info.value.field == "patience"

@@ -25,7 +25,6 @@ GAN: dict[str, Any] = {
     "batch_size": 128,
     "kl_warmup_epochs": 1.0,
     "final_is_samples": 0,
-    "device": "cpu",
 }
 
 
@@ -110,7 +109,7 @@ def test_equilibrium_rule_skips_updates_on_the_device(
 
 
 def test_vaegan_trains_with_three_optimizers_and_reports_gan_metrics(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, train_device: str
 ) -> None:
     built: list[torch.optim.Optimizer] = []
     original = train_module.build_optimizer
@@ -120,7 +119,14 @@ def test_vaegan_trains_with_three_optimizers_and_reports_gan_metrics(
         return built[-1]
 
     monkeypatch.setattr(train_module, "build_optimizer", counting)
-    config = {**GAN, "base_lr": 1e-3, "decoder_lr": 2e-3, "disc_lr": 5e-4, "batch_size": 64}
+    config = {
+        **GAN,
+        "device": train_device,
+        "base_lr": 1e-3,
+        "decoder_lr": 2e-3,
+        "disc_lr": 5e-4,
+        "batch_size": 64,
+    }
     result = train(config)
     assert len(built) == 3
     values = result.metrics
@@ -139,10 +145,10 @@ def test_vaegan_trains_with_three_optimizers_and_reports_gan_metrics(
     assert values["decoder_lr"] == pytest.approx(4 * values["disc_lr"])
 
 
-def test_conv_vaegan_runs_on_28x28_images_and_is_deterministic() -> None:
+def test_conv_vaegan_runs_on_28x28_images_and_is_deterministic(train_device: str) -> None:
     config = {
-        **GAN, "dataset": "synthetic", "synthetic_size": 64, "conv_channels": (4, 8),
-        "batch_size": 16, "epochs": 1, "active_unit_examples": 6,
+        **GAN, "device": train_device, "dataset": "synthetic", "synthetic_size": 64,
+        "conv_channels": (4, 8), "batch_size": 16, "epochs": 1, "active_unit_examples": 6,
     }  # fmt: skip
     a, b = train(config), train(config)
     timing = {"samples_per_sec", "epoch_seconds"}
