@@ -503,6 +503,7 @@ class Lease(BaseModel):
     study: str
     lease_token: str
     config: dict[str, Any]  # the full resolved TrainConfig, by field name
+    params: dict[str, Any] = Field(default_factory=dict)  # what the sampler chose, by name
     objective_metrics: list[str]  # metric names whose final values complete the trial
     report_metric: str | None  # the metric to report per epoch (None: multi-objective)
     heartbeat_interval_s: float

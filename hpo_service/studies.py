@@ -497,7 +497,9 @@ class StudyService:
                 self.storage.record_heartbeat(row.trial_id)
                 loaded = self._load(row.study_id)
                 config = trial.user_attrs.get("config") or resolve_config(loaded.spec, trial.params)
-                return self._lease_answer(loaded, row.trial_id, trial.number, row.token, config)
+                return self._lease_answer(
+                    loaded, row.trial_id, trial.number, row.token, config, trial.params
+                )
         return None
 
     def _try_lease(self, worker_id: str) -> Lease | None:
@@ -588,7 +590,9 @@ class StudyService:
                 worker_id=worker_id,
             ),
         )
-        return self._lease_answer(loaded, trial_id, number, token, sample.config)
+        return self._lease_answer(
+            loaded, trial_id, number, token, sample.config, sample.trial.params
+        )
 
     def _sample(self, loaded: _Loaded, trials: list[FrozenTrial]) -> _Sample:
         """Ask the study's sampler for a trial over ``trials``; a WAITING trial is popped
@@ -631,7 +635,13 @@ class StudyService:
         return trial_id, number
 
     def _lease_answer(
-        self, loaded: _Loaded, trial_id: int, number: int, token: str, config: dict[str, Any]
+        self,
+        loaded: _Loaded,
+        trial_id: int,
+        number: int,
+        token: str,
+        config: dict[str, Any],
+        params: Mapping[str, Any],
     ) -> Lease:
         single = len(loaded.spec.objectives) == 1
         return Lease(
@@ -640,6 +650,7 @@ class StudyService:
             study=loaded.spec.name,
             lease_token=token,
             config=config,
+            params=dict(params),
             objective_metrics=loaded.spec.metric_names,
             report_metric=loaded.spec.metric_names[0] if single else None,
             heartbeat_interval_s=self.settings.heartbeat_interval_s,
