@@ -651,6 +651,12 @@ def scheduler(
         service.storage.engine.dispose()
 
 
+# `hpo agent -- COMMAND …`: any program as a worker (hpo_service/agent.py).
+from hpo_service.agent import agent_command  # noqa: E402 - registered next to its peers
+
+app.command("agent", no_args_is_help=True)(agent_command)
+
+
 def main() -> None:
     try:
         app()

@@ -41,6 +41,7 @@ This module needs only the base install (httpx, pydantic): no torch, no server.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -111,8 +112,16 @@ def _number(name: str, value: Any) -> float | list[float]:
 class Trial:
     """One leased trial. Use it as a context manager; see the module docstring."""
 
-    def __init__(self, client: HPOClient, lease: Lease, *, raise_errors: bool = False) -> None:
+    def __init__(
+        self,
+        client: HPOClient,
+        lease: Lease,
+        *,
+        raise_errors: bool = False,
+        agent_fd: int | None = None,
+    ) -> None:
         self.client = client
+        self._agent_fd = agent_fd  # under `hpo agent`: tell it that this trial settles itself
         self.lease = lease
         self.raise_errors = raise_errors
         self.outcome: str | None = None  # complete, pruned, failed, stopped, handed back, lost
@@ -252,7 +261,10 @@ class Trial:
         return values
 
     def _finish(self) -> None:
-        """Stop heartbeating: the trial is being settled."""
+        """Stop heartbeating: the trial is being settled (and tell ``hpo agent`` so, first)."""
+        if self._agent_fd is not None and not self._done.is_set():
+            with contextlib.suppress(OSError):
+                os.write(self._agent_fd, b'{"sdk_settled": "settling"}\n')
         self._done.set()
         if threading.current_thread() is not self._beat:
             self._beat.join(timeout=10)
@@ -377,6 +389,11 @@ def trials(
         url = server or os.environ.get("HPO_SERVER_URL", "http://127.0.0.1:8000")
         token = token or os.environ.get("HPO_WORKER_TOKEN") or os.environ.get("HPO_TOKEN")
         client = HPOClient(make_http_client(url, token))
+    inherited = os.environ.get("HPO_LEASE")
+    if inherited:  # started by `hpo agent`: the one trial it leased, settled here
+        fd = os.environ.get("HPO_METRICS_FD")
+        yield from _agent_trial(client, Lease.model_validate_json(inherited), fd, raise_errors)
+        return
     worker_id = worker_id or os.environ.get("HPO_WORKER_ID") or _default_worker_id()
     previous = None
     if handle_sigterm and threading.current_thread() is threading.main_thread():
@@ -406,6 +423,15 @@ def trials(
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _agent_trial(
+    client: HPOClient, lease: Lease, fd: str | None, raise_errors: bool
+) -> Iterator[Trial]:
+    trial = Trial(client, lease, raise_errors=raise_errors, agent_fd=int(fd) if fd else None)
+    yield trial
+    if trial.outcome is None:
+        trial._settle_normal_exit()
 
 
 def _default_worker_id() -> str:

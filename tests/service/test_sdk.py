@@ -8,62 +8,30 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pytest
-from helpers import TOKENS, spec
+from byo_helpers import admin, live_server, study_trials, wait_for
+from helpers import spec
 from live import LiveServer
 
 from hpo_service import sdk
-from hpo_service.client import HPOClient, make_http_client
-from hpo_service.config import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def wait_for(predicate: Any, timeout_s: float, what: str) -> Any:
-    """Poll ``predicate`` until it is truthy; a generous bound, never a fixed sleep."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[LiveServer]:
-    settings = Settings(
-        database_url=f"sqlite:///{tmp_path / 'hpo.db'}",
-        tokens=TOKENS,  # type: ignore[arg-type]
-        heartbeat_interval_s=0.2,
-        lease_timeout_s=120,  # no lease expires in these tests: every retry is the fail route's
-        run_reaper=False,
-        run_scheduler=False,
-        long_poll_step_s=0.05,
-        db_connect_retries=0,
-    )
-    with LiveServer(settings) as live:
+    with live_server(tmp_path) as live:
         yield live
-
-
-def admin(server: LiveServer) -> HPOClient:
-    return HPOClient(make_http_client(server.url, "admin-token"))
 
 
 def worker_trials(server: LiveServer, **options: Any) -> Iterator[sdk.Trial]:
     defaults: dict[str, Any] = {"wait_s": 0.5, "idle_exit_s": 1.0, "handle_sigterm": False}
     return sdk.trials(server.url, token="worker-token", **{**defaults, **options})
-
-
-def study_trials(server: LiveServer, name: str) -> list[optuna.trial.FrozenTrial]:
-    storage = server.app.state.service.storage
-    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
 
 
 def test_a_normal_exit_completes_with_the_last_report_and_params_come_with_the_trial(
