@@ -239,7 +239,7 @@ OBJECTIVE_METRICS: dict[str, Literal["minimize", "maximize"]] = {
     "active_units": "maximize",
 }
 
-SamplerName = Literal["tpe", "gp", "cmaes", "random", "qmc", "nsga2"]
+SamplerName = Literal["tpe", "gp", "cmaes", "random", "qmc", "nsga2", "grid"]
 PrunerName = Literal["none", "median", "percentile", "successive_halving", "hyperband", "wilcoxon"]
 Direction = Literal["minimize", "maximize"]
 StudyState = Literal["running", "stopped", "cancelled", "completed", "failed"]
@@ -337,6 +337,8 @@ class SamplerSpec(BaseModel):
     multivariate: bool = True  # Optuna 5's TPE default, pinned explicitly
     constant_liar: bool = True  # keeps concurrent workers from sampling the same point
     population_size: int = Field(20, ge=2, le=10_000)  # nsga2
+    # grid: every combination of the searched values (choices, or ranges with a `step`); the
+    # study's `n_trials` is capped at the number of combinations, so it ends with the grid.
 
 
 class PrunerSpec(BaseModel):

@@ -62,6 +62,7 @@ from hpo_service.errors import (
     TrialNotFound,
     TrialReaped,
 )
+from hpo_service.grid import fit_budget_to_grid, study_grid
 from hpo_service.logging_setup import trial_fields
 from hpo_service.models import LeaseRow, StudyRow
 from hpo_service.optimizers import build_pruner, build_sampler, describe
@@ -229,13 +230,14 @@ class StudyService:
         name = self.storage.get_study_name_from_id(study_id)
         attrs = self.storage.get_study_user_attrs(study_id)
         spec = StudySpec.model_validate(attrs[SPEC_ATTR])
+        space = check_spec(spec)
         study = optuna.load_study(
             study_name=name,
             storage=self.cache,
-            sampler=build_sampler(spec.sampler),
+            sampler=build_sampler(spec.sampler, study_grid(spec, space)),
             pruner=build_pruner(spec.pruner, spec.epochs),
         )
-        loaded = _Loaded(study=study, spec=spec, space=check_spec(spec))
+        loaded = _Loaded(study=study, spec=spec, space=space)
         with self._guard:
             self._loaded.setdefault(study_id, loaded)
             return self._loaded[study_id]
@@ -262,8 +264,9 @@ class StudyService:
         Raises ``InvalidSpec`` (field and reason) or ``StudyExists``.
         """
         space = check_spec(spec)
+        spec = fit_budget_to_grid(spec, space)  # a grid study ends with its grid
         _check_param_sets(spec, space, enqueue)
-        sampler = build_sampler(spec.sampler)
+        sampler = build_sampler(spec.sampler, study_grid(spec, space))
         pruner = build_pruner(spec.pruner, spec.epochs)
         with self.db.session() as session:
             if session.scalar(select(StudyRow).where(StudyRow.name == spec.name)) is not None:
