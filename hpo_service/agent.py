@@ -27,8 +27,10 @@ Settling, by what happened:
 * the agent itself gets SIGINT/SIGTERM → the group is killed and the trial is handed back with
   ``retryable`` (a retry with the same parameters is queued at once).
 
-A failure's reason carries the last ``--tail-lines`` lines of the program's output (stdout and
-stderr together, which the agent also echoes), cut to the 2,000 characters the server keeps.
+The last ``--tail-lines`` lines of the program's output (stdout and stderr together, which the
+agent also echoes) are stored with the trial as the user attribute ``output_tail`` (at most
+4,000 characters), whatever the outcome; a failure's reason repeats them, cut to the 2,000
+characters the server keeps of a reason.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from typing import IO, Annotated, Any
 import typer
 
 from hpo_service.client import HPOClient, LeaseLost, make_http_client
-from hpo_service.schemas import Lease
+from hpo_service.schemas import OUTPUT_TAIL_CHARS, Lease
 from hpo_service.sdk import REASON_CHARS, WorkerShutdown, _number, _retrying
 
 log = logging.getLogger("hpo.agent")
@@ -402,14 +404,16 @@ class Agent:
             log.warning("trial %d: lease lost (%s)", lease.trial_number, run.lost)
             return "lost"
         if run.pruned_at is not None:
-            return self._fail(lease, f"pruned at epoch {run.pruned_at}; {status}", pruned=True)
+            reason = f"pruned at epoch {run.pruned_at}; {status}"
+            return self._fail(lease, reason, pruned=True, tail=_tail(run))
         if run.stop_reason is not None:
-            return self._fail(lease, f"{run.stop_reason}; {status}")
+            return self._fail(lease, f"{run.stop_reason}; {status}", tail=_tail(run))
         if run.interrupted is not None:
             reason = f"agent got {run.interrupted}; handed back for retry ({status})"
-            return self._fail(lease, reason, retryable=True)
+            return self._fail(lease, reason, retryable=True, tail=_tail(run))
         if run.process.returncode != 0:
-            return self._fail(lease, self._with_tail(f"program failed: {status}", run))
+            head = f"program failed: {status}"
+            return self._fail(lease, self._with_tail(head, run), tail=_tail(run))
         return self._complete(run)
 
     def _complete(self, run: _Run) -> str:
@@ -420,15 +424,18 @@ class Agent:
         missing = [n for n in names if not isinstance((final or {}).get(n), float)]
         if final is None or missing:
             head = f"the program exited 0 without a result for {missing or names}"
-            return self._fail(lease, self._with_tail(head, run))
+            return self._fail(lease, self._with_tail(head, run), tail=_tail(run))
         values = [float(final[n]) for n in names]
         if not all(math.isfinite(v) for v in values):
-            return self._fail(lease, self._with_tail(f"objective not finite: {values}", run))
+            head = f"objective not finite: {values}"
+            return self._fail(lease, self._with_tail(head, run), tail=_tail(run))
         scalars = {k: v for k, v in final.items() if isinstance(v, float) and math.isfinite(v)}
         try:
             _retrying(
                 "complete",
-                lambda: self.client.complete(lease.trial_id, lease.lease_token, values, scalars),
+                lambda: self.client.complete(
+                    lease.trial_id, lease.lease_token, values, scalars, output_tail=_tail(run)
+                ),
             )
         except LeaseLost as error:
             log.warning("trial %d: result refused: %s", lease.trial_number, error)
@@ -436,7 +443,13 @@ class Agent:
         return "complete"
 
     def _fail(
-        self, lease: Lease, reason: str, *, retryable: bool = False, pruned: bool = False
+        self,
+        lease: Lease,
+        reason: str,
+        *,
+        retryable: bool = False,
+        pruned: bool = False,
+        tail: str | None = None,
     ) -> str:
         self.last_reason = reason.split("\n", 1)[0]
         try:
@@ -448,12 +461,19 @@ class Agent:
                     reason[:REASON_CHARS],
                     retryable=retryable,
                     pruned=pruned,
+                    output_tail=tail,
                 ),
             )
         except LeaseLost as error:
             log.warning("trial %d: could not settle: %s", lease.trial_number, error)
             return "lost"
         return "pruned" if pruned else ("handed back" if retryable else "failed")
+
+
+def _tail(run: _Run) -> str | None:
+    """The program's last output lines as stored with the trial (``output_tail``)."""
+    text = "\n".join(run.tail)
+    return text[-OUTPUT_TAIL_CHARS:] or None
 
 
 # --- the `hpo agent` command (registered in hpo_service.cli) -----------------------------------

@@ -488,6 +488,10 @@ class EnqueueResponse(BaseModel):
 # --- the worker protocol ---------------------------------------------------------------------
 
 
+#: Most characters of a program's last output a worker may store with its trial.
+OUTPUT_TAIL_CHARS = 4000
+
+
 class LeaseRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -562,6 +566,8 @@ class CompleteRequest(LeaseToken):
     )
     values: list[float] = Field(..., min_length=1, max_length=3)
     metrics: dict[str, float | list[float]] = Field(default_factory=dict)
+    # the last lines a program printed (`hpo agent`), kept as the trial's `output_tail`
+    output_tail: str | None = Field(None, max_length=OUTPUT_TAIL_CHARS)
 
 
 class CompleteAnswer(BaseModel):
@@ -583,6 +589,7 @@ class FailRequest(LeaseToken):
     reason: str = Field(..., max_length=4000)
     retryable: bool = False
     pruned: bool = False  # the worker stopped because the server said prune
+    output_tail: str | None = Field(None, max_length=OUTPUT_TAIL_CHARS)  # as in CompleteRequest
 
 
 class FailAnswer(BaseModel):

@@ -929,6 +929,8 @@ class StudyService:
         token: str,
         values: Sequence[float],
         metrics: Mapping[str, Any],
+        *,
+        output_tail: str | None = None,
     ) -> CompleteAnswer:
         """Tell the trial's values, exactly once.
 
@@ -955,6 +957,8 @@ class StudyService:
             return CompleteAnswer.model_validate(previous)
         try:
             self.storage.set_trial_user_attr(trial_id, "metrics", _finite_metrics(dict(metrics)))
+            if output_tail:  # the program's last output (`hpo agent`)
+                self.storage.set_trial_user_attr(trial_id, "output_tail", output_tail)
             self._tell(loaded, row, list(values))
         except (UpdateFinishedTrialError, ValueError) as error:
             # Finished before us: by an earlier try of this same result whose answer was not
@@ -1004,7 +1008,14 @@ class StudyService:
         study.tell(row.trial_number, values)
 
     def fail(
-        self, trial_id: int, token: str, reason: str, retryable: bool, pruned: bool = False
+        self,
+        trial_id: int,
+        token: str,
+        reason: str,
+        retryable: bool,
+        pruned: bool = False,
+        *,
+        output_tail: str | None = None,
     ) -> FailAnswer:
         """A worker gives a trial up: pruned (told PRUNED), or failed and maybe retried."""
         with self.db.session() as session:
@@ -1024,6 +1035,8 @@ class StudyService:
                 if trial.state != TrialState.RUNNING:
                     self._release(row, "fail", state)
                     raise self._not_running(row, trial.state)
+                if output_tail:  # the program's last output (`hpo agent`)
+                    self.storage.set_trial_user_attr(trial_id, "output_tail", output_tail)
                 if pruned:
                     loaded.study.tell(row.trial_number, state=TrialState.PRUNED)
                 else:

@@ -106,6 +106,8 @@ def test_a_shell_script_trains_every_trial_of_a_study(server: LiveServer, tmp_pa
         assert trial.values == [17.0]  # the `final` line on fd 3 ...
         assert trial.intermediate_values == {0: 20.0, 1: 19.0, 2: 18.0}  # ... reports on stdout
         assert trial.user_attrs["metrics"]["seen_latent"] == 4.0
+        tail = trial.user_attrs["output_tail"]  # kept with a completed trial too
+        assert f"trial {trial.number} of sh: latent_dim=4" in tail
 
 
 CRASH = """
@@ -129,6 +131,10 @@ def test_a_crash_fails_the_trial_with_its_exit_code_and_last_output(
     reason = trial.user_attrs["fail_reason"]
     assert "exit code 3" in reason
     assert "loading 60000 images" in reason and "illegal memory access" in reason
+    assert trial.user_attrs["output_tail"].splitlines() == [
+        "loading 60000 images",
+        "RuntimeError: CUDA error: an illegal memory access was encountered",
+    ]
     assert "retry_history" not in trial.system_attrs  # not retried: the program is at fault
 
 
