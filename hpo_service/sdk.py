@@ -36,6 +36,8 @@ Exceptions::
     WorkerShutdown      (a BaseException) SIGTERM arrived while the loop ran
 
 The server is retried with capped exponential backoff while it is unreachable; the lease is kept.
+Started by ``hpo agent`` (``HPO_LEASE`` set), ``trials()`` yields just the agent's trial and
+tells the agent (on ``HPO_METRICS_FD``) that it settles the trial itself.
 This module needs only the base install (httpx, pydantic): no torch, no server.
 """
 

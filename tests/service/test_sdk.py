@@ -199,3 +199,18 @@ def test_the_own_vae_example_trains_through_the_sdk(server: LiveServer) -> None:
         assert sorted(trial.intermediate_values) == [0, 1, 2]
         # 64 Bernoulli pixels at p = 0.5 cost 64·ln 2 ≈ 44.4 nats; a VAE that learned is below.
         assert trial.values[0] < 44.0, trial.intermediate_values
+
+
+def test_the_techniques_are_the_trainers_own_functions_not_copies() -> None:
+    from trainers import losses, lr_finder, metrics, schedules, techniques
+
+    homes = (schedules, losses, lr_finder, metrics)
+    for name in techniques.__all__:
+        if name == "TrainConfig":
+            continue
+        obj = getattr(techniques, name)
+        assert any(getattr(home, name, None) is obj for home in homes), name
+    assert {"kl_beta", "learning_rate", "lr_scale_factor", "free_bits_kl", "range_test"} <= set(
+        techniques.__all__
+    )
+    assert {"active_units", "importance_sampled_nll"} <= set(techniques.__all__)
