@@ -181,7 +181,12 @@ class Agent:
                     log.info("no work for %.0fs; exiting", opts.idle_exit_s)
                     break
                 continue
-            outcome = self.run_trial(lease)
+            if self._shutdown is not None:  # the signal came during the long-poll
+                outcome = self._fail(
+                    lease, f"agent got {self._shutdown}; handed back for retry", retryable=True
+                )
+            else:
+                outcome = self.run_trial(lease)
             opts.echo(
                 f"[hpo agent] trial {lease.trial_number} of {lease.study}: {outcome}"
                 + (f" ({self.last_reason})" if self.last_reason else "")
