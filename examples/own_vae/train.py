@@ -1,7 +1,4 @@
-"""A plain-PyTorch VAE on sklearn's 8×8 digits, tuned by the service through the worker SDK.
-
-Run a server, submit a study (``hpo submit study.yaml``), then ``python train.py``; see README.md.
-"""
+"""A plain-PyTorch VAE on sklearn's 8×8 digits, tuned through the worker SDK (see README.md)."""
 
 import torch
 from sklearn.datasets import load_digits
@@ -38,14 +35,16 @@ train, val = data[:1400], data[1400:]
 for trial in sdk.trials(idle_exit_s=5):
     with trial:
         cfg = tq.TrainConfig.from_mapping(trial.config)
+        device = cfg.device.replace("auto", "cuda" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(cfg.seed)
-        model = VAE(cfg.hidden_sizes[0], cfg.latent_dim)
+        train, val = train.to(device), val.to(device)
+        model = VAE(cfg.hidden_sizes[0], cfg.latent_dim).to(device)
         opt = torch.optim.AdamW(model.parameters(), weight_decay=cfg.weight_decay)
         steps = len(train) // cfg.batch_size
         kl_s, lr_s = tq.kl_schedule_from_config(cfg, steps), tq.lr_schedule_from_config(cfg, steps)
         for epoch in range(cfg.epochs):
             for i, batch in enumerate(
-                train[torch.randperm(len(train))].split(cfg.batch_size)[:steps]
+                train[torch.randperm(len(train), device=device)].split(cfg.batch_size)[:steps]
             ):
                 step = epoch * steps + i
                 for group in opt.param_groups:

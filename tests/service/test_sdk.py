@@ -171,7 +171,7 @@ def test_a_signal_hands_the_trial_back_for_an_immediate_retry(
     assert retry.system_attrs["retry_history"] == [failed.number]
 
 
-def test_the_own_vae_example_trains_through_the_sdk(server: LiveServer) -> None:
+def test_the_own_vae_example_trains_through_the_sdk(server: LiveServer, train_device: str) -> None:
     example = REPO / "examples" / "own_vae" / "train.py"
     assert len(example.read_text().splitlines()) < 60
     body = spec(
@@ -179,7 +179,7 @@ def test_the_own_vae_example_trains_through_the_sdk(server: LiveServer) -> None:
         dataset="digits",
         epochs=3,
         budget={"n_trials": 2, "max_concurrent": 1},
-        fixed={"hidden_sizes": [64], "latent_dim": 4},
+        fixed={"hidden_sizes": [64], "latent_dim": 4, "device": train_device},
         pruner={"name": "none"},
     )
     admin(server).create_study(body)
