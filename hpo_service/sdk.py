@@ -299,7 +299,8 @@ class Trial:
             self._send_fail(self._stop_reason)
             self.outcome = "stopped"
         elif len(self.objective_metrics) == 1 and self._last_value is not None:
-            self.complete(self._last_value, **self._last_metrics)
+            metrics = {k: v for k, v in self._last_metrics.items() if k != "value"}
+            self.complete(self._last_value, **metrics)
         else:
             self._send_fail(
                 f"the training code returned without a result: call trial.complete(...) with "
