@@ -168,9 +168,16 @@ class HPOClient:
         return ReportAnswer.model_validate(response.json())
 
     def complete(
-        self, trial_id: int, token: str, values: list[float], metrics: dict[str, Any]
+        self,
+        trial_id: int,
+        token: str,
+        values: list[float],
+        metrics: dict[str, Any],
+        output_tail: str | None = None,
     ) -> CompleteAnswer:
         body = {"lease_token": token, "values": values, "metrics": metrics}
+        if output_tail:
+            body["output_tail"] = output_tail
         response = self._call("POST", f"/trials/{trial_id}/complete", json=body, trial=True)
         return CompleteAnswer.model_validate(response.json())
 
@@ -182,8 +189,16 @@ class HPOClient:
         *,
         retryable: bool = False,
         pruned: bool = False,
+        output_tail: str | None = None,
     ) -> FailAnswer:
-        body = {"lease_token": token, "reason": reason, "retryable": retryable, "pruned": pruned}
+        body: dict[str, Any] = {
+            "lease_token": token,
+            "reason": reason,
+            "retryable": retryable,
+            "pruned": pruned,
+        }
+        if output_tail:
+            body["output_tail"] = output_tail
         response = self._call("POST", f"/trials/{trial_id}/fail", json=body, trial=True)
         return FailAnswer.model_validate(response.json())
 

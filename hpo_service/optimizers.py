@@ -8,6 +8,7 @@ how an old study samples.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import optuna
@@ -16,11 +17,21 @@ from optuna.pruners import BasePruner
 from optuna.samplers import BaseSampler
 
 from hpo_service.errors import InvalidSpec
-from hpo_service.schemas import PrunerSpec, SamplerSpec
+from hpo_service.grid import StudyGridSampler
+from hpo_service.schemas import ParamValue, PrunerSpec, SamplerSpec
 
 
-def build_sampler(spec: SamplerSpec) -> BaseSampler:
-    """Raises ``InvalidSpec`` naming ``sampler.name`` when the sampler cannot be built here."""
+def build_sampler(
+    spec: SamplerSpec, grid: Mapping[str, Sequence[ParamValue]] | None = None
+) -> BaseSampler:
+    """Raises ``InvalidSpec`` naming ``sampler.name`` when the sampler cannot be built here.
+
+    ``grid``: the grid sampler's points per parameter (``hpo_service.grid.study_grid``).
+    """
+    if spec.name == "grid":
+        if grid is None:
+            raise InvalidSpec("sampler.name", "the grid sampler needs the study's search space")
+        return StudyGridSampler(grid, seed=spec.seed)
     with warnings.catch_warnings():
         # QMC, GP and Wilcoxon are flagged experimental; the spec pins their settings.
         warnings.simplefilter("ignore", ExperimentalWarning)

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from hpo_service.config import Settings
 from hpo_service.errors import InvalidSpec, ScheduleExists, ScheduleNotFound
 from hpo_service.fire_times import check_cron, next_fire_time, parse_zone
+from hpo_service.grid import study_grid
 from hpo_service.models import FiringRow, ScheduleRow
 from hpo_service.optimizers import build_pruner, build_sampler
 from hpo_service.schemas import (
@@ -61,8 +62,7 @@ def check_template(template: StudyTemplate) -> None:
     """Validate the template as the study it creates. Raises ``InvalidSpec('template.…')``."""
     spec = study_spec(template, "template-check")
     try:
-        check_spec(spec)
-        build_sampler(spec.sampler)
+        build_sampler(spec.sampler, study_grid(spec, check_spec(spec)))
         build_pruner(spec.pruner, spec.epochs)
     except InvalidSpec as error:
         raise InvalidSpec(f"template.{error.field}", error.reason) from error

@@ -239,7 +239,7 @@ OBJECTIVE_METRICS: dict[str, Literal["minimize", "maximize"]] = {
     "active_units": "maximize",
 }
 
-SamplerName = Literal["tpe", "gp", "cmaes", "random", "qmc", "nsga2"]
+SamplerName = Literal["tpe", "gp", "cmaes", "random", "qmc", "nsga2", "grid"]
 PrunerName = Literal["none", "median", "percentile", "successive_halving", "hyperband", "wilcoxon"]
 Direction = Literal["minimize", "maximize"]
 StudyState = Literal["running", "stopped", "cancelled", "completed", "failed"]
@@ -337,6 +337,8 @@ class SamplerSpec(BaseModel):
     multivariate: bool = True  # Optuna 5's TPE default, pinned explicitly
     constant_liar: bool = True  # keeps concurrent workers from sampling the same point
     population_size: int = Field(20, ge=2, le=10_000)  # nsga2
+    # grid: every combination of the searched values (choices, or ranges with a `step`); the
+    # study's `n_trials` is capped at the number of combinations, so it ends with the grid.
 
 
 class PrunerSpec(BaseModel):
@@ -486,6 +488,10 @@ class EnqueueResponse(BaseModel):
 # --- the worker protocol ---------------------------------------------------------------------
 
 
+#: Most characters of a program's last output a worker may store with its trial.
+OUTPUT_TAIL_CHARS = 4000
+
+
 class LeaseRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -503,6 +509,7 @@ class Lease(BaseModel):
     study: str
     lease_token: str
     config: dict[str, Any]  # the full resolved TrainConfig, by field name
+    params: dict[str, Any] = Field(default_factory=dict)  # what the sampler chose, by name
     objective_metrics: list[str]  # metric names whose final values complete the trial
     report_metric: str | None  # the metric to report per epoch (None: multi-objective)
     heartbeat_interval_s: float
@@ -559,6 +566,8 @@ class CompleteRequest(LeaseToken):
     )
     values: list[float] = Field(..., min_length=1, max_length=3)
     metrics: dict[str, float | list[float]] = Field(default_factory=dict)
+    # the last lines a program printed (`hpo agent`), kept as the trial's `output_tail`
+    output_tail: str | None = Field(None, max_length=OUTPUT_TAIL_CHARS)
 
 
 class CompleteAnswer(BaseModel):
@@ -580,6 +589,7 @@ class FailRequest(LeaseToken):
     reason: str = Field(..., max_length=4000)
     retryable: bool = False
     pruned: bool = False  # the worker stopped because the server said prune
+    output_tail: str | None = Field(None, max_length=OUTPUT_TAIL_CHARS)  # as in CompleteRequest
 
 
 class FailAnswer(BaseModel):

@@ -158,13 +158,24 @@ class StudyService:
         token: str,
         values: Sequence[float],
         metrics: Mapping[str, Any],
+        *,
+        output_tail: str | None = None,
     ) -> CompleteAnswer:
-        return self.finishing.complete(trial_id, token, values, metrics)
+        return self.finishing.complete(trial_id, token, values, metrics, output_tail=output_tail)
 
     def fail(
-        self, trial_id: int, token: str, reason: str, retryable: bool, pruned: bool = False
+        self,
+        trial_id: int,
+        token: str,
+        reason: str,
+        retryable: bool,
+        pruned: bool = False,
+        *,
+        output_tail: str | None = None,
     ) -> FailAnswer:
-        return self.finishing.fail(trial_id, token, reason, retryable, pruned)
+        return self.finishing.fail(
+            trial_id, token, reason, retryable, pruned, output_tail=output_tail
+        )
 
     # --- reaping ------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from hpo_service.config import Settings
 from hpo_service.db import Database, prepare_service_schema
 from hpo_service.errors import StudyNotFound
+from hpo_service.grid import study_grid
 from hpo_service.models import StudyRow
 from hpo_service.optimizers import build_pruner, build_sampler
 from hpo_service.schemas import StudySpec
@@ -119,13 +120,14 @@ class StudyCore:
         name = self.storage.get_study_name_from_id(study_id)
         attrs = self.storage.get_study_user_attrs(study_id)
         spec = StudySpec.model_validate(attrs[SPEC_ATTR])
+        space = check_spec(spec)
         study = optuna.load_study(
             study_name=name,
             storage=self.cache,
-            sampler=build_sampler(spec.sampler),
+            sampler=build_sampler(spec.sampler, study_grid(spec, space)),
             pruner=build_pruner(spec.pruner, spec.epochs),
         )
-        loaded = LoadedStudy(study=study, spec=spec, space=check_spec(spec))
+        loaded = LoadedStudy(study=study, spec=spec, space=space)
         with self.guard:
             self._loaded.setdefault(study_id, loaded)
             return self._loaded[study_id]

@@ -114,6 +114,8 @@ class Finishing:
         token: str,
         values: Sequence[float],
         metrics: Mapping[str, Any],
+        *,
+        output_tail: str | None = None,
     ) -> CompleteAnswer:
         """Tell the trial's values, exactly once.
 
@@ -141,6 +143,8 @@ class Finishing:
             return CompleteAnswer.model_validate(previous)
         try:
             core.storage.set_trial_user_attr(trial_id, "metrics", finite_metrics(dict(metrics)))
+            if output_tail:  # the program's last output (`hpo agent`)
+                core.storage.set_trial_user_attr(trial_id, "output_tail", output_tail)
             self._tell(loaded, row, list(values))
         except (UpdateFinishedTrialError, ValueError) as error:
             # Finished before us: by an earlier try of this same result whose answer was not
@@ -189,7 +193,14 @@ class Finishing:
         study.tell(row.trial_number, values)
 
     def fail(
-        self, trial_id: int, token: str, reason: str, retryable: bool, pruned: bool = False
+        self,
+        trial_id: int,
+        token: str,
+        reason: str,
+        retryable: bool,
+        pruned: bool = False,
+        *,
+        output_tail: str | None = None,
     ) -> FailAnswer:
         """A worker gives a trial up: pruned (told PRUNED), or failed and maybe retried."""
         core = self.core
@@ -210,6 +221,8 @@ class Finishing:
                 if trial.state != TrialState.RUNNING:
                     self._release(row, "fail", state)
                     raise not_running(row, trial.state)
+                if output_tail:  # the program's last output (`hpo agent`)
+                    core.storage.set_trial_user_attr(trial_id, "output_tail", output_tail)
                 if pruned:
                     loaded.study.tell(row.trial_number, state=TrialState.PRUNED)
                 else:

@@ -12,6 +12,7 @@ import copy
 import logging
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,7 +83,9 @@ class LeaseProtocol:
                 core.storage.record_heartbeat(row.trial_id)
                 loaded = core.load(row.study_id)
                 config = trial.user_attrs.get("config") or resolve_config(loaded.spec, trial.params)
-                return self._lease_answer(loaded, row.trial_id, trial.number, row.token, config)
+                return self._lease_answer(
+                    loaded, row.trial_id, trial.number, row.token, config, trial.params
+                )
         return None
 
     def _try_lease(self, worker_id: str) -> Lease | None:
@@ -174,7 +177,9 @@ class LeaseProtocol:
                 worker_id=worker_id,
             ),
         )
-        return self._lease_answer(loaded, trial_id, number, token, sample.config)
+        return self._lease_answer(
+            loaded, trial_id, number, token, sample.config, sample.trial.params
+        )
 
     def _sample(self, loaded: LoadedStudy, trials: list[FrozenTrial]) -> _Sample:
         """Ask the study's sampler for a trial over ``trials``; a WAITING trial is popped
@@ -222,7 +227,13 @@ class LeaseProtocol:
         return trial_id, number
 
     def _lease_answer(
-        self, loaded: LoadedStudy, trial_id: int, number: int, token: str, config: dict[str, Any]
+        self,
+        loaded: LoadedStudy,
+        trial_id: int,
+        number: int,
+        token: str,
+        config: dict[str, Any],
+        params: Mapping[str, Any],
     ) -> Lease:
         settings = self.core.settings
         single = len(loaded.spec.objectives) == 1
@@ -232,6 +243,7 @@ class LeaseProtocol:
             study=loaded.spec.name,
             lease_token=token,
             config=config,
+            params=dict(params),
             objective_metrics=loaded.spec.metric_names,
             report_metric=loaded.spec.metric_names[0] if single else None,
             heartbeat_interval_s=settings.heartbeat_interval_s,

@@ -13,6 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import select
 
 from hpo_service.errors import InvalidSpec, StudyExists, StudyNotRunning
+from hpo_service.grid import fit_budget_to_grid, study_grid
 from hpo_service.models import LeaseRow, StudyRow
 from hpo_service.optimizers import build_pruner, build_sampler, describe
 from hpo_service.schemas import (
@@ -102,8 +103,9 @@ class StudyRegistry:
         """
         core = self.core
         space = check_spec(spec)
+        spec = fit_budget_to_grid(spec, space)  # a grid study ends with its grid
         check_param_sets(spec, space, enqueue)
-        sampler = build_sampler(spec.sampler)
+        sampler = build_sampler(spec.sampler, study_grid(spec, space))
         pruner = build_pruner(spec.pruner, spec.epochs)
         with core.db.session() as session:
             if session.scalar(select(StudyRow).where(StudyRow.name == spec.name)) is not None:

@@ -57,9 +57,18 @@ def report(service: ServiceDep, trial_id: int, body: ReportRequest) -> ReportAns
 
 @router.post("/trials/{trial_id}/complete", response_model=CompleteAnswer, responses=_ERRORS)
 def complete(service: ServiceDep, trial_id: int, body: CompleteRequest) -> CompleteAnswer:
-    return service.complete(trial_id, body.lease_token, body.values, body.metrics)
+    return service.complete(
+        trial_id, body.lease_token, body.values, body.metrics, output_tail=body.output_tail
+    )
 
 
 @router.post("/trials/{trial_id}/fail", response_model=FailAnswer, responses=_ERRORS)
 def fail(service: ServiceDep, trial_id: int, body: FailRequest) -> FailAnswer:
-    return service.fail(trial_id, body.lease_token, body.reason, body.retryable, body.pruned)
+    return service.fail(
+        trial_id,
+        body.lease_token,
+        body.reason,
+        body.retryable,
+        body.pruned,
+        output_tail=body.output_tail,
+    )
