@@ -352,6 +352,36 @@ class PrunerSpec(BaseModel):
     min_delta: float = Field(0.0, ge=0)
 
 
+class ConstraintSpec(BaseModel):
+    """Posterior collapse and divergence as Optuna constraints (``hpo_service.constraints``).
+
+    A trial that violates one completes as *infeasible*: samplers that read constraints (TPE,
+    NSGA-II/III, GP) learn to avoid its region, and ``best``, the morning report and warm starts
+    never pick it. Each constraint can be switched off; all are on by default.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    active_units: bool = Field(True, description="Require at least `min_active_units` units.")
+    min_active_units: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Active units (Burda et al. 2016) a feasible trial needs; default: "
+        "`min_active_fraction` of the latent size, rounded up, at least 1.",
+    )
+    min_active_fraction: float = Field(0.1, gt=0, le=1)
+    kl: bool = Field(True, description="Require the validation KL to reach `min_kl`.")
+    min_kl: float = Field(
+        0.1, gt=0, le=1e6, description="Nats per example; below it the posterior collapsed."
+    )
+    finite: bool = Field(
+        True,
+        description="A diverged trial (non-finite loss) completes as infeasible with the worst "
+        "value seen in the study, instead of failing unseen by the sampler.",
+    )
+
+
 class StudySpec(BaseModel):
     """What a user submits: the data and model, the budget, the objective, and the search."""
 
@@ -391,6 +421,9 @@ class StudySpec(BaseModel):
     fixed: dict[str, Any] = Field(default_factory=dict, description="Config values not searched.")
     drop: list[str] = Field(default_factory=list, description="Default params not to search.")
     max_retries: int = Field(2, ge=0, le=100, description="Retries of a trial whose lease expired.")
+    constraints: ConstraintSpec = Field(
+        default_factory=ConstraintSpec, description="Collapse and divergence constraints."
+    )
 
     @model_validator(mode="after")
     def _names_and_objectives(self) -> StudySpec:
@@ -580,6 +613,9 @@ class FailRequest(LeaseToken):
     reason: str = Field(..., max_length=4000)
     retryable: bool = False
     pruned: bool = False  # the worker stopped because the server said prune
+    # The loss or the objective became non-finite: the server completes the trial as infeasible
+    # (``constraints.finite``) instead of failing it.
+    diverged: bool = False
 
 
 class FailAnswer(BaseModel):

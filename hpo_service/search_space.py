@@ -30,6 +30,7 @@ from optuna.distributions import (
 )
 from pydantic import ValidationError
 
+from hpo_service.constraints import check_constraints
 from hpo_service.errors import InvalidSpec
 from hpo_service.schemas import (
     DERIVED_PARAMETERS,
@@ -332,6 +333,14 @@ def _check_batch_fits(spec: StudySpec, space: list[Param]) -> None:
         )
 
 
+def _latent_dims(spec: StudySpec, space: list[Param]) -> list[int]:
+    """The latent sizes the study can train: the searched range's ends, or the fixed value."""
+    searched = next((p for p in space if p.name == "latent_dim"), None)
+    if searched is not None:
+        return [int(v) for v in searched.bounds() if isinstance(v, int | float)]
+    return [int(spec.fixed.get("latent_dim", TrainConfig.model_fields["latent_dim"].default))]
+
+
 def _pick_forced(forced: Mapping[str, Any]) -> Callable[[Param], Any]:
     """A picker that uses the forced values and each other parameter's first value."""
 
@@ -354,6 +363,7 @@ def check_spec(spec: StudySpec) -> list[Param]:
     except InvalidSpec as error:
         raise InvalidSpec(f"fixed.{error.field}", error.reason) from error
     _check_batch_fits(spec, space)
+    check_constraints(spec, _latent_dims(spec, space))
     for param in space:
         for value in param.bounds():
             forced: dict[str, Any] = {param.name: value}
