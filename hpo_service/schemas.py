@@ -350,6 +350,16 @@ class PrunerSpec(BaseModel):
     reduction_factor: int = Field(3, ge=2)
     patience: int | None = Field(None, ge=0, description="Wrap in PatientPruner when set.")
     min_delta: float = Field(0.0, ge=0)
+    phase_aware: bool = Field(
+        True,
+        description="Decide only at epochs where the trial's KL weight is at its target and its "
+        "LR warm-up is over, against other trials at such epochs (hpo_service.phase_pruning).",
+    )
+    metric: str | None = Field(
+        None,
+        description="Multi-objective studies: the objective metric reported each epoch and "
+        "pruned on (default: none, no pruning). Single-objective studies prune on their metric.",
+    )
 
 
 class ConstraintSpec(BaseModel):
@@ -441,6 +451,10 @@ class StudySpec(BaseModel):
         metrics = [objective.metric for objective in self.objectives]
         if len(set(metrics)) != len(metrics):
             raise ValueError("`objectives` must name distinct metrics")
+        if self.pruner.metric is not None and self.pruner.metric not in metrics:
+            raise ValueError(
+                f"`pruner.metric` {self.pruner.metric!r} is not one of the objectives {metrics}"
+            )
         if len(self.objectives) > 1 and self.sampler.name in {"gp", "cmaes"}:
             raise ValueError(
                 f"`sampler.name` {self.sampler.name!r} supports one objective; "
@@ -455,6 +469,14 @@ class StudySpec(BaseModel):
     @property
     def metric_names(self) -> list[str]:
         return [objective.metric for objective in self.objectives]
+
+    @property
+    def pruning_metric(self) -> str | None:
+        """The metric reported each epoch and pruned on: the objective of a single-objective
+        study, ``pruner.metric`` of a multi-objective one (None: no pruning)."""
+        if len(self.objectives) == 1:
+            return self.objectives[0].metric
+        return self.pruner.metric
 
 
 # --- REST resources --------------------------------------------------------------------------
