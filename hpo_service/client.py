@@ -182,8 +182,11 @@ class HPOClient:
         *,
         retryable: bool = False,
         pruned: bool = False,
+        diverged: bool = False,
     ) -> FailAnswer:
         body = {"lease_token": token, "reason": reason, "retryable": retryable, "pruned": pruned}
+        if diverged:  # issue 10: the server completes a diverged trial as infeasible
+            body["diverged"] = True
         response = self._call("POST", f"/trials/{trial_id}/fail", json=body, trial=True)
         return FailAnswer.model_validate(response.json())
 

@@ -8,6 +8,7 @@ how an old study samples.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import optuna
@@ -15,6 +16,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.pruners import BasePruner
 from optuna.samplers import BaseSampler
 from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
 
 from hpo_service.errors import InvalidSpec
 from hpo_service.phase_pruning import PhaseAwarePruner, PrimaryMetricPruner
@@ -44,7 +46,7 @@ def _build_sampler(spec: SamplerSpec) -> BaseSampler:
             seed=spec.seed, warn_independent_sampling=False, warn_asynchronous_seeding=False
         )
     if spec.name == "cmaes":
-        return optuna.samplers.CmaEsSampler(
+        return ConstraintBlindCmaEsSampler(
             seed=spec.seed, n_startup_trials=spec.n_startup_trials, warn_independent_sampling=False
         )
     if spec.name == "nsga2":
@@ -61,6 +63,25 @@ def _build_sampler(spec: SamplerSpec) -> BaseSampler:
                 "sampler.name", f"the 'gp' sampler is not available on this server: {error}"
             ) from error
     raise InvalidSpec("sampler.name", f"unknown sampler {spec.name!r}")
+
+
+class ConstraintBlindCmaEsSampler(optuna.samplers.CmaEsSampler):
+    """CMA-ES, which cannot use constraints, without its warning on every trial that has them:
+    the service records collapse and divergence constraints on every trial (for ``best``, the
+    reports and the dashboard), so the warning would fire on each ``tell``."""
+
+    def after_trial(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        state: TrialState,
+        values: Sequence[float] | None,
+    ) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message="Constraints have been set", category=UserWarning
+            )
+            super().after_trial(study, trial, state, values)
 
 
 def build_pruner(

@@ -140,8 +140,13 @@ class Worker:
         started = time.monotonic()
         try:
             result = self.train_fn(config, self._on_epoch(lease, state))
-        except (ConfigError, NonFiniteLossError) as error:
+        except ConfigError as error:
             return self._settle_failure(lease, state, f"{type(error).__name__}: {error}", False)
+        # --- issue 10: a diverged run is reported as such; the server completes it infeasible
+        except NonFiniteLossError as error:
+            reason = f"{type(error).__name__}: {error}"
+            return self._settle_failure(lease, state, reason, False, diverged=True)
+        # --- end issue 10
         except Exception as error:
             log.exception("trial %d crashed", lease.trial_number)
             return self._settle_failure(lease, state, f"{type(error).__name__}: {error}", True)
@@ -245,6 +250,7 @@ class Worker:
                 lease,
                 f"objective not finite: {_pick(result.metrics, lease.objective_metrics)}",
                 False,
+                diverged=True,  # issue 10: a non-finite result is a divergence too
             )
         final = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
         try:
@@ -258,23 +264,37 @@ class Worker:
         return "complete"
 
     def _settle_failure(
-        self, lease: Lease, state: _TrialState, reason: str, retryable: bool
+        self, lease: Lease, state: _TrialState, reason: str, retryable: bool, diverged: bool = False
     ) -> str:
         if state.lost:
             return "lost"
-        return self._send_fail(lease, reason, retryable)
+        return self._send_fail(lease, reason, retryable, diverged=diverged)
 
-    def _send_fail(self, lease: Lease, reason: str, retryable: bool, pruned: bool = False) -> str:
+    def _send_fail(
+        self,
+        lease: Lease,
+        reason: str,
+        retryable: bool,
+        pruned: bool = False,
+        diverged: bool = False,
+    ) -> str:
         try:
-            self._retrying(
+            answer = self._retrying(
                 "fail",
                 lambda: self.client.fail(
-                    lease.trial_id, lease.lease_token, reason, retryable=retryable, pruned=pruned
+                    lease.trial_id,
+                    lease.lease_token,
+                    reason,
+                    retryable=retryable,
+                    pruned=pruned,
+                    diverged=diverged,
                 ),
             )
         except LeaseLost as error:
             log.warning("trial %d: could not settle: %s", lease.trial_number, error)
             return "lost"
+        if answer.state == "complete":  # issue 10: diverged, completed as infeasible
+            return "infeasible"
         return "pruned" if pruned else ("handed back" if retryable else "failed")
 
 
