@@ -39,8 +39,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import optuna
+from optuna.storages import BaseStorage
 from optuna.study import StudyDirection
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from hpo_service.errors import InvalidSpec
 from hpo_service.schemas import ConstraintSpec, StudySpec, TrainConfig
@@ -188,3 +190,51 @@ def check_constraints(spec: StudySpec, latent_dims: Sequence[int]) -> None:
             "constraints.min_active_units",
             f"{minimum} active units cannot be reached with at most {largest} latent dimensions",
         )
+
+
+# --- recording: called from the service's completion and failure paths ------------------------
+
+
+def record_completed(
+    storage: BaseStorage, trial_id: int, spec: StudySpec, metrics: Mapping[str, Any]
+) -> TrialConstraints:
+    """Write a completing trial's constraint values (before it is told COMPLETE)."""
+    config = storage.get_trial_user_attrs(trial_id).get("config") or {}
+    constraints = measure(spec.constraints, config, metrics)
+    _write(storage, trial_id, constraints)
+    return constraints
+
+
+def settle_diverged(
+    study: optuna.Study, trial: FrozenTrial, spec: StudySpec, reason: str
+) -> str | None:
+    """Tell a diverged RUNNING trial as infeasible: COMPLETE with ``penalty_values``, or PRUNED
+    when no value was seen yet (module docstring). Returns the state told ("complete" or
+    "pruned"), or None when ``constraints.finite`` is off and the caller fails it as before."""
+    if not spec.constraints.finite:
+        return None
+    constraints = diverged(spec.constraints)
+    _write(study._storage, trial._trial_id, constraints)
+    study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason[:2000])
+    finite_reports = [v for _, v in sorted(trial.intermediate_values.items()) if math.isfinite(v)]
+    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    values = penalty_values(
+        study.directions, completed, finite_reports[-1] if finite_reports else None
+    )
+    if values is None:
+        study.tell(trial.number, state=TrialState.PRUNED)
+        return "pruned"
+    study.tell(trial.number, values)
+    return "complete"
+
+
+def feasibility_of(trial: FrozenTrial) -> bool | None:
+    """A finished trial's verdict for the API: None when it recorded no constraints."""
+    return is_feasible(trial) if trial.constraints else None
+
+
+def _write(storage: BaseStorage, trial_id: int, constraints: TrialConstraints) -> None:
+    for key, value in constraints.system_attrs().items():
+        storage.set_trial_system_attr(trial_id, key, value)
+    for key, value in constraints.user_attrs().items():
+        storage.set_trial_user_attr(trial_id, key, value)

@@ -500,6 +500,8 @@ class TrialSummary(BaseModel):
     metrics: dict[str, Any]
     worker_id: str | None
     retry_of: int | None
+    # Collapse/divergence constraints (hpo_service.constraints); None: none recorded.
+    feasible: bool | None = None
     datetime_start: str | None
     datetime_complete: str | None
     duration_s: float | None
