@@ -434,6 +434,11 @@ class StudySpec(BaseModel):
     constraints: ConstraintSpec = Field(
         default_factory=ConstraintSpec, description="Collapse and divergence constraints."
     )
+    curated_starts: bool = Field(
+        False,
+        description="Enqueue known-good VAE configurations first (hpo_service.curated_starts), "
+        "adapted to the study's epochs and space.",
+    )
 
     @model_validator(mode="after")
     def _names_and_objectives(self) -> StudySpec:
