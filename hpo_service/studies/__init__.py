@@ -1,0 +1,174 @@
+"""Every state transition of a study or a trial; nothing else calls Optuna's ask/tell.
+
+Create a study from a spec; lease a trial (ask + suggest) to a worker; record heartbeats; report
+intermediate values and decide pruning; complete or fail it (tell); reap expired leases and queue a
+retry with the same parameters. ``StudyService`` is the one entry point; each job lives in its
+own module, all sharing one ``StudyCore`` (the storage, the per-study lock, this process's
+memory of studies and running trials):
+
+- ``_registry``  — study CRUD, listing, enqueue (``StudyRegistry``);
+- ``_leasing``   — the lease protocol: budget, concurrency, sampling (``LeaseProtocol``);
+- ``_reporting`` — heartbeats, per-epoch reports and pruning (``Reporting``);
+- ``_finishing`` — complete and fail, each exactly once (``Finishing``);
+- ``_reaping``   — expired leases and the retry policy (``Reaper``);
+- ``_checks``, ``_budget`` — lease-token and trial-state checks; the budget tally.
+
+Budget and concurrency are enforced under a per-study lock that holds across server replicas: a
+PostgreSQL advisory lock taken in the lease transaction, plus a process lock (SQLite has one writer
+process by design, see ARCHITECTURE.md). Optuna owns trial state; our ``hpo_leases`` row holds the
+lease token and the answer given to ``complete``, so a repeated ``complete`` gets the same answer
+and a late one after the reaper failed the trial gets ``TrialReaped`` instead of being dropped.
+
+The per-trial path does as few database round trips as it can (``docs/benchmarks.md``):
+- trials are read through one Optuna ``_CachedStorage`` per process, which re-reads only running
+  and new trials (finished trials never change);
+- a lease samples against that read and writes the whole new trial — parameters and
+  attributes — in one transaction (``study_view.StudyView``) instead of one commit per
+  ``suggest_*``;
+- a report writes its metrics and its intermediate value and decides pruning from the running
+  trial this process already holds, re-reading it only when this process did not handle the
+  trial's previous report; the study's finished trials for the pruner come from a snapshot at
+  most ``SNAPSHOT_MAX_AGE_S`` old, refreshed whenever this process leases a trial of the study
+  and re-read after it finished one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from hpo_service.config import Settings
+from hpo_service.db import Database
+from hpo_service.schemas import (
+    CompleteAnswer,
+    FailAnswer,
+    HeartbeatAnswer,
+    Lease,
+    ReportAnswer,
+    StudyInfo,
+    StudySpec,
+    StudyState,
+    TrialPage,
+)
+from hpo_service.storage import build_storage
+from hpo_service.studies._core import SNAPSHOT_MAX_AGE_S, SPEC_ATTR, StudyCore
+from hpo_service.studies._finishing import Finishing
+from hpo_service.studies._leasing import LeaseProtocol
+from hpo_service.studies._reaping import Reaper
+from hpo_service.studies._registry import StudyRegistry
+from hpo_service.studies._reporting import Reporting
+
+__all__ = ["SNAPSHOT_MAX_AGE_S", "SPEC_ATTR", "StudyCore", "StudyService"]
+
+
+class StudyService:
+    """The domain layer. One per process; thread-safe. A thin facade over the jobs above."""
+
+    def __init__(
+        self, settings: Settings, storage: optuna.storages.RDBStorage | None = None
+    ) -> None:
+        storage = storage or build_storage(settings, on_stale=self._on_stale_trial)
+        storage.heartbeat_stale_trial_callback = self._on_stale_trial
+        self.core = StudyCore(settings, storage)
+        self.registry = StudyRegistry(self.core)
+        self.leasing = LeaseProtocol(self.core)
+        self.reporting = Reporting(self.core)
+        self.finishing = Finishing(self.core)
+        self.reaper = Reaper(self.core)
+
+    def _on_stale_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.reaper.on_stale_trial(study, trial)
+
+    # --- what other parts of the server read -------------------------------------------------
+
+    @property
+    def settings(self) -> Settings:
+        return self.core.settings
+
+    @property
+    def storage(self) -> optuna.storages.RDBStorage:
+        return self.core.storage
+
+    @property
+    def cache(self) -> optuna.storages.BaseStorage:
+        return self.core.cache
+
+    @property
+    def db(self) -> Database:
+        return self.core.db
+
+    @property
+    def reaped_leases(self) -> int:
+        """Trials this process failed for an expired lease (``/metrics``)."""
+        return self.reaper.reaped_leases
+
+    # --- studies ------------------------------------------------------------------------------
+
+    def create_study(
+        self,
+        spec: StudySpec,
+        *,
+        enqueue: Sequence[Mapping[str, Any]] = (),
+        user_attrs: Mapping[str, Any] | None = None,
+    ) -> StudyInfo:
+        return self.registry.create_study(spec, enqueue=enqueue, user_attrs=user_attrs)
+
+    def list_studies(self, state: StudyState | None = None) -> list[StudyInfo]:
+        return self.registry.list_studies(state)
+
+    def get_study(self, name: str) -> StudyInfo:
+        return self.registry.get_study(name)
+
+    def list_trials(self, name: str, offset: int = 0, limit: int = 100) -> TrialPage:
+        return self.registry.list_trials(name, offset, limit)
+
+    def set_state(self, name: str, state: StudyState) -> StudyInfo:
+        return self.registry.set_state(name, state)
+
+    def delete_study(self, name: str) -> None:
+        self.registry.delete_study(name)
+
+    def enqueue(self, name: str, param_sets: list[dict[str, Any]]) -> int:
+        return self.registry.enqueue(name, param_sets)
+
+    # --- the worker protocol ------------------------------------------------------------------
+
+    def lease(self, worker_id: str, wait_s: float = 0.0) -> Lease | None:
+        return self.leasing.lease(worker_id, wait_s)
+
+    def heartbeat(self, trial_id: int, token: str) -> HeartbeatAnswer:
+        return self.reporting.heartbeat(trial_id, token)
+
+    def report(
+        self,
+        trial_id: int,
+        token: str,
+        epoch: int,
+        value: float | None,
+        metrics: Mapping[str, Any],
+    ) -> ReportAnswer:
+        return self.reporting.report(trial_id, token, epoch, value, metrics)
+
+    def complete(
+        self,
+        trial_id: int,
+        token: str,
+        values: Sequence[float],
+        metrics: Mapping[str, Any],
+    ) -> CompleteAnswer:
+        return self.finishing.complete(trial_id, token, values, metrics)
+
+    def fail(
+        self, trial_id: int, token: str, reason: str, retryable: bool, pruned: bool = False
+    ) -> FailAnswer:
+        return self.finishing.fail(trial_id, token, reason, retryable, pruned)
+
+    # --- reaping ------------------------------------------------------------------------------
+
+    def reap(self) -> int:
+        """Fail every trial whose lease expired (by the database clock) and queue retries.
+        Returns how many studies were checked."""
+        return self.reaper.reap()

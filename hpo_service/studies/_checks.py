@@ -1,0 +1,92 @@
+"""A worker's claim on a trial, checked: its lease token, and whether the trial still runs.
+
+Shared by every route a worker calls with a lease (heartbeat, report, complete, fail).
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from hpo_service.errors import LeaseMismatch, TrialNotFound, TrialReaped
+from hpo_service.models import LeaseRow, StudyRow
+from hpo_service.studies._core import StudyCore
+
+
+def check_lease(session: Session, trial_id: int, token: str) -> LeaseRow:
+    """The lease of ``trial_id``. Raises ``TrialNotFound`` or ``LeaseMismatch``."""
+    row = session.get(LeaseRow, trial_id)
+    if row is None:
+        raise TrialNotFound(trial_id)
+    if not secrets.compare_digest(row.token, token):
+        raise LeaseMismatch(f"the lease token does not match trial {trial_id}'s lease")
+    return row
+
+
+def lease_and_study_state(
+    core: StudyCore, trial_id: int, token: str
+) -> tuple[LeaseRow, str | None]:
+    """The lease (token checked) and its study's state (None: deleted), in one query."""
+    with core.db.session() as session:
+        found = session.execute(
+            select(LeaseRow, StudyRow.state)
+            .outerjoin(StudyRow, StudyRow.study_id == LeaseRow.study_id)
+            .where(LeaseRow.trial_id == trial_id)
+        ).first()
+    if found is None:
+        raise TrialNotFound(trial_id)
+    row, state = found
+    if not secrets.compare_digest(row.token, token):
+        raise LeaseMismatch(f"the lease token does not match trial {trial_id}'s lease")
+    return row, state
+
+
+def not_running(row: LeaseRow, state: TrialState | str) -> TrialReaped:
+    """The error for a lease whose trial is no longer running (``state``: its state now)."""
+    name = state.name.lower() if isinstance(state, TrialState) else state
+    if name == "fail" and row.outcome is None:
+        return TrialReaped(
+            f"trial {row.trial_number} is fail: its lease expired and it was failed "
+            "(a retry was queued if retries remained)"
+        )
+    return TrialReaped(f"trial {row.trial_number} was already finished ({name})")
+
+
+def running_trial(core: StudyCore, row: LeaseRow) -> FrozenTrial:
+    """The trial behind an open lease, which must still be running.
+
+    Raises ``TrialReaped`` when the lease was finished through the service or the trial is
+    no longer running (the reaper failed it).
+    """
+    if row.outcome is not None:
+        raise not_running(row, row.outcome)
+    trial = core.storage.get_trial(row.trial_id)
+    if trial.state != TrialState.RUNNING:
+        core.forget_running(row.trial_id)
+        raise not_running(row, trial.state)
+    return trial
+
+
+def finished_meanwhile(core: StudyCore, row: LeaseRow, error: Exception) -> TrialReaped:
+    """Optuna refused a write because the trial finished after we checked it."""
+    core.forget_running(row.trial_id)
+    state = core.storage.get_trial(row.trial_id).state
+    reaped = not_running(row, state)
+    reaped.__cause__ = error
+    return reaped
+
+
+def reason_to_stop(study_state: str | None) -> str | None:
+    """Why a worker should stop its trial, given its study's state (None: deleted)."""
+    if study_state is None:
+        return "study deleted"
+    return "study cancelled" if study_state == "cancelled" else None
+
+
+def stop_reason(core: StudyCore, study_id: int) -> str | None:
+    with core.db.session() as session:
+        row = session.get(StudyRow, study_id)
+    return reason_to_stop(row.state if row is not None else None)

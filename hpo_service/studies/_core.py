@@ -1,0 +1,199 @@
+"""The core every job of the study service shares: the storage, the study lock, the studies
+this process has loaded, and what it remembers of running trials and of each study's trials.
+
+Nothing here changes a trial's state; the modules beside it (registry, leasing, reporting,
+finishing, reaping) do, each through one ``StudyCore``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import optuna
+from optuna.trial import FrozenTrial
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from hpo_service.config import Settings
+from hpo_service.db import Database, prepare_service_schema
+from hpo_service.errors import StudyNotFound
+from hpo_service.models import StudyRow
+from hpo_service.optimizers import build_pruner, build_sampler
+from hpo_service.schemas import StudySpec
+from hpo_service.search_space import Param, check_spec
+from hpo_service.study_view import StudyView
+
+SPEC_ATTR = "spec"
+#: How old (s) the study's trials may be when the pruner compares against finished trials. Only
+#: trials that other replicas finished can be missing: this process's own leases refresh the
+#: snapshot and its own results force a fresh read.
+SNAPSHOT_MAX_AGE_S = 1.0
+#: Running trials this process remembers between reports (least recently used dropped first).
+RUNNING_CACHE_SIZE = 4096
+
+
+@dataclass
+class LoadedStudy:
+    """A study as this process drives it: Optuna's handle, its spec and its space."""
+
+    study: optuna.Study
+    spec: StudySpec
+    space: list[Param]
+    # The study's trials as last read (monotonic time), for the pruner; not ``exact`` once this
+    # process changed a trial's state after reading them.
+    snapshot: list[FrozenTrial] | None = None
+    snapshot_at: float = 0.0
+    exact: bool = False
+
+
+@dataclass
+class RunningTrial:
+    """A running trial as this process last wrote or read it.
+
+    Workers report epochs in order and wait for each answer, so when this process handled the
+    report of epoch e - 1 and now gets epoch e, no other replica can have written the trial in
+    between: ``trial`` is current and need not be re-read.
+    """
+
+    trial: FrozenTrial
+    last_epoch: int | None = None  # the epoch of the last report this process handled
+    beat_at: float = field(default=float("-inf"))  # monotonic time of our last heartbeat write
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+class StudyCore:
+    """The storage, the per-study lock and this process's memory of studies. Thread-safe."""
+
+    def __init__(self, settings: Settings, storage: optuna.storages.RDBStorage) -> None:
+        self.settings = settings
+        self.storage = storage
+        # Optuna's own cache over the storage, shared by every study of this process: finished
+        # trials are read once, later reads fetch only running and new trials.
+        self.cache = optuna.storages.get_storage(self.storage)
+        self.db = Database(self.storage.engine)
+        prepare_service_schema(self.storage.engine)  # creates on an empty DB, never migrates
+        self.is_postgres = self.storage.engine.dialect.name == "postgresql"
+        self.guard = threading.Lock()
+        self._locks: dict[int, threading.RLock] = {}
+        self._loaded: dict[int, LoadedStudy] = {}
+        self._running: OrderedDict[int, RunningTrial] = OrderedDict()
+
+    # --- locking and loading ----------------------------------------------------------------
+
+    @contextmanager
+    def study_lock(self, study_id: int) -> Iterator[Session]:
+        """Serialise the trial-creating operations of one study (lease, enqueue, fail with its
+        retry, reap) across threads and server replicas; ``complete`` is claimed by
+        compare-and-set instead (``_finishing.Finishing.claim``).
+
+        Yields a session whose transaction holds the lock; commit releases it. On SQLite only
+        the process lock applies (one writer process) and our own writes must come after
+        Optuna's in the same critical section, or the two connections would deadlock.
+        """
+        with self.guard:
+            lock = self._locks.setdefault(study_id, threading.RLock())
+        with lock, self.db.session() as session:
+            if self.is_postgres:
+                key = zlib.crc32(f"hpo-study-{study_id}".encode())
+                session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+            yield session
+
+    def load(self, study_id: int) -> LoadedStudy:
+        loaded = self._loaded.get(study_id)
+        if loaded is not None:
+            return loaded
+        name = self.storage.get_study_name_from_id(study_id)
+        attrs = self.storage.get_study_user_attrs(study_id)
+        spec = StudySpec.model_validate(attrs[SPEC_ATTR])
+        study = optuna.load_study(
+            study_name=name,
+            storage=self.cache,
+            sampler=build_sampler(spec.sampler),
+            pruner=build_pruner(spec.pruner, spec.epochs),
+        )
+        loaded = LoadedStudy(study=study, spec=spec, space=check_spec(spec))
+        with self.guard:
+            self._loaded.setdefault(study_id, loaded)
+            return self._loaded[study_id]
+
+    def remember_loaded(self, study_id: int, loaded: LoadedStudy) -> None:
+        with self.guard:
+            self._loaded[study_id] = loaded
+
+    def forget_loaded(self, study_id: int) -> None:
+        with self.guard:
+            self._loaded.pop(study_id, None)
+
+    @staticmethod
+    def row(session: Session, name: str) -> StudyRow:
+        """The study's control row. Raises ``StudyNotFound``."""
+        row = session.scalar(select(StudyRow).where(StudyRow.name == name))
+        if row is None:
+            raise StudyNotFound(name)
+        return row
+
+    # --- what this process remembers of running trials ------------------------------------
+
+    def remember_running(self, trial_id: int, running: RunningTrial) -> None:
+        with self.guard:
+            self._running[trial_id] = running
+            self._running.move_to_end(trial_id)
+            while len(self._running) > RUNNING_CACHE_SIZE:
+                self._running.popitem(last=False)
+
+    def forget_running(self, trial_id: int) -> None:
+        with self.guard:
+            self._running.pop(trial_id, None)
+
+    def known_running(self, trial_id: int) -> RunningTrial | None:
+        with self.guard:
+            return self._running.get(trial_id)
+
+    # --- the study's trials as the pruner and tell see them --------------------------------
+
+    @staticmethod
+    def remember_snapshot(loaded: LoadedStudy, trials: list[FrozenTrial]) -> None:
+        loaded.snapshot, loaded.snapshot_at, loaded.exact = trials, time.monotonic(), True
+
+    @staticmethod
+    def snapshot_changed(loaded: LoadedStudy) -> None:
+        """This process just changed a trial's state: the snapshot no longer tells it."""
+        loaded.exact = False
+
+    def pruning_snapshot(self, loaded: LoadedStudy) -> list[FrozenTrial]:
+        """The study's trials for the pruner: the last snapshot while it is younger than
+        ``SNAPSHOT_MAX_AGE_S`` and this process changed no trial since; else a fresh read."""
+        snapshot = loaded.snapshot
+        age = time.monotonic() - loaded.snapshot_at
+        if snapshot is None or not loaded.exact or age > SNAPSHOT_MAX_AGE_S:
+            snapshot = self.cache.get_all_trials(loaded.study._study_id, deepcopy=False)
+            self.remember_snapshot(loaded, snapshot)
+        return snapshot
+
+    def view(
+        self, loaded: LoadedStudy, trials: list[FrozenTrial], current: FrozenTrial
+    ) -> optuna.Study:
+        """The study as Optuna's pruner and ``tell`` see it: ``trials`` with ``current`` in it."""
+        view = StudyView(
+            self.cache,
+            loaded.study._study_id,
+            loaded.spec.name,
+            loaded.study.directions,
+            trials,
+            current=current,
+        )
+        return view.study(loaded.study.sampler, loaded.study.pruner)

@@ -1,0 +1,242 @@
+"""Finishing a trial: ``complete`` (tell its values) and ``fail`` (pruned, or failed and maybe
+retried), each exactly once.
+
+Our ``hpo_leases`` row holds the answer given, so a repeated ``complete`` gets the same answer
+and a late one after the reaper failed the trial gets ``TrialReaped`` instead of being dropped.
+Finishing is claimed with a compare-and-set on that row, so of two results for one trial, sent
+to any replicas, exactly one is told.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import TrialState
+from sqlalchemy import and_, or_, update
+
+from hpo_service.errors import InvalidSpec, ResultConflict, TrialNotFound
+from hpo_service.logging_setup import trial_fields
+from hpo_service.models import LeaseRow, StudyRow
+from hpo_service.schemas import CompleteAnswer, FailAnswer
+from hpo_service.studies._checks import check_lease, not_running
+from hpo_service.studies._core import LoadedStudy, StudyCore
+from hpo_service.studies._reaping import requeue
+from hpo_service.studies._reporting import finite_metrics
+
+log = logging.getLogger(__name__)
+
+#: ``hpo_leases.outcome`` while a result is being told; the final outcome replaces it.
+CLAIMED = {"complete": "completing", "fail": "failing"}
+
+
+def fingerprint_of(values: Sequence[float]) -> str:
+    return hashlib.sha256(json.dumps([float(v) for v in values]).encode()).hexdigest()
+
+
+def previous_answer(row: LeaseRow, outcome: str, fingerprint: str | None) -> dict[str, Any] | None:
+    """The answer recorded for this result (``fingerprint`` None: any result with this
+    outcome), None if the trial is still open, or ``ResultConflict``."""
+    if row.outcome is None:
+        return None
+    if row.outcome == outcome and fingerprint in (None, row.fingerprint):
+        return row.answer
+    if row.outcome == CLAIMED[outcome] and fingerprint in (None, row.fingerprint):
+        return None  # claimed with this result but not finished: finish it again
+    raise ResultConflict(
+        f"trial {row.trial_number} was already finished ({row.outcome}) with a different "
+        "result; the first result stands"
+    )
+
+
+class Finishing:
+    """``complete`` and ``fail`` over one ``StudyCore``."""
+
+    def __init__(self, core: StudyCore) -> None:
+        self.core = core
+
+    def _claim(self, row: LeaseRow, outcome: str, fingerprint: str) -> dict[str, Any] | None:
+        """Claim the right to finish ``row``'s trial with this result (a compare-and-set on the
+        lease row, atomic across threads and replicas). Returns None when claimed — also when
+        the same result was claimed before but not finished (a retry after a crash) — or the
+        answer recorded for this same result. Raises ``ResultConflict`` for another result.
+        """
+        pending = CLAIMED[outcome]
+        with self.core.db.session() as session:
+            claimed = session.execute(
+                update(LeaseRow)
+                .where(
+                    LeaseRow.trial_id == row.trial_id,
+                    or_(
+                        LeaseRow.outcome.is_(None),
+                        and_(LeaseRow.outcome == pending, LeaseRow.fingerprint == fingerprint),
+                    ),
+                )
+                .values(outcome=pending, fingerprint=fingerprint)
+            )
+            if claimed.rowcount == 1:  # type: ignore[attr-defined]
+                return None
+            current = session.get(LeaseRow, row.trial_id, populate_existing=True)
+        if current is None:
+            raise TrialNotFound(row.trial_id)
+        return previous_answer(current, outcome, fingerprint)
+
+    def _release(self, row: LeaseRow, outcome: str, fingerprint: str) -> None:
+        """Undo our claim when the trial turned out not to be running (the reaper failed it),
+        so later calls get ``TrialReaped`` rather than a conflict with a result never told."""
+        with self.core.db.session() as session:
+            session.execute(
+                update(LeaseRow)
+                .where(
+                    LeaseRow.trial_id == row.trial_id,
+                    LeaseRow.outcome == CLAIMED[outcome],
+                    LeaseRow.fingerprint == fingerprint,
+                )
+                .values(outcome=None, fingerprint=None)
+            )
+
+    def _record_answer(self, trial_id: int, outcome: str, answer: dict[str, Any]) -> None:
+        with self.core.db.session() as session:
+            session.execute(
+                update(LeaseRow)
+                .where(LeaseRow.trial_id == trial_id)
+                .values(outcome=outcome, answer=answer)
+            )
+
+    def complete(
+        self,
+        trial_id: int,
+        token: str,
+        values: Sequence[float],
+        metrics: Mapping[str, Any],
+    ) -> CompleteAnswer:
+        """Tell the trial's values, exactly once.
+
+        The same token and values again get the same answer; different values, or values after
+        the reaper failed the trial, raise ``ResultConflict`` / ``TrialReaped`` (never dropped).
+        """
+        core = self.core
+        bad = [v for v in values if not math.isfinite(v)]
+        if bad:
+            raise InvalidSpec("values", f"must be finite numbers (got {bad})")
+        fingerprint = fingerprint_of(values)
+        with core.db.session() as session:
+            row = check_lease(session, trial_id, token)
+        loaded = core.load(row.study_id)
+        if len(values) != len(loaded.spec.objectives):
+            raise InvalidSpec(
+                "values",
+                f"this study has {len(loaded.spec.objectives)} objective(s) "
+                f"({', '.join(loaded.spec.metric_names)}); got {len(values)} value(s)",
+            )
+        previous = previous_answer(row, "complete", fingerprint)
+        if previous is None:
+            previous = self._claim(row, "complete", fingerprint)
+        if previous is not None:
+            return CompleteAnswer.model_validate(previous)
+        try:
+            core.storage.set_trial_user_attr(trial_id, "metrics", finite_metrics(dict(metrics)))
+            self._tell(loaded, row, list(values))
+        except (UpdateFinishedTrialError, ValueError) as error:
+            # Finished before us: by an earlier try of this same result whose answer was not
+            # recorded, or by the reaper.
+            trial = core.storage.get_trial(trial_id)
+            if trial.state == TrialState.RUNNING:
+                raise
+            if trial.state != TrialState.COMPLETE or trial.values is None:
+                self._release(row, "complete", fingerprint)
+                raise not_running(row, trial.state) from error
+            if fingerprint_of(trial.values) != fingerprint:
+                raise ResultConflict(
+                    f"trial {trial.number} already completed with values {trial.values}"
+                ) from error
+        finally:
+            core.forget_running(trial_id)
+            core.snapshot_changed(loaded)
+        answer = CompleteAnswer(
+            trial_id=trial_id, trial_number=row.trial_number, state="complete", values=list(values)
+        )
+        self._record_answer(trial_id, "complete", answer.model_dump(mode="json"))
+        log.info(
+            "trial %d of %s completed: %s",
+            row.trial_number,
+            loaded.spec.name,
+            list(values),
+            extra=trial_fields(
+                "trial_completed",
+                study=loaded.spec.name,
+                study_id=row.study_id,
+                trial_id=trial_id,
+                trial_number=row.trial_number,
+                worker_id=row.worker_id,
+            ),
+        )
+        return answer
+
+    def _tell(self, loaded: LoadedStudy, row: LeaseRow, values: list[float]) -> None:
+        """``study.tell`` — without re-reading the trial when this process holds it (the state
+        change itself is still a compare-and-set in Optuna's storage)."""
+        known = self.core.known_running(row.trial_id)
+        if known is None:
+            loaded.study.tell(row.trial_number, values)
+            return
+        study = self.core.view(loaded, loaded.snapshot or [], known.trial)
+        study.tell(row.trial_number, values)
+
+    def fail(
+        self, trial_id: int, token: str, reason: str, retryable: bool, pruned: bool = False
+    ) -> FailAnswer:
+        """A worker gives a trial up: pruned (told PRUNED), or failed and maybe retried."""
+        core = self.core
+        with core.db.session() as session:
+            row = check_lease(session, trial_id, token)
+        loaded = core.load(row.study_id)
+        state = "pruned" if pruned else "fail"
+        # A repeated fail gets the first answer, whichever state it asked for.
+        previous = previous_answer(row, "fail", None)
+        if previous is None:
+            previous = self._claim(row, "fail", state)
+        if previous is not None:
+            return FailAnswer.model_validate(previous)
+        retry_number: int | None = None
+        try:
+            with core.study_lock(row.study_id) as session:  # a retry creates a trial
+                trial = core.storage.get_trial(trial_id)
+                if trial.state != TrialState.RUNNING:
+                    self._release(row, "fail", state)
+                    raise not_running(row, trial.state)
+                if pruned:
+                    loaded.study.tell(row.trial_number, state=TrialState.PRUNED)
+                else:
+                    core.storage.set_trial_user_attr(trial_id, "fail_reason", reason[:2000])
+                    loaded.study.tell(row.trial_number, state=TrialState.FAIL)
+                    study_row = session.get(StudyRow, row.study_id)
+                    if retryable and study_row is not None and study_row.state == "running":
+                        # read above; what it copies is unchanged
+                        retry_number = requeue(core, loaded, trial)
+        finally:
+            core.forget_running(trial_id)
+            core.snapshot_changed(loaded)
+        answer = FailAnswer(trial_id=trial_id, state=state, retry_trial_number=retry_number)
+        self._record_answer(trial_id, "fail", answer.model_dump(mode="json"))
+        log.info(
+            "trial %d of %s %s: %s",
+            row.trial_number,
+            loaded.spec.name,
+            "pruned" if pruned else "failed",
+            reason[:200],
+            extra=trial_fields(
+                "trial_pruned" if pruned else "trial_failed",
+                study=loaded.spec.name,
+                study_id=row.study_id,
+                trial_id=trial_id,
+                trial_number=row.trial_number,
+                worker_id=row.worker_id,
+            ),
+        )
+        return answer

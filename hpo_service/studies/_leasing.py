@@ -1,0 +1,239 @@
+"""The lease protocol: hand a trial to a worker (ask + suggest), within budget and concurrency.
+
+Budget and concurrency are enforced under the per-study lock (``StudyCore.study_lock``), which
+holds across server replicas. A lease samples against the study's trials as read under that
+lock and writes the whole new trial — parameters and attributes — in one transaction
+(``study_view.StudyView``) instead of one commit per ``suggest_*``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import select, update
+
+from hpo_service.errors import InvalidSpec
+from hpo_service.logging_setup import trial_fields
+from hpo_service.models import LeaseRow, StudyRow
+from hpo_service.schemas import Lease
+from hpo_service.search_space import resolve_config, suggest
+from hpo_service.studies._budget import tally
+from hpo_service.studies._checks import stop_reason
+from hpo_service.studies._core import LoadedStudy, RunningTrial, StudyCore, aware, now
+from hpo_service.study_view import StudyView
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Sample:
+    """A sampled trial not yet leased: pending in ``view`` (new) or popped (WAITING)."""
+
+    view: StudyView
+    trial: optuna.Trial
+    config: dict[str, Any] | None  # None: the sampled values make no valid config
+    failure: str = ""
+
+
+class LeaseProtocol:
+    """Hands out trials over one ``StudyCore``."""
+
+    def __init__(self, core: StudyCore) -> None:
+        self.core = core
+
+    def lease(self, worker_id: str, wait_s: float = 0.0) -> Lease | None:
+        """Hand a trial to a worker, long-polling up to ``wait_s`` seconds; None if no work.
+
+        A worker that comes back with the same id gets its own running trial back.
+        """
+        deadline = time.monotonic() + wait_s
+        while True:
+            lease = self._own_running_trial(worker_id) or self._try_lease(worker_id)
+            if lease is not None:
+                return lease
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            time.sleep(min(self.core.settings.long_poll_step_s, remaining))
+
+    def _own_running_trial(self, worker_id: str) -> Lease | None:
+        core = self.core
+        with core.db.session() as session:
+            rows = list(
+                session.scalars(
+                    select(LeaseRow).where(
+                        LeaseRow.worker_id == worker_id, LeaseRow.outcome.is_(None)
+                    )
+                )
+            )
+        for row in rows:
+            try:
+                trial = core.storage.get_trial(row.trial_id)
+            except KeyError:
+                continue
+            if trial.state == TrialState.RUNNING and stop_reason(core, row.study_id) is None:
+                core.storage.record_heartbeat(row.trial_id)
+                loaded = core.load(row.study_id)
+                config = trial.user_attrs.get("config") or resolve_config(loaded.spec, trial.params)
+                return self._lease_answer(loaded, row.trial_id, trial.number, row.token, config)
+        return None
+
+    def _try_lease(self, worker_id: str) -> Lease | None:
+        with self.core.db.session() as session:
+            # Fairness: the running study served longest ago goes first.
+            candidates = list(
+                session.execute(
+                    select(StudyRow.study_id)
+                    .where(StudyRow.state == "running")
+                    .order_by(StudyRow.last_leased_at.asc().nulls_first(), StudyRow.study_id)
+                ).scalars()
+            )
+        for study_id in candidates:
+            lease = self._lease_from(study_id, worker_id)
+            if lease is not None:
+                return lease
+        return None
+
+    def _lease_from(self, study_id: int, worker_id: str) -> Lease | None:
+        core = self.core
+        loaded = core.load(study_id)
+        budget = loaded.spec.budget
+        with core.study_lock(study_id) as session:
+            row = session.get(StudyRow, study_id)
+            if row is None or row.state != "running":
+                return None
+            if (
+                budget.timeout_s is not None
+                and (now() - aware(row.created_at)).total_seconds() > budget.timeout_s
+            ):
+                row.state = "stopped"
+                log.info("study %s reached its timeout; no new trials", row.name)
+                return None
+            # Complete under the lock: every trial of a study is created under it (leases,
+            # enqueues, retries), so no trial can appear behind the cache's back.
+            trials = core.cache.get_all_trials(study_id, deepcopy=False)
+            core.remember_snapshot(loaded, trials)
+            counted, running, _waiting, failures = tally(trials)
+            if failures >= budget.max_failed or counted >= budget.n_trials:
+                return None
+            if running >= min(budget.max_concurrent, row.max_concurrent):
+                return None
+            # Sampled under the lock, so the sampler sees every trial leased before this one
+            # (constant liar). Sampling ahead of the lock was measured slower in one process:
+            # the sampling threads held the GIL while the lock holder waited on the database.
+            sample = self._sample(loaded, trials)
+            if sample.config is None:
+                reason = {"fail_reason": sample.failure}
+                _, number = self._write_leased_trial(study_id, sample, reason)
+                loaded.study.tell(number, state=TrialState.FAIL)
+                log.warning("trial %d of %s has an %s", number, row.name, sample.failure)
+                return None
+            attrs = {"worker_id": worker_id, "config": sample.config}
+            trial_id, number = self._write_leased_trial(study_id, sample, attrs)
+        # The trial now counts toward the budget; the rest needs no lock (and the lock's own
+        # transaction wrote nothing, so releasing it waits for no disk flush). A trial without
+        # a heartbeat is never reaped, so a crash before the beat leaves it RUNNING — as before.
+        core.storage.record_heartbeat(trial_id)
+        token = secrets.token_urlsafe(24)
+        with core.db.session() as session:
+            session.add(
+                LeaseRow(
+                    trial_id=trial_id,
+                    study_id=study_id,
+                    trial_number=number,
+                    token=token,
+                    worker_id=worker_id,
+                )
+            )
+            session.execute(  # fairness: the study served longest ago goes first
+                update(StudyRow).where(StudyRow.study_id == study_id).values(last_leased_at=now())
+            )
+        pending = sample.view.pending
+        if pending is not None:  # what was just written is the running trial as it stands
+            leased = copy.deepcopy(pending)
+            leased._trial_id, leased.number = trial_id, number
+            core.remember_running(trial_id, RunningTrial(leased, beat_at=time.monotonic()))
+        log.info(
+            "leased trial %d of %s to %s",
+            number,
+            row.name,
+            worker_id,
+            extra=trial_fields(
+                "lease_granted",
+                study=row.name,
+                study_id=study_id,
+                trial_id=trial_id,
+                trial_number=number,
+                worker_id=worker_id,
+            ),
+        )
+        return self._lease_answer(loaded, trial_id, number, token, sample.config)
+
+    def _sample(self, loaded: LoadedStudy, trials: list[FrozenTrial]) -> _Sample:
+        """Ask the study's sampler for a trial over ``trials``; a WAITING trial is popped
+        (through the real storage) if there is one, else a new one stays pending in memory."""
+        view = StudyView(
+            self.core.cache,
+            loaded.study._study_id,
+            loaded.spec.name,
+            loaded.study.directions,
+            trials,
+        )
+        trial = view.study(loaded.study.sampler, loaded.study.pruner).ask()
+        try:
+            params = suggest(trial, loaded.spec, loaded.space)
+            return _Sample(view, trial, resolve_config(loaded.spec, params))
+        except InvalidSpec as error:
+            return _Sample(view, trial, None, f"invalid config: {error}")
+
+    def _write_leased_trial(
+        self, study_id: int, sample: _Sample, attrs: dict[str, Any]
+    ) -> tuple[int, int]:
+        """Write the sampled trial with ``attrs`` as user attributes; returns (id, number).
+
+        A new trial is written whole — parameters, the sampler's system attributes and
+        ``attrs`` — in one transaction. A popped WAITING trial already exists: only ``attrs``
+        are written.
+        """
+        core = self.core
+        pending, trial = sample.view.pending, sample.trial
+        if pending is None:
+            for key, value in attrs.items():
+                core.storage.set_trial_user_attr(trial._trial_id, key, value)
+            return trial._trial_id, trial.number
+        pending.user_attrs.update(attrs)
+        trial_id = core.cache.create_new_trial(study_id, template_trial=pending)
+        # Optuna numbers a trial by counting the study's earlier trials; under the study lock
+        # that is the snapshot's length, which the cache (filled by create_new_trial) confirms.
+        number = pending.number
+        try:
+            confirmed = core.cache.get_trial_id_from_study_id_trial_number(study_id, number)
+        except KeyError:
+            confirmed = None
+        if confirmed != trial_id:  # a trial was made outside the service: ask the database
+            number = core.storage.get_trial(trial_id).number
+        return trial_id, number
+
+    def _lease_answer(
+        self, loaded: LoadedStudy, trial_id: int, number: int, token: str, config: dict[str, Any]
+    ) -> Lease:
+        settings = self.core.settings
+        single = len(loaded.spec.objectives) == 1
+        return Lease(
+            trial_id=trial_id,
+            trial_number=number,
+            study=loaded.spec.name,
+            lease_token=token,
+            config=config,
+            objective_metrics=loaded.spec.metric_names,
+            report_metric=loaded.spec.metric_names[0] if single else None,
+            heartbeat_interval_s=settings.heartbeat_interval_s,
+            lease_timeout_s=settings.lease_timeout_s,
+        )

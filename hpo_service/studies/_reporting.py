@@ -1,0 +1,132 @@
+"""Heartbeats and reports: a running trial's epochs, and the pruner's decision on each.
+
+A report writes its metrics and its intermediate value and decides pruning from the running
+trial this process already holds, re-reading it only when this process did not handle the
+trial's previous report (``RunningTrial``); the study's finished trials for the pruner come from
+a snapshot at most ``SNAPSHOT_MAX_AGE_S`` old (``StudyCore.pruning_snapshot``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from optuna.exceptions import UpdateFinishedTrialError
+
+from hpo_service.errors import InvalidSpec
+from hpo_service.models import LeaseRow
+from hpo_service.schemas import HeartbeatAnswer, ReportAnswer
+from hpo_service.studies._checks import (
+    finished_meanwhile,
+    lease_and_study_state,
+    not_running,
+    reason_to_stop,
+    running_trial,
+)
+from hpo_service.studies._core import RunningTrial, StudyCore
+
+
+def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Metrics as JSON-safe values: non-finite floats become None rather than breaking JSON."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    return {key: clean(value) for key, value in metrics.items()}
+
+
+class Reporting:
+    """Heartbeats and per-epoch reports over one ``StudyCore``."""
+
+    def __init__(self, core: StudyCore) -> None:
+        self.core = core
+
+    def heartbeat(self, trial_id: int, token: str) -> HeartbeatAnswer:
+        core = self.core
+        row, study_state = lease_and_study_state(core, trial_id, token)
+        running_trial(core, row)  # a heartbeat is rare enough to re-read the trial's state
+        self._beat(trial_id, core.known_running(trial_id), due_only=False)
+        reason = reason_to_stop(study_state)
+        if reason is not None:
+            return HeartbeatAnswer(action="stop", reason=reason)
+        return HeartbeatAnswer(action="continue")
+
+    def report(
+        self,
+        trial_id: int,
+        token: str,
+        epoch: int,
+        value: float | None,
+        metrics: Mapping[str, Any],
+    ) -> ReportAnswer:
+        """Store the epoch's objective value as an intermediate value and its metrics as a user
+        attribute, then ask the study's pruner. A repeated report of an epoch is not re-stored.
+        A report counts as a heartbeat.
+
+        Raises ``TrialNotFound``, ``LeaseMismatch``, ``TrialReaped`` (the trial is no longer
+        running) or ``InvalidSpec`` (a non-finite value).
+        """
+        core = self.core
+        if value is not None and not math.isfinite(value):
+            raise InvalidSpec("value", f"must be a finite number (got {value})")
+        row, study_state = lease_and_study_state(core, trial_id, token)
+        loaded = core.load(row.study_id)
+        running = self._current_running(row, epoch)
+        try:
+            # Optuna refuses writes to a finished trial: this is the running check.
+            core.storage.set_trial_user_attr(
+                trial_id, "metrics", finite_metrics({"epoch": epoch, **metrics})
+            )
+            self._beat(trial_id, running, due_only=True)
+            reason = reason_to_stop(study_state)
+            if reason is not None:
+                running.last_epoch = epoch
+                return ReportAnswer(action="stop", reason=reason)
+            if value is None or len(loaded.spec.objectives) != 1:
+                running.last_epoch = epoch
+                return ReportAnswer(action="continue")
+            if epoch not in running.trial.intermediate_values:
+                core.storage.set_trial_intermediate_value(trial_id, epoch, value)
+                running.trial.intermediate_values[epoch] = value
+        except UpdateFinishedTrialError as error:
+            raise finished_meanwhile(core, row, error) from error
+        running.last_epoch = epoch
+        # Trial.should_prune() without re-reading anything: the pruner gets the trial as just
+        # written and the study's trials from the snapshot.
+        study = core.view(loaded, core.pruning_snapshot(loaded), running.trial)
+        if study.pruner.prune(study, copy.deepcopy(running.trial)):
+            return ReportAnswer(action="prune", reason=f"pruned at epoch {epoch}")
+        return ReportAnswer(action="continue")
+
+    def _current_running(self, row: LeaseRow, epoch: int) -> RunningTrial:
+        """The running trial for a report of ``epoch``: remembered if this process handled the
+        report of ``epoch - 1`` (see ``RunningTrial``), else read. Raises ``TrialReaped``."""
+        core = self.core
+        known = core.known_running(row.trial_id)
+        if known is not None and known.last_epoch is not None and epoch == known.last_epoch + 1:
+            if row.outcome is not None:
+                raise not_running(row, row.outcome)
+            return known
+        trial = running_trial(core, row)
+        running = RunningTrial(trial, beat_at=known.beat_at if known else float("-inf"))
+        core.remember_running(row.trial_id, running)
+        return running
+
+    def _beat(self, trial_id: int, running: RunningTrial | None, due_only: bool) -> None:
+        """Record a heartbeat; with ``due_only``, only if this process has not recorded one in
+        the last half heartbeat interval (a lease outlives a whole interval without a beat)."""
+        now = time.monotonic()
+        interval = self.core.settings.heartbeat_interval_s
+        recent = running is not None and now - running.beat_at < interval / 2
+        if due_only and recent:
+            return
+        self.core.storage.record_heartbeat(trial_id)
+        if running is not None:
+            running.beat_at = now
