@@ -162,9 +162,15 @@ class StudyService:
         return self.finishing.complete(trial_id, token, values, metrics)
 
     def fail(
-        self, trial_id: int, token: str, reason: str, retryable: bool, pruned: bool = False
+        self,
+        trial_id: int,
+        token: str,
+        reason: str,
+        retryable: bool,
+        pruned: bool = False,
+        diverged: bool = False,  # issue 10: completed infeasible (hpo_service.constraints)
     ) -> FailAnswer:
-        return self.finishing.fail(trial_id, token, reason, retryable, pruned)
+        return self.finishing.fail(trial_id, token, reason, retryable, pruned, diverged)
 
     # --- reaping ------------------------------------------------------------------------------
 

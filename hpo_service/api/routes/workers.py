@@ -62,4 +62,6 @@ def complete(service: ServiceDep, trial_id: int, body: CompleteRequest) -> Compl
 
 @router.post("/trials/{trial_id}/fail", response_model=FailAnswer, responses=_ERRORS)
 def fail(service: ServiceDep, trial_id: int, body: FailRequest) -> FailAnswer:
-    return service.fail(trial_id, body.lease_token, body.reason, body.retryable, body.pruned)
+    return service.fail(
+        trial_id, body.lease_token, body.reason, body.retryable, body.pruned, body.diverged
+    )
