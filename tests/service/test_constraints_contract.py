@@ -5,6 +5,7 @@ infeasible with the worst value seen, neither is ever `best`; each constraint ca
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import optuna
@@ -137,3 +138,66 @@ def test_an_unreachable_minimum_of_active_units_is_a_422(client: TestClient) -> 
     bad = spec(name="bad-kl", constraints={"min_kl": -1})
     response = client.post("/v1/studies", json=bad, headers=ADMIN)
     assert response.status_code == 422 and "min_kl" in response.text
+
+
+def test_the_dashboard_shows_feasibility(client: TestClient) -> None:
+    """optuna-dashboard 0.21 greys out trials whose `constraints` list has a positive value;
+    its JSON API must carry our values, and the verdict shows among the user attributes."""
+    name = "dashboard-feasibility"
+    _create(client, name=name, budget={"n_trials": 2, "max_concurrent": 1}, pruner={"name": "none"})
+    assert _worker(client, _scripted(["good", "collapsed"])).run() == 2
+    study_id = client.get(f"/v1/studies/{name}", headers=VIEWER).json()["study_id"]
+    trials = client.get(f"/api/studies/{study_id}", headers=VIEWER).json()["trials"]
+    shown = [t["constraints"] for t in trials]
+    assert all(v <= 0 for v in shown[0]) and any(v > 0 for v in shown[1])
+    attrs = {a["key"]: a["value"] for a in trials[1]["user_attrs"]}
+    assert json.loads(attrs["feasibility"])["feasible"] is False
+
+
+def test_curated_starts_run_first_and_name_their_source(
+    client: TestClient, database_url: str
+) -> None:
+    name = "curated"
+    _create(
+        client,
+        name=name,
+        curated_starts=True,
+        budget={"n_trials": 5, "max_concurrent": 1},
+        pruner={"name": "none"},
+    )
+    assert _worker(client, _scripted(["good"] * 5)).run() == 5
+    study = optuna.load_study(study_name=name, storage=database_url)
+    sources = [t.user_attrs.get("curated_start") for t in study.trials]
+    assert sources == ["pytorch-examples", "bowman-warmup", "fu-cyclical", "one-cycle", None]
+    assert study.trials[0].user_attrs["config"]["kl_schedule"] == "constant"
+    assert study.trials[2].user_attrs["config"]["kl_schedule"] == "cyclical"
+
+
+def test_a_multi_objective_study_prunes_on_its_primary_metric(client: TestClient) -> None:
+    name = "multi-prune"
+    _create(
+        client,
+        name=name,
+        objectives=[{"metric": "val_neg_elbo"}, {"metric": "active_units"}],
+        budget={"n_trials": 3, "max_concurrent": 1},
+        fixed={"kl_schedule": "constant", **spec()["fixed"]},
+        pruner={"name": "median", "n_startup_trials": 2, "n_warmup_steps": 0,
+                "metric": "val_neg_elbo"},
+    )  # fmt: skip
+    runs = iter([0.0, 1.0, 1e6])  # the third trial is far worse on the primary metric
+
+    def scripted(config: dict[str, Any], on_epoch: Any) -> TrainResult:
+        offset = next(runs)
+        history = []
+        for epoch in range(1, 4):
+            metrics = EpochMetrics(epoch, {"val_neg_elbo": 100.0 + offset}, [0.0])
+            history.append(metrics)
+            if on_epoch(metrics) == "stop":
+                return TrainResult({}, history, epoch, 1, True)
+        final = {"val_neg_elbo": 100.0 + offset, "active_units": 3.0, "val_kl": 5.0}
+        return TrainResult(final, history, 3, 3, False)
+
+    assert _worker(client, scripted).run() == 3
+    trials = _trials(client, name)
+    assert [t["state"] for t in trials] == ["complete", "complete", "pruned"]
+    assert trials[2]["intermediate_values"] == {"1": 1e6 + 100.0}
