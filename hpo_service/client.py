@@ -189,6 +189,7 @@ class HPOClient:
         *,
         retryable: bool = False,
         pruned: bool = False,
+        diverged: bool = False,
         output_tail: str | None = None,
     ) -> FailAnswer:
         body: dict[str, Any] = {
@@ -197,6 +198,8 @@ class HPOClient:
             "retryable": retryable,
             "pruned": pruned,
         }
+        if diverged:  # issue 10: the server completes a diverged trial as infeasible
+            body["diverged"] = True
         if output_tail:
             body["output_tail"] = output_tail
         response = self._call("POST", f"/trials/{trial_id}/fail", json=body, trial=True)

@@ -15,10 +15,13 @@ import optuna
 from optuna.exceptions import ExperimentalWarning
 from optuna.pruners import BasePruner
 from optuna.samplers import BaseSampler
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
 
 from hpo_service.errors import InvalidSpec
 from hpo_service.grid import StudyGridSampler
-from hpo_service.schemas import ParamValue, PrunerSpec, SamplerSpec
+from hpo_service.phase_pruning import PhaseAwarePruner, PrimaryMetricPruner
+from hpo_service.schemas import ParamValue, PrunerSpec, SamplerSpec, StudySpec
 
 
 def build_sampler(
@@ -53,7 +56,7 @@ def _build_sampler(spec: SamplerSpec) -> BaseSampler:
             seed=spec.seed, warn_independent_sampling=False, warn_asynchronous_seeding=False
         )
     if spec.name == "cmaes":
-        return optuna.samplers.CmaEsSampler(
+        return ConstraintBlindCmaEsSampler(
             seed=spec.seed, n_startup_trials=spec.n_startup_trials, warn_independent_sampling=False
         )
     if spec.name == "nsga2":
@@ -72,10 +75,48 @@ def _build_sampler(spec: SamplerSpec) -> BaseSampler:
     raise InvalidSpec("sampler.name", f"unknown sampler {spec.name!r}")
 
 
-def build_pruner(spec: PrunerSpec, epochs: int) -> BasePruner:
+class ConstraintBlindCmaEsSampler(optuna.samplers.CmaEsSampler):
+    """CMA-ES, which cannot use constraints, without its warning on every trial that has them:
+    the service records collapse and divergence constraints on every trial (for ``best``, the
+    reports and the dashboard), so the warning would fire on each ``tell``."""
+
+    def after_trial(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        state: TrialState,
+        values: Sequence[float] | None,
+    ) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message="Constraints have been set", category=UserWarning
+            )
+            super().after_trial(study, trial, state, values)
+
+
+def build_pruner(
+    spec: PrunerSpec, epochs: int, primary: tuple[int, StudyDirection] | None = None
+) -> BasePruner:
+    """The spec's pruner, wrapped to decide only at comparable schedule points unless
+    ``phase_aware`` is off. ``primary``: the objective index and direction a multi-objective
+    study prunes on (``StudySpec.pruning_primary``); None for one objective."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
-        return _build_pruner(spec, epochs)
+        pruner = _build_pruner(spec, epochs)
+    if isinstance(pruner, optuna.pruners.NopPruner) or not (spec.phase_aware or primary):
+        return pruner
+    if not spec.phase_aware:  # a multi-objective study still needs its primary metric
+        return PrimaryMetricPruner(pruner, primary)
+    return PhaseAwarePruner(pruner, primary)
+
+
+def pruning_primary(spec: StudySpec) -> tuple[int, StudyDirection] | None:
+    """The objective a multi-objective study prunes on, as (index, direction); None otherwise."""
+    metric = spec.pruning_metric
+    if len(spec.objectives) == 1 or metric is None:
+        return None
+    index = spec.metric_names.index(metric)
+    return index, StudyDirection[spec.directions[index].upper()]
 
 
 def _build_pruner(spec: PrunerSpec, epochs: int) -> BasePruner:
@@ -118,4 +159,8 @@ def describe(obj: Any) -> dict[str, Any]:
         for key, value in vars(obj).items()
         if isinstance(value, int | float | str | bool | type(None))
     }
-    return {"class": type(obj).__name__, "settings": settings}
+    described: dict[str, Any] = {"class": type(obj).__name__, "settings": settings}
+    inner = getattr(obj, "inner", None)  # a wrapper (phase-aware pruning): what it wraps
+    if inner is not None:
+        described["inner"] = describe(inner)
+    return described

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import select
 
+from hpo_service.constraints import is_feasible
 from hpo_service.errors import StudyNotFound
 from hpo_service.models import FiringRow
 from hpo_service.schedules import firing_info, get_schedule
@@ -141,10 +142,12 @@ def _night(studies: StudyService, run: FiringRow, metric: str, direction: Direct
         )
         if t.values
     ]
-    if not complete:
-        night.note = "no complete trial"
+    # Collapsed or diverged trials (hpo_service.constraints) never make a night's best.
+    feasible = [t for t in complete if is_feasible(t)]
+    if not feasible:
+        night.note = "no feasible complete trial" if complete else "no complete trial"
         return night
-    best = min(complete, key=lambda t: -t.values[0] if direction == "maximize" else t.values[0])
+    best = min(feasible, key=lambda t: -t.values[0] if direction == "maximize" else t.values[0])
     night.best_value, night.best_params = best.values[0], dict(best.params)
     night.importances, night.importance_note = _importances(studies, run.study_name, complete)
     return night

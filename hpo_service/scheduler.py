@@ -41,6 +41,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from hpo_service.config import Settings
+from hpo_service.constraints import is_feasible
 from hpo_service.errors import InvalidSpec, StudyExists
 from hpo_service.fire_times import (
     FireTime,
@@ -406,7 +407,7 @@ class Scheduler:
         complete = [
             t
             for t in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.values
+            if t.values and is_feasible(t)  # a collapsed or diverged trial is no warm start
         ]
         complete.sort(key=lambda t: (-t.values[0] if maximize else t.values[0], t.number))
         space = {param.name: param for param in check_spec(spec)}

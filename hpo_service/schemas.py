@@ -352,6 +352,46 @@ class PrunerSpec(BaseModel):
     reduction_factor: int = Field(3, ge=2)
     patience: int | None = Field(None, ge=0, description="Wrap in PatientPruner when set.")
     min_delta: float = Field(0.0, ge=0)
+    phase_aware: bool = Field(
+        True,
+        description="Decide only at epochs where the trial's KL weight is at its target and its "
+        "LR warm-up is over, against other trials at such epochs (hpo_service.phase_pruning).",
+    )
+    metric: str | None = Field(
+        None,
+        description="Multi-objective studies: the objective metric reported each epoch and "
+        "pruned on (default: none, no pruning). Single-objective studies prune on their metric.",
+    )
+
+
+class ConstraintSpec(BaseModel):
+    """Posterior collapse and divergence as Optuna constraints (``hpo_service.constraints``).
+
+    A trial that violates one completes as *infeasible*: samplers that read constraints (TPE,
+    NSGA-II/III, GP) learn to avoid its region, and ``best``, the morning report and warm starts
+    never pick it. Each constraint can be switched off; all are on by default.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    active_units: bool = Field(True, description="Require at least `min_active_units` units.")
+    min_active_units: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Active units (Burda et al. 2016) a feasible trial needs; default: "
+        "`min_active_fraction` of the latent size, rounded up, at least 1.",
+    )
+    min_active_fraction: float = Field(0.1, gt=0, le=1)
+    kl: bool = Field(True, description="Require the validation KL to reach `min_kl`.")
+    min_kl: float = Field(
+        0.1, gt=0, le=1e6, description="Nats per example; below it the posterior collapsed."
+    )
+    finite: bool = Field(
+        True,
+        description="A diverged trial (non-finite loss) completes as infeasible with the worst "
+        "value seen in the study, instead of failing unseen by the sampler.",
+    )
 
 
 class StudySpec(BaseModel):
@@ -393,6 +433,14 @@ class StudySpec(BaseModel):
     fixed: dict[str, Any] = Field(default_factory=dict, description="Config values not searched.")
     drop: list[str] = Field(default_factory=list, description="Default params not to search.")
     max_retries: int = Field(2, ge=0, le=100, description="Retries of a trial whose lease expired.")
+    constraints: ConstraintSpec = Field(
+        default_factory=ConstraintSpec, description="Collapse and divergence constraints."
+    )
+    curated_starts: bool = Field(
+        False,
+        description="Enqueue known-good VAE configurations first (hpo_service.curated_starts), "
+        "adapted to the study's epochs and space.",
+    )
 
     @model_validator(mode="after")
     def _names_and_objectives(self) -> StudySpec:
@@ -410,6 +458,10 @@ class StudySpec(BaseModel):
         metrics = [objective.metric for objective in self.objectives]
         if len(set(metrics)) != len(metrics):
             raise ValueError("`objectives` must name distinct metrics")
+        if self.pruner.metric is not None and self.pruner.metric not in metrics:
+            raise ValueError(
+                f"`pruner.metric` {self.pruner.metric!r} is not one of the objectives {metrics}"
+            )
         if len(self.objectives) > 1 and self.sampler.name in {"gp", "cmaes"}:
             raise ValueError(
                 f"`sampler.name` {self.sampler.name!r} supports one objective; "
@@ -424,6 +476,14 @@ class StudySpec(BaseModel):
     @property
     def metric_names(self) -> list[str]:
         return [objective.metric for objective in self.objectives]
+
+    @property
+    def pruning_metric(self) -> str | None:
+        """The metric reported each epoch and pruned on: the objective of a single-objective
+        study, ``pruner.metric`` of a multi-objective one (None: no pruning)."""
+        if len(self.objectives) == 1:
+            return self.objectives[0].metric
+        return self.pruner.metric
 
 
 # --- REST resources --------------------------------------------------------------------------
@@ -447,6 +507,8 @@ class TrialSummary(BaseModel):
     metrics: dict[str, Any]
     worker_id: str | None
     retry_of: int | None
+    # Collapse/divergence constraints (hpo_service.constraints); None: none recorded.
+    feasible: bool | None = None
     datetime_start: str | None
     datetime_complete: str | None
     duration_s: float | None
@@ -590,6 +652,9 @@ class FailRequest(LeaseToken):
     retryable: bool = False
     pruned: bool = False  # the worker stopped because the server said prune
     output_tail: str | None = Field(None, max_length=OUTPUT_TAIL_CHARS)  # as in CompleteRequest
+    # The loss or the objective became non-finite: the server completes the trial as infeasible
+    # (``constraints.finite``) instead of failing it.
+    diverged: bool = False
 
 
 class FailAnswer(BaseModel):

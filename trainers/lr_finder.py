@@ -17,10 +17,15 @@ implementations (VAE_DEFINITIONS §7):
   (torch-lr-finder, fastai ``steep``); ``valley`` — fastai's default, a point about half-way
   down the longest decreasing run of the curve.
 
-The suggested ``max_lr`` is the valley point (fastai's default suggestion): it lies inside the
-descent, before the loss turns, and is more robust to a noisy curve than the single steepest
-segment (reported too, as ``steepest_lr``). The suggested ``base_lr`` is ``max_lr / 4`` (Smith
-2017, §3.3: base ≈ max/3 … max/4), never below the first LR scanned.
+The suggested range follows Smith 2017, §3.3 — ``base_lr`` where the loss starts to fall,
+``max_lr`` where it stops falling, before it diverges — read off a **zero-lag** smoothing of the
+raw losses (a centred moving mean, ``smith_range``): the debiased EMA above lags the raw curve by
+about 1/(1 − β) = 50 iterations, which moves its minimum well past where the raw loss turned.
+fastai's ``valley`` (half-way down the descent) and the steepest point are still reported, but
+neither is the top of the range: on a curve whose raw loss kept falling to ≈ 1e-2 the valley
+said 7e-4 (issue 10). ``base_lr`` is the first LR at which the smoothed loss has fallen by
+``FALL_FRACTION`` of its total fall; when that is not below ``max_lr``, ``max_lr / 4`` (Smith's
+rule of thumb, base ≈ max/3 … max/4), never below the first LR scanned.
 
 VAE-specific (VAE_DEFINITIONS §7): the loss is the VAE objective at β = ``beta_target`` (the KL
 weight the peak LR will meet after any warm-up; with β = 0 the curve is an autoencoder's and
@@ -63,8 +68,12 @@ from trainers.train import (
 
 #: fastai drops the last 5 points (where the loss explodes) before suggesting.
 SKIP_END = 5
-#: Smith 2017, §3.3: base_lr ≈ max_lr/3 … max_lr/4.
+#: Smith 2017, §3.3: base_lr ≈ max_lr/3 … max_lr/4 (the fallback when the fall has no start).
 BASE_LR_DIVISOR = 4.0
+#: "Where the loss starts to fall": the first point this fraction of the way down the fall.
+FALL_FRACTION = 0.1
+#: Half-width of the centred moving mean, as a fraction of the points recorded (at least 1).
+SMOOTH_HALF_WIDTH = 0.03
 
 
 @dataclass(frozen=True)
@@ -81,9 +90,10 @@ class RangeTestCurve:
 class LRFinderResult:
     """The range test's curve and its suggestions (effective LRs at ``batch_size``).
 
-    ``suggested_max_lr`` is the valley point, ``suggested_base_lr`` = max/4 (clamped to the
-    scanned range); both, and ``steepest_lr``/``valley_lr``, are ``None`` when the curve has
-    fewer than 3 points (the scan diverged at once: lower ``start_lr``).
+    ``suggested_base_lr``/``suggested_max_lr``: Smith's range (``smith_range``, inside the
+    scanned range); they, and ``steepest_lr``/``valley_lr``, are ``None`` when the curve has
+    fewer than 3 points (the scan diverged at once: lower ``start_lr``); the suggestions are
+    also ``None`` when the loss never fell.
     """
 
     lrs: list[float]
@@ -180,12 +190,50 @@ def suggest_valley(lrs: Sequence[float], losses: Sequence[float]) -> float:
     return lrs[max_start + int(sections) + int(sections / 2)]
 
 
+def centred_mean(values: Sequence[float], half_width: int) -> list[float]:
+    """Moving mean over ``[i − half_width, i + half_width]`` (shrunk at the ends): no lag, so a
+    minimum stays where the raw curve has it."""
+    n = len(values)
+    return [
+        sum(values[max(0, i - half_width) : i + half_width + 1])
+        / (min(n, i + half_width + 1) - max(0, i - half_width))
+        for i in range(n)
+    ]
+
+
+def smith_range(
+    lrs: Sequence[float], losses: Sequence[float], start_lr: float
+) -> tuple[float, float] | None:
+    """(base_lr, max_lr) by Smith 2017, §3.3, from the raw ``losses`` (module docstring):
+    max where the centred-mean loss is lowest, base where it has fallen ``FALL_FRACTION`` of
+    the way from its first value to that minimum. None when the loss never falls."""
+    half = max(1, round(SMOOTH_HALF_WIDTH * len(losses)))
+    curve = centred_mean(losses, half)
+    smooth_low = min(range(len(curve)), key=curve.__getitem__)
+    fall = curve[0] - curve[smooth_low]
+    if fall <= 0:
+        return None
+    started = next(i for i in range(smooth_low + 1) if curve[i] <= curve[0] - FALL_FRACTION * fall)
+    # Next to an exploding tail the window's mean is lowest a few points early: the turn is the
+    # lowest raw loss within one window of the smoothed minimum.
+    near = range(smooth_low, min(len(losses), smooth_low + half + 1))
+    lowest = min(near, key=lambda i: losses[i])
+    peak = lrs[lowest]
+    base = lrs[started] if started < lowest else peak / BASE_LR_DIVISOR
+    return max(start_lr, base), peak
+
+
 def suggestions(
-    lrs: Sequence[float], smoothed: Sequence[float], num_iter: int, start_lr: float
+    lrs: Sequence[float],
+    smoothed: Sequence[float],
+    num_iter: int,
+    start_lr: float,
+    losses: Sequence[float] | None = None,
 ) -> dict[str, float | None]:
-    """``steepest``, ``valley``, ``max_lr`` (= valley) and ``base_lr`` (= max/4, ≥ start_lr) on
-    the trimmed curve (first ``num_iter // 10`` and last 5 points dropped, as fastai does; the
-    whole curve when trimming would leave fewer than 3 points). ``None`` below 3 points."""
+    """``steepest`` and ``valley`` on the trimmed smoothed curve (first ``num_iter // 10`` and
+    last 5 points dropped, as fastai does; the whole curve when trimming would leave fewer than
+    3 points), and ``base_lr``/``max_lr`` by ``smith_range`` on the raw ``losses`` (the smoothed
+    curve when not given). ``None`` below 3 points, or when the loss never fell."""
     if len(lrs) < 3:
         return {"steepest": None, "valley": None, "max_lr": None, "base_lr": None}
     lo, hi = num_iter // 10, len(lrs) - SKIP_END
@@ -193,11 +241,12 @@ def suggestions(
         lo, hi = 0, len(lrs)
     xs, ys = lrs[lo:hi], smoothed[lo:hi]
     steepest, valley = suggest_steepest(xs, ys), suggest_valley(xs, ys)
+    picked = smith_range(lrs, smoothed if losses is None else losses, start_lr)
     return {
         "steepest": steepest,
         "valley": valley,
-        "max_lr": valley,
-        "base_lr": max(start_lr, valley / BASE_LR_DIVISOR),  # Smith 2017 rule of thumb
+        "max_lr": picked[1] if picked else None,
+        "base_lr": picked[0] if picked else None,
     }
 
 
@@ -320,7 +369,7 @@ def find_lr(
         vae, optimizer, train_step, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter,
         smooth=smooth, diverge_threshold=diverge_threshold,
     )  # fmt: skip
-    picks = suggestions(curve.lrs, curve.smoothed, num_iter, start_lr)
+    picks = suggestions(curve.lrs, curve.smoothed, num_iter, start_lr, curve.losses)
     return LRFinderResult(
         lrs=curve.lrs,
         losses=curve.losses,
@@ -362,7 +411,8 @@ def plot_lr_finder(result: LRFinderResult, path: str | Path) -> None:
         ax.set_ylim(low - pad, top + pad)
     marks = (
         (result.suggested_base_lr, "C2", "base_lr"),
-        (result.suggested_max_lr, "C3", "max_lr (valley)"),
+        (result.suggested_max_lr, "C3", "max_lr (Smith)"),
+        (result.valley_lr, "C4", "valley (fastai)"),
         (result.steepest_lr, "C1", "steepest"),
     )
     for lr, color, name in marks:
@@ -395,11 +445,13 @@ def _check_arguments(
 __all__ = [
     "LRFinderResult",
     "RangeTestCurve",
+    "centred_mean",
     "debiased_ema",
     "exponential_lrs",
     "find_lr",
     "plot_lr_finder",
     "range_test",
+    "smith_range",
     "suggest_steepest",
     "suggest_valley",
     "suggestions",

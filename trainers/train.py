@@ -318,6 +318,7 @@ def train(
         "epochs_run": float(len(history)),
     }
     if not stopped_early:
+        eval_started = time.perf_counter()  # issue 10: evaluation timed apart from training
         vae.load_state_dict(best_state)
         vae.eval()
         test, _ = evaluate(vae, data.test, cfg, eval_generator(cfg, device))
@@ -333,6 +334,7 @@ def train(
                 generator=eval_generator(cfg, device),
             )
             final["test_is_nll"] = nll.mean().item()
+        final["final_eval_seconds"] = time.perf_counter() - eval_started  # issue 10
     return TrainResult(
         metrics=final,
         history=history,

@@ -140,8 +140,13 @@ class Worker:
         started = time.monotonic()
         try:
             result = self.train_fn(config, self._on_epoch(lease, state))
-        except (ConfigError, NonFiniteLossError) as error:
+        except ConfigError as error:
             return self._settle_failure(lease, state, f"{type(error).__name__}: {error}", False)
+        # --- issue 10: a diverged run is reported as such; the server completes it infeasible
+        except NonFiniteLossError as error:
+            reason = f"{type(error).__name__}: {error}"
+            return self._settle_failure(lease, state, reason, False, diverged=True)
+        # --- end issue 10
         except Exception as error:
             log.exception("trial %d crashed", lease.trial_number)
             return self._settle_failure(lease, state, f"{type(error).__name__}: {error}", True)
@@ -152,13 +157,15 @@ class Worker:
         outcome = self._settle(lease, state, result)
         timings = _timings(result, trained - started, time.monotonic() - trained)
         log.info(
-            "trial %d of %s: %s after %d epochs in %.1fs (train %.1fs, %.0f samples/s; %s)",
+            "trial %d of %s: %s after %d epochs in %.1fs (train %.1fs, final eval %.1fs, "
+            "%.0f samples/s; %s)",
             lease.trial_number,
             lease.study,
             outcome,
             result.epochs_run,
             timings["wall_s"],
             timings["train_s"],
+            timings["eval_s"],
             timings["samples_per_sec"],
             ", ".join(
                 f"{m}={result.metrics.get(m, float('nan')):.4g}" for m in lease.objective_metrics
@@ -245,6 +252,7 @@ class Worker:
                 lease,
                 f"objective not finite: {_pick(result.metrics, lease.objective_metrics)}",
                 False,
+                diverged=True,  # issue 10: a non-finite result is a divergence too
             )
         final = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
         try:
@@ -258,33 +266,52 @@ class Worker:
         return "complete"
 
     def _settle_failure(
-        self, lease: Lease, state: _TrialState, reason: str, retryable: bool
+        self, lease: Lease, state: _TrialState, reason: str, retryable: bool, diverged: bool = False
     ) -> str:
         if state.lost:
             return "lost"
-        return self._send_fail(lease, reason, retryable)
+        return self._send_fail(lease, reason, retryable, diverged=diverged)
 
-    def _send_fail(self, lease: Lease, reason: str, retryable: bool, pruned: bool = False) -> str:
+    def _send_fail(
+        self,
+        lease: Lease,
+        reason: str,
+        retryable: bool,
+        pruned: bool = False,
+        diverged: bool = False,
+    ) -> str:
         try:
-            self._retrying(
+            answer = self._retrying(
                 "fail",
                 lambda: self.client.fail(
-                    lease.trial_id, lease.lease_token, reason, retryable=retryable, pruned=pruned
+                    lease.trial_id,
+                    lease.lease_token,
+                    reason,
+                    retryable=retryable,
+                    pruned=pruned,
+                    diverged=diverged,
                 ),
             )
         except LeaseLost as error:
             log.warning("trial %d: could not settle: %s", lease.trial_number, error)
             return "lost"
+        if answer.state == "complete":  # issue 10: diverged, completed as infeasible
+            return "infeasible"
         return "pruned" if pruned else ("handed back" if retryable else "failed")
 
 
 def _timings(result: TrainResult, train_s: float, settle_s: float) -> dict[str, float]:
     """A trial's timings in seconds and its mean training throughput (samples per second,
-    the mean of the epochs' ``samples_per_sec``; NaN when no epoch ran)."""
+    the mean of the epochs' ``samples_per_sec``; NaN when no epoch ran). ``train_s`` is the
+    training function's wall time; its final evaluation (``final_eval_seconds``) is reported
+    apart as ``eval_s`` and not counted as training."""
     rates = [e.values["samples_per_sec"] for e in result.history if "samples_per_sec" in e.values]
+    # --- issue 10: the final test evaluation (IS-NLL) is not training time
+    eval_s = float(result.metrics.get("final_eval_seconds", 0.0))
     return {
         "wall_s": train_s + settle_s,
-        "train_s": train_s,
+        "train_s": train_s - eval_s,
+        "eval_s": eval_s,
         "settle_s": settle_s,
         "samples_per_sec": sum(rates) / len(rates) if rates else math.nan,
     }

@@ -170,11 +170,12 @@ class StudyService:
         reason: str,
         retryable: bool,
         pruned: bool = False,
+        diverged: bool = False,  # issue 10: completed infeasible (hpo_service.constraints)
         *,
         output_tail: str | None = None,
     ) -> FailAnswer:
         return self.finishing.fail(
-            trial_id, token, reason, retryable, pruned, output_tail=output_tail
+            trial_id, token, reason, retryable, pruned, diverged, output_tail=output_tail
         )
 
     # --- reaping ------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from hpo_service.db import Database, prepare_service_schema
 from hpo_service.errors import StudyNotFound
 from hpo_service.grid import study_grid
 from hpo_service.models import StudyRow
-from hpo_service.optimizers import build_pruner, build_sampler
+from hpo_service.optimizers import build_pruner, build_sampler, pruning_primary
 from hpo_service.schemas import StudySpec
 from hpo_service.search_space import Param, check_spec
 from hpo_service.study_view import StudyView
@@ -125,7 +125,7 @@ class StudyCore:
             study_name=name,
             storage=self.cache,
             sampler=build_sampler(spec.sampler, study_grid(spec, space)),
-            pruner=build_pruner(spec.pruner, spec.epochs),
+            pruner=build_pruner(spec.pruner, spec.epochs, pruning_primary(spec)),
         )
         loaded = LoadedStudy(study=study, spec=spec, space=space)
         with self.guard:

@@ -20,6 +20,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 from sqlalchemy import and_, or_, update
 
+from hpo_service.constraints import record_completed, settle_diverged
 from hpo_service.errors import InvalidSpec, ResultConflict, TrialNotFound
 from hpo_service.logging_setup import trial_fields
 from hpo_service.models import LeaseRow, StudyRow
@@ -145,6 +146,7 @@ class Finishing:
             core.storage.set_trial_user_attr(trial_id, "metrics", finite_metrics(dict(metrics)))
             if output_tail:  # the program's last output (`hpo agent`)
                 core.storage.set_trial_user_attr(trial_id, "output_tail", output_tail)
+            record_completed(core.storage, trial_id, loaded.spec, metrics)  # issue 10
             self._tell(loaded, row, list(values))
         except (UpdateFinishedTrialError, ValueError) as error:
             # Finished before us: by an earlier try of this same result whose answer was not
@@ -199,6 +201,7 @@ class Finishing:
         reason: str,
         retryable: bool,
         pruned: bool = False,
+        diverged: bool = False,
         *,
         output_tail: str | None = None,
     ) -> FailAnswer:
@@ -223,7 +226,14 @@ class Finishing:
                     raise not_running(row, trial.state)
                 if output_tail:  # the program's last output (`hpo agent`)
                     core.storage.set_trial_user_attr(trial_id, "output_tail", output_tail)
-                if pruned:
+                # --- issue 10: a diverged trial completes infeasible (None: `finite` is off)
+                told = (
+                    settle_diverged(loaded.study, trial, loaded.spec, reason) if diverged else None
+                )
+                if told is not None:
+                    state = told
+                # --- end issue 10
+                elif pruned:
                     loaded.study.tell(row.trial_number, state=TrialState.PRUNED)
                 else:
                     core.storage.set_trial_user_attr(trial_id, "fail_reason", reason[:2000])

@@ -236,7 +236,6 @@ class LeaseProtocol:
         params: Mapping[str, Any],
     ) -> Lease:
         settings = self.core.settings
-        single = len(loaded.spec.objectives) == 1
         return Lease(
             trial_id=trial_id,
             trial_number=number,
@@ -245,7 +244,7 @@ class LeaseProtocol:
             config=config,
             params=dict(params),
             objective_metrics=loaded.spec.metric_names,
-            report_metric=loaded.spec.metric_names[0] if single else None,
+            report_metric=loaded.spec.pruning_metric,  # issue 10: multi-objective primary
             heartbeat_interval_s=settings.heartbeat_interval_s,
             lease_timeout_s=settings.lease_timeout_s,
         )

@@ -12,10 +12,12 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import select
 
+from hpo_service.constraints import feasibility_of
+from hpo_service.curated_starts import SOURCE_ATTR, curated_starts
 from hpo_service.errors import InvalidSpec, StudyExists, StudyNotRunning
 from hpo_service.grid import fit_budget_to_grid, study_grid
 from hpo_service.models import LeaseRow, StudyRow
-from hpo_service.optimizers import build_pruner, build_sampler, describe
+from hpo_service.optimizers import build_pruner, build_sampler, describe, pruning_primary
 from hpo_service.schemas import (
     StudyInfo,
     StudySpec,
@@ -74,6 +76,7 @@ def summary(trial: FrozenTrial, worker_id: str | None = None) -> TrialSummary:
         metrics=trial.user_attrs.get("metrics", {}),
         worker_id=worker_id or trial.user_attrs.get("worker_id"),
         retry_of=history[-1] if history else None,
+        feasible=feasibility_of(trial),  # issue 10
         datetime_start=trial.datetime_start.isoformat() if trial.datetime_start else None,
         datetime_complete=(
             trial.datetime_complete.isoformat() if trial.datetime_complete else None
@@ -106,7 +109,7 @@ class StudyRegistry:
         spec = fit_budget_to_grid(spec, space)  # a grid study ends with its grid
         check_param_sets(spec, space, enqueue)
         sampler = build_sampler(spec.sampler, study_grid(spec, space))
-        pruner = build_pruner(spec.pruner, spec.epochs)
+        pruner = build_pruner(spec.pruner, spec.epochs, pruning_primary(spec))
         with core.db.session() as session:
             if session.scalar(select(StudyRow).where(StudyRow.name == spec.name)) is not None:
                 raise StudyExists(spec.name)
@@ -131,6 +134,10 @@ class StudyRegistry:
                 study.set_metric_names(spec.metric_names)
             for key, value in (user_attrs or {}).items():
                 study.set_user_attr(key, value)
+            # --- issue 10: curated known-good configurations first, when the spec asks
+            for source, start in curated_starts(spec, space) if spec.curated_starts else []:
+                study.enqueue_trial(start, user_attrs={"enqueued": True, SOURCE_ATTR: source})
+            # --- end issue 10
             for params in enqueue:  # before the row below makes the study visible to workers
                 study.enqueue_trial(dict(params), user_attrs={"enqueued": True})
             with core.db.session() as session:

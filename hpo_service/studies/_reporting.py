@@ -89,7 +89,7 @@ class Reporting:
             if reason is not None:
                 running.last_epoch = epoch
                 return ReportAnswer(action="stop", reason=reason)
-            if value is None or len(loaded.spec.objectives) != 1:
+            if value is None or loaded.spec.pruning_metric is None:  # issue 10: primary metric
                 running.last_epoch = epoch
                 return ReportAnswer(action="continue")
             if epoch not in running.trial.intermediate_values:

@@ -21,6 +21,7 @@ from trainers.lr_finder import (
     find_lr,
     plot_lr_finder,
     range_test,
+    smith_range,
     suggest_steepest,
     suggest_valley,
 )
@@ -66,6 +67,47 @@ def test_valley_follows_fastai() -> None:
     assert suggest_valley(lrs, losses) == 3.0
     # a straight descent of 10 points: start = 9 − 10 → clamped to 0, idx = 0 + 3 + 1
     assert suggest_valley([*lrs, 9.0, 10.0], [10.0 - i for i in range(10)]) == 5.0
+
+
+def _known_curve(noise: float, seed: int = 0) -> tuple[list[float], list[float]]:
+    """Smith 2017's picture with a known answer: flat at 10 up to 1e-4, falling linearly in
+    log LR to 2 at 1e-2, then exploding (×1.5 per point); seeded Gaussian noise."""
+    import random
+
+    rng = random.Random(seed)
+    lrs = exponential_lrs(1e-6, 1.0, 120)
+    losses, last = [], 10.0
+    for lr in lrs:
+        x = math.log10(lr)
+        if x <= -4:
+            loss = 10.0
+        elif x <= -2:
+            loss = 10.0 - 8.0 * (x + 4) / 2
+        else:
+            last *= 1.5
+            loss = 2.0 + last - 10.0
+        losses.append(loss + rng.gauss(0.0, noise))
+    return lrs, losses
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_smith_range_finds_where_the_loss_starts_and_stops_falling(seed: int) -> None:
+    lrs, losses = _known_curve(noise=0.3, seed=seed)
+    picked = smith_range(lrs, losses, lrs[0])
+    assert picked is not None
+    base, peak = picked
+    # The fall starts at 1e-4 (10 % of the way down: 10**-3.8) and ends at 1e-2: within a
+    # factor 1.6 (two scan points) of each.
+    assert 10**-3.8 / 1.6 <= base <= 10**-3.8 * 1.6
+    assert 1e-2 / 1.6 <= peak <= 1e-2 * 1.6
+    # fastai's valley on the EMA sits half-way down the fall: far below the top of the range.
+    smoothed = debiased_ema(losses, 0.98)
+    assert suggest_valley(lrs, smoothed) < peak / 10
+
+
+def test_smith_range_is_none_when_the_loss_never_falls() -> None:
+    lrs = exponential_lrs(1e-6, 1.0, 20)
+    assert smith_range(lrs, [5.0 + i for i in range(20)], lrs[0]) is None
 
 
 def test_invalid_arguments_are_named() -> None:
@@ -145,10 +187,9 @@ def test_find_lr_on_digits_suggests_base_below_max_inside_the_scan(
     assert result.lrs[0] == 1e-5
     assert result.suggested_base_lr is not None and result.suggested_max_lr is not None
     assert result.lrs[0] <= result.suggested_base_lr < result.suggested_max_lr <= result.lrs[-1]
-    assert math.isclose(result.suggested_base_lr, result.suggested_max_lr / 4) or (
-        result.suggested_base_lr == result.lrs[0]
-    )
-    assert result.suggested_max_lr == result.valley_lr
+    # Smith's max is where the (zero-lag smoothed) raw loss is lowest: never a point whose
+    # loss is above the curve's start.
+    assert result.suggested_max_lr in result.lrs
     assert result.batch_size == 64
 
     # JSON round-trips exactly, and is strict JSON

@@ -70,5 +70,6 @@ def fail(service: ServiceDep, trial_id: int, body: FailRequest) -> FailAnswer:
         body.reason,
         body.retryable,
         body.pruned,
+        body.diverged,
         output_tail=body.output_tail,
     )
