@@ -160,7 +160,7 @@ STUBBORN = """
 def test_a_program_that_ignores_the_prune_signal_is_killed_with_its_group(
     server: LiveServer, tmp_path: Path
 ) -> None:
-    pruner = {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0}
+    pruner = {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0, "phase_aware": False}
     admin(server).create_study(
         spec("stubborn", pruner=pruner, budget={"n_trials": 2, "max_concurrent": 1})
     )

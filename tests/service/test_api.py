@@ -239,7 +239,7 @@ def test_report_stores_intermediate_values_and_prunes(
         client,
         name="prune",
         budget={"n_trials": 3, "max_concurrent": 1},
-        pruner={"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
+        pruner={"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0, "phase_aware": False},
     )
 
     def report(granted: dict[str, Any], epoch: int, value: float) -> str:

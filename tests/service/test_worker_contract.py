@@ -77,7 +77,7 @@ def test_pruned_trials_are_told_pruned(client: TestClient) -> None:
         client,
         name="pruning",
         budget={"n_trials": 2, "max_concurrent": 1},
-        pruner={"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
+        pruner={"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0, "phase_aware": False},
     )
     worker = make_worker(client)
     runs = iter([0.0, 1e6])  # the second trial reports a terrible objective every epoch
