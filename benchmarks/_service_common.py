@@ -110,6 +110,19 @@ def hpo_serve(database_url: str, **settings: Any) -> Iterator[str]:
 
     ``settings`` become ``HPO_*`` environment variables (e.g. ``log_level="warning"``).
     """
+    with hpo_serve_process(database_url, **settings) as (url, _pid):
+        yield url
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used, from ``/proc/<pid>/stat``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def hpo_serve_process(database_url: str, **settings: Any) -> Iterator[tuple[str, int]]:
+    """``hpo_serve`` that also yields the server's process id (to read its CPU time)."""
     port = free_port()
     env = {
         **os.environ,
@@ -139,7 +152,7 @@ def hpo_serve(database_url: str, **settings: Any) -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise RuntimeError("hpo serve did not become healthy in 60 s")
             time.sleep(0.2)
-        yield url
+        yield url, process.pid
     finally:
         process.terminate()
         try:

@@ -12,7 +12,7 @@ import optuna
 from fastapi import FastAPI
 
 from hpo_service.api.errors import install_error_handlers
-from hpo_service.api.routes import health, schedules, studies, workers
+from hpo_service.api.routes import batch, health, schedules, studies, workers
 from hpo_service.config import Settings
 from hpo_service.dashboard import mount_dashboard
 from hpo_service.metrics import RequestTimer, ServiceMetrics
@@ -89,6 +89,7 @@ def create_app(settings: Settings, storage: optuna.storages.RDBStorage | None = 
     app.include_router(health.router)
     app.include_router(studies.router, prefix=API_PREFIX)
     app.include_router(workers.router, prefix=API_PREFIX)
+    app.include_router(batch.router, prefix=API_PREFIX)
     app.include_router(schedules.router, prefix=API_PREFIX)
 
     @app.get("/healthz", tags=["health"])

@@ -20,19 +20,31 @@ import httpx
 from pydantic import BaseModel
 
 from hpo_service.schemas import (
+    BatchCompleteAnswer,
+    BatchFailAnswer,
+    BatchHeartbeatAnswer,
+    BatchLeases,
+    BatchReportAnswer,
     CompleteAnswer,
+    CompleteItem,
     EnqueueResponse,
     FailAnswer,
+    FailItem,
     FiringInfo,
     HeartbeatAnswer,
+    HeartbeatItem,
     Lease,
     ReportAnswer,
+    ReportItem,
     ScheduleInfo,
     ScheduleReport,
     ScheduleSpec,
     StudyInfo,
     StudySpec,
+    TrialComplete,
+    TrialFail,
     TrialPage,
+    TrialReport,
 )
 
 API_PREFIX = "/v1"
@@ -204,6 +216,38 @@ class HPOClient:
             body["output_tail"] = output_tail
         response = self._call("POST", f"/trials/{trial_id}/fail", json=body, trial=True)
         return FailAnswer.model_validate(response.json())
+
+    # --- the batched worker protocol: many trials per request, an answer or error per trial --
+
+    def lease_many(
+        self, worker_id: str, count: int, wait_s: float = 0.0, device: str | None = None
+    ) -> list[Lease]:
+        """Up to ``count`` leases (the worker's own running trials first); [] if no work."""
+        body = {"worker_id": worker_id, "count": count, "wait_s": wait_s, "device": device}
+        response = self._call("POST", "/batch/leases", json=body)
+        return BatchLeases.model_validate(response.json()).leases
+
+    def heartbeat_many(self, leases: list[tuple[int, str]]) -> list[HeartbeatItem]:
+        """One beat for many leases, given as (trial id, lease token); an item per lease."""
+        body = {"leases": [{"trial_id": t, "lease_token": token} for t, token in leases]}
+        response = self._call("POST", "/batch/heartbeat", json=body)
+        return BatchHeartbeatAnswer.model_validate(response.json()).items
+
+    def report_many(self, reports: list[TrialReport]) -> list[ReportItem]:
+        """Many trials' epochs in one request; an item per report (answer or error)."""
+        body = {"reports": [self._body(report) for report in reports]}
+        response = self._call("POST", "/batch/report", json=body)
+        return BatchReportAnswer.model_validate(response.json()).items
+
+    def complete_many(self, results: list[TrialComplete]) -> list[CompleteItem]:
+        body = {"results": [self._body(result) for result in results]}
+        response = self._call("POST", "/batch/complete", json=body)
+        return BatchCompleteAnswer.model_validate(response.json()).items
+
+    def fail_many(self, failures: list[TrialFail]) -> list[FailItem]:
+        body = {"failures": [self._body(failure) for failure in failures]}
+        response = self._call("POST", "/batch/fail", json=body)
+        return BatchFailAnswer.model_validate(response.json()).items
 
     # --- schedules (recurring sweeps) ---------------------------------------------------------
 

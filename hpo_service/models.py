@@ -44,6 +44,7 @@ class StudyRow(Base):
 
 class LeaseRow(Base):
     __tablename__ = "hpo_leases"
+    __table_args__ = (Index("ix_hpo_leases_outcome_beat", "outcome", "beat_at_s"),)
 
     trial_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     study_id: Mapped[int] = mapped_column(Integer, index=True)
@@ -55,6 +56,9 @@ class LeaseRow(Base):
     outcome: Mapped[str | None] = mapped_column(String(20), nullable=True)
     fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
     answer: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # The lease's last sign of life (granted, beat, report, a claim to finish), by the database
+    # clock in seconds since the epoch: the reaper fails leases older than the lease timeout.
+    beat_at_s: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 # --- recurring sweeps ------------------------------------------------------------------------

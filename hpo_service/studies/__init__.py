@@ -10,7 +10,7 @@ memory of studies and running trials):
 - ``_leasing``   — the lease protocol: budget, concurrency, sampling (``LeaseProtocol``);
 - ``_reporting`` — heartbeats, per-epoch reports and pruning (``Reporting``);
 - ``_finishing`` — complete and fail, each exactly once (``Finishing``);
-- ``_reaping``   — expired leases and the retry policy (``Reaper``);
+- ``_reaping``   — expired and lease-less trials, and the retry policy (``Reaper``);
 - ``_checks``, ``_budget`` — lease-token and trial-state checks; the budget tally.
 
 Budget and concurrency are enforced under a per-study lock that holds across server replicas: a
@@ -38,10 +38,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial
 
 from hpo_service.config import Settings
 from hpo_service.db import Database
+from hpo_service.errors import HPOError
 from hpo_service.schemas import (
     CompleteAnswer,
     FailAnswer,
@@ -55,13 +55,21 @@ from hpo_service.schemas import (
 )
 from hpo_service.storage import build_storage
 from hpo_service.studies._core import SNAPSHOT_MAX_AGE_S, SPEC_ATTR, StudyCore
-from hpo_service.studies._finishing import Finishing
+from hpo_service.studies._finishing import Finishing, TrialFailure, TrialResult
 from hpo_service.studies._leasing import LeaseProtocol
 from hpo_service.studies._reaping import Reaper
 from hpo_service.studies._registry import StudyRegistry
-from hpo_service.studies._reporting import Reporting
+from hpo_service.studies._reporting import EpochReport, Reporting
 
-__all__ = ["SNAPSHOT_MAX_AGE_S", "SPEC_ATTR", "StudyCore", "StudyService"]
+__all__ = [
+    "SNAPSHOT_MAX_AGE_S",
+    "SPEC_ATTR",
+    "EpochReport",
+    "StudyCore",
+    "StudyService",
+    "TrialFailure",
+    "TrialResult",
+]
 
 
 class StudyService:
@@ -70,17 +78,15 @@ class StudyService:
     def __init__(
         self, settings: Settings, storage: optuna.storages.RDBStorage | None = None
     ) -> None:
-        storage = storage or build_storage(settings, on_stale=self._on_stale_trial)
-        storage.heartbeat_stale_trial_callback = self._on_stale_trial
+        # The service keeps each lease's liveness itself (``hpo_leases.beat_at_s``); Optuna's
+        # heartbeat table is not written, so Optuna's own stale-trial check finds nothing.
+        storage = storage or build_storage(settings)
         self.core = StudyCore(settings, storage)
         self.registry = StudyRegistry(self.core)
         self.leasing = LeaseProtocol(self.core)
         self.reporting = Reporting(self.core)
         self.finishing = Finishing(self.core)
         self.reaper = Reaper(self.core)
-
-    def _on_stale_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.reaper.on_stale_trial(study, trial)
 
     # --- what other parts of the server read -------------------------------------------------
 
@@ -177,6 +183,23 @@ class StudyService:
         return self.finishing.fail(
             trial_id, token, reason, retryable, pruned, diverged, output_tail=output_tail
         )
+
+    # --- the batched worker protocol: many trials per request, per-trial answers ------------
+
+    def lease_many(self, worker_id: str, count: int, wait_s: float = 0.0) -> list[Lease]:
+        return self.leasing.lease_many(worker_id, count, wait_s)
+
+    def heartbeat_many(self, leases: Sequence[tuple[int, str]]) -> list[HeartbeatAnswer | HPOError]:
+        return self.reporting.heartbeat_many(leases)
+
+    def report_many(self, reports: Sequence[EpochReport]) -> list[ReportAnswer | HPOError]:
+        return self.reporting.report_many(reports)
+
+    def complete_many(self, results: Sequence[TrialResult]) -> list[CompleteAnswer | HPOError]:
+        return self.finishing.complete_many(results)
+
+    def fail_many(self, failures: Sequence[TrialFailure]) -> list[FailAnswer | HPOError]:
+        return self.finishing.fail_many(failures)
 
     # --- reaping ------------------------------------------------------------------------------
 

@@ -6,14 +6,30 @@ Shared by every route a worker calls with a lease (heartbeat, report, complete, 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping, Sequence
 
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from hpo_service.errors import LeaseMismatch, TrialNotFound, TrialReaped
+from hpo_service.errors import (
+    Conflict,
+    InvalidSpec,
+    LeaseMismatch,
+    NotFound,
+    TrialNotFound,
+    TrialReaped,
+)
 from hpo_service.models import LeaseRow, StudyRow
 from hpo_service.studies._core import StudyCore
+
+#: What a batched request answers per trial instead of failing the whole request; anything
+#: else (``StorageUnavailable``) fails the request, which the worker retries as a whole.
+PER_TRIAL_ERRORS = (InvalidSpec, NotFound, Conflict)
+#: ``hpo_leases.outcome`` of a lease the reaper expired (its trial was failed).
+REAPED = "reaped"
+#: ``hpo_leases.outcome`` while a result is being told; the final outcome replaces it.
+CLAIMED = {"complete": "completing", "fail": "failing"}
 
 
 def check_lease(session: Session, trial_id: int, token: str) -> LeaseRow:
@@ -26,19 +42,28 @@ def check_lease(session: Session, trial_id: int, token: str) -> LeaseRow:
     return row
 
 
-def lease_and_study_state(
-    core: StudyCore, trial_id: int, token: str
-) -> tuple[LeaseRow, str | None]:
-    """The lease (token checked) and its study's state (None: deleted), in one query."""
+def leases_and_study_states(
+    core: StudyCore, trial_ids: Sequence[int]
+) -> dict[int, tuple[LeaseRow, str | None]]:
+    """The leases of ``trial_ids`` with their study's state (None: deleted), in one query."""
     with core.db.session() as session:
         found = session.execute(
             select(LeaseRow, StudyRow.state)
             .outerjoin(StudyRow, StudyRow.study_id == LeaseRow.study_id)
-            .where(LeaseRow.trial_id == trial_id)
-        ).first()
-    if found is None:
+            .where(LeaseRow.trial_id.in_(set(trial_ids)))
+        ).all()
+    return {row.trial_id: (row, state) for row, state in found}
+
+
+def checked_lease(
+    found: Mapping[int, tuple[LeaseRow, str | None]], trial_id: int, token: str
+) -> tuple[LeaseRow, str | None]:
+    """The lease of ``trial_id`` from ``found``, its token checked, and its study's state.
+    Raises ``TrialNotFound`` or ``LeaseMismatch``."""
+    entry = found.get(trial_id)
+    if entry is None:
         raise TrialNotFound(trial_id)
-    row, state = found
+    row, state = entry
     if not secrets.compare_digest(row.token, token):
         raise LeaseMismatch(f"the lease token does not match trial {trial_id}'s lease")
     return row, state
@@ -47,7 +72,7 @@ def lease_and_study_state(
 def not_running(row: LeaseRow, state: TrialState | str) -> TrialReaped:
     """The error for a lease whose trial is no longer running (``state``: its state now)."""
     name = state.name.lower() if isinstance(state, TrialState) else state
-    if name == "fail" and row.outcome is None:
+    if row.outcome == REAPED or (name == "fail" and row.outcome is None):
         return TrialReaped(
             f"trial {row.trial_number} is fail: its lease expired and it was failed "
             "(a retry was queued if retries remained)"

@@ -11,21 +11,21 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import optuna
 from optuna.trial import FrozenTrial
-from sqlalchemy import select, text
+from sqlalchemy import ColumnElement, Float, cast, extract, func, select, text, update
 from sqlalchemy.orm import Session
 
 from hpo_service.config import Settings
 from hpo_service.db import Database, prepare_service_schema
 from hpo_service.errors import StudyNotFound
 from hpo_service.grid import study_grid
-from hpo_service.models import StudyRow
+from hpo_service.models import LeaseRow, StudyRow
 from hpo_service.optimizers import build_pruner, build_sampler, pruning_primary
 from hpo_service.schemas import StudySpec
 from hpo_service.search_space import Param, check_spec
@@ -139,6 +139,31 @@ class StudyCore:
     def forget_loaded(self, study_id: int) -> None:
         with self.guard:
             self._loaded.pop(study_id, None)
+
+    def database_clock_s(self) -> ColumnElement[float]:
+        """Now by the database's clock, in seconds since the epoch, to the millisecond or better
+        (SQLite's ``CURRENT_TIMESTAMP``, which Optuna's heartbeats use, has whole seconds only).
+        Every lease age is measured by this one clock, so host clock skew is harmless."""
+        if self.is_postgres:
+            return cast(extract("epoch", func.clock_timestamp()), Float)
+        return (func.julianday("now") - 2440587.5) * 86400.0
+
+    def record_beat(self, trial_id: int) -> None:
+        """The lease of ``trial_id`` is alive now (one statement). A lease already reaped or
+        finished stays so."""
+        self.record_beats([trial_id])
+
+    def record_beats(self, trial_ids: Sequence[int]) -> None:
+        """The leases of ``trial_ids`` are alive now, in one statement."""
+        if not trial_ids:
+            return
+        with self.db.session() as session:
+            session.execute(
+                update(LeaseRow)
+                .where(LeaseRow.trial_id.in_(trial_ids), LeaseRow.outcome.is_(None))
+                .values(beat_at_s=self.database_clock_s())
+                .execution_options(synchronize_session=False)
+            )
 
     @staticmethod
     def row(session: Session, name: str) -> StudyRow:

@@ -3,8 +3,11 @@ retried), each exactly once.
 
 Our ``hpo_leases`` row holds the answer given, so a repeated ``complete`` gets the same answer
 and a late one after the reaper failed the trial gets ``TrialReaped`` instead of being dropped.
-Finishing is claimed with a compare-and-set on that row, so of two results for one trial, sent
-to any replicas, exactly one is told.
+Finishing is claimed with a compare-and-set on that row that only one request wins, on any
+replica: the winner tells Optuna (the sampler's ``after_trial`` runs then), logs and records the
+answer; the same result arriving meanwhile waits for that answer and only reads it. A claim
+whose holder died before recording (older than the lease timeout by the database clock) is
+taken over by the next identical request, or failed by the reaper.
 """
 
 from __future__ import annotations
@@ -13,27 +16,41 @@ import hashlib
 import json
 import logging
 import math
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
-from sqlalchemy import and_, or_, update
+from sqlalchemy import and_, or_, true, update
 
 from hpo_service.constraints import record_completed, settle_diverged
-from hpo_service.errors import InvalidSpec, ResultConflict, TrialNotFound
+from hpo_service.errors import (
+    HPOError,
+    InvalidSpec,
+    ResultConflict,
+    StorageUnavailable,
+    TrialNotFound,
+)
 from hpo_service.logging_setup import trial_fields
 from hpo_service.models import LeaseRow, StudyRow
 from hpo_service.schemas import CompleteAnswer, FailAnswer
-from hpo_service.studies._checks import check_lease, not_running
+from hpo_service.studies._checks import (
+    CLAIMED,
+    PER_TRIAL_ERRORS,
+    REAPED,
+    check_lease,
+    not_running,
+)
 from hpo_service.studies._core import LoadedStudy, StudyCore
 from hpo_service.studies._reaping import requeue
 from hpo_service.studies._reporting import finite_metrics
 
 log = logging.getLogger(__name__)
 
-#: ``hpo_leases.outcome`` while a result is being told; the final outcome replaces it.
-CLAIMED = {"complete": "completing", "fail": "failing"}
+#: How often (s) a request waits on another request's claim to finish the same trial.
+CLAIM_POLL_S = 0.02
 
 
 def fingerprint_of(values: Sequence[float]) -> str:
@@ -42,7 +59,10 @@ def fingerprint_of(values: Sequence[float]) -> str:
 
 def previous_answer(row: LeaseRow, outcome: str, fingerprint: str | None) -> dict[str, Any] | None:
     """The answer recorded for this result (``fingerprint`` None: any result with this
-    outcome), None if the trial is still open, or ``ResultConflict``."""
+    outcome), None if the trial is still open or being finished with this result, or
+    ``ResultConflict`` / ``TrialReaped``."""
+    if row.outcome == REAPED:
+        raise not_running(row, TrialState.FAIL)
     if row.outcome is None:
         return None
     if row.outcome == outcome and fingerprint in (None, row.fingerprint):
@@ -55,37 +75,124 @@ def previous_answer(row: LeaseRow, outcome: str, fingerprint: str | None) -> dic
     )
 
 
+@dataclass(frozen=True)
+class TrialResult:
+    """A worker's final values for one trial."""
+
+    trial_id: int
+    token: str
+    values: Sequence[float]
+    metrics: Mapping[str, Any]
+    output_tail: str | None = None  # the program's last output (`hpo agent`)
+
+
+@dataclass(frozen=True)
+class TrialFailure:
+    """A worker giving one trial up."""
+
+    trial_id: int
+    token: str
+    reason: str
+    retryable: bool = False
+    pruned: bool = False
+    diverged: bool = False  # issue 10: completed infeasible (hpo_service.constraints)
+    output_tail: str | None = None
+
+
 class Finishing:
-    """``complete`` and ``fail`` over one ``StudyCore``."""
+    """``complete`` and ``fail`` over one ``StudyCore``, one trial or many at a time."""
 
     def __init__(self, core: StudyCore) -> None:
         self.core = core
 
-    def _claim(self, row: LeaseRow, outcome: str, fingerprint: str) -> dict[str, Any] | None:
-        """Claim the right to finish ``row``'s trial with this result (a compare-and-set on the
-        lease row, atomic across threads and replicas). Returns None when claimed — also when
-        the same result was claimed before but not finished (a retry after a crash) — or the
-        answer recorded for this same result. Raises ``ResultConflict`` for another result.
-        """
-        pending = CLAIMED[outcome]
-        with self.core.db.session() as session:
-            claimed = session.execute(
-                update(LeaseRow)
-                .where(
-                    LeaseRow.trial_id == row.trial_id,
-                    or_(
-                        LeaseRow.outcome.is_(None),
-                        and_(LeaseRow.outcome == pending, LeaseRow.fingerprint == fingerprint),
-                    ),
+    def complete_many(self, results: Sequence[TrialResult]) -> list[CompleteAnswer | HPOError]:
+        """``complete`` for each result, in order, each with its own idempotency and conflict
+        rules: per result an answer, or the error the single route raises."""
+        answers: list[CompleteAnswer | HPOError] = []
+        for result in results:
+            try:
+                answers.append(
+                    self.complete(
+                        result.trial_id,
+                        result.token,
+                        result.values,
+                        result.metrics,
+                        output_tail=result.output_tail,
+                    )
                 )
-                .values(outcome=pending, fingerprint=fingerprint)
-            )
-            if claimed.rowcount == 1:  # type: ignore[attr-defined]
-                return None
-            current = session.get(LeaseRow, row.trial_id, populate_existing=True)
-        if current is None:
-            raise TrialNotFound(row.trial_id)
-        return previous_answer(current, outcome, fingerprint)
+            except PER_TRIAL_ERRORS as error:
+                answers.append(error)
+        return answers
+
+    def fail_many(self, failures: Sequence[TrialFailure]) -> list[FailAnswer | HPOError]:
+        """``fail`` for each failure, in order: per failure an answer, or the error."""
+        answers: list[FailAnswer | HPOError] = []
+        for failure in failures:
+            try:
+                answers.append(
+                    self.fail(
+                        failure.trial_id,
+                        failure.token,
+                        failure.reason,
+                        failure.retryable,
+                        failure.pruned,
+                        failure.diverged,
+                        output_tail=failure.output_tail,
+                    )
+                )
+            except PER_TRIAL_ERRORS as error:
+                answers.append(error)
+        return answers
+
+    def _claim(
+        self, row: LeaseRow, outcome: str, fingerprint: str, same: str | None
+    ) -> dict[str, Any] | None:
+        """Claim the right to finish ``row``'s trial with this result (a compare-and-set on the
+        lease row, atomic across threads and replicas, won by one request). Returns None when
+        this request holds the claim and must finish the trial, or the answer recorded for the
+        same result (``same``: the fingerprint that counts as the same result, None: any).
+
+        While another request holds the claim this one waits for its answer; a claim older than
+        the lease timeout (its holder died) is taken over. Raises ``ResultConflict`` for another
+        result, ``TrialReaped``, or ``StorageUnavailable`` if the holder neither finishes nor
+        goes stale in twice the lease timeout.
+        """
+        core = self.core
+        pending = CLAIMED[outcome]
+        timeout = core.settings.lease_timeout_s
+        abandoned = and_(
+            LeaseRow.outcome == pending,
+            LeaseRow.fingerprint == same if same is not None else true(),
+            LeaseRow.beat_at_s < core.database_clock_s() - timeout,
+        )
+        deadline = time.monotonic() + 2 * timeout + 5
+        while True:
+            with core.db.session() as session:
+                claimed = session.execute(
+                    update(LeaseRow)
+                    .where(
+                        LeaseRow.trial_id == row.trial_id,
+                        or_(LeaseRow.outcome.is_(None), abandoned),
+                    )
+                    .values(
+                        outcome=pending, fingerprint=fingerprint, beat_at_s=core.database_clock_s()
+                    )
+                )
+                if claimed.rowcount == 1:  # type: ignore[attr-defined]
+                    return None
+                current = session.get(LeaseRow, row.trial_id, populate_existing=True)
+            if current is None:
+                raise TrialNotFound(row.trial_id)
+            answer = previous_answer(current, outcome, same)
+            if answer is not None:
+                return answer
+            if current.outcome is None:  # released meanwhile (the trial was not running)
+                continue
+            if time.monotonic() > deadline:
+                raise StorageUnavailable(
+                    f"trial {row.trial_number}'s result is still being recorded; retry"
+                )
+            time.sleep(CLAIM_POLL_S)
 
     def _release(self, row: LeaseRow, outcome: str, fingerprint: str) -> None:
         """Undo our claim when the trial turned out not to be running (the reaper failed it),
@@ -139,7 +246,7 @@ class Finishing:
             )
         previous = previous_answer(row, "complete", fingerprint)
         if previous is None:
-            previous = self._claim(row, "complete", fingerprint)
+            previous = self._claim(row, "complete", fingerprint, same=fingerprint)
         if previous is not None:
             return CompleteAnswer.model_validate(previous)
         try:
@@ -214,7 +321,7 @@ class Finishing:
         # A repeated fail gets the first answer, whichever state it asked for.
         previous = previous_answer(row, "fail", None)
         if previous is None:
-            previous = self._claim(row, "fail", state)
+            previous = self._claim(row, "fail", state, same=None)
         if previous is not None:
             return FailAnswer.model_validate(previous)
         retry_number: int | None = None

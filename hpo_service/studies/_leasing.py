@@ -18,7 +18,7 @@ from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from hpo_service.errors import InvalidSpec
 from hpo_service.logging_setup import trial_fields
@@ -43,6 +43,18 @@ class _Sample:
     failure: str = ""
 
 
+@dataclass
+class _Granted:
+    """A trial written for a lease under the study lock, its lease not yet committed."""
+
+    trial_id: int
+    number: int
+    token: str
+    config: dict[str, Any]
+    params: dict[str, Any]  # as sampled, beside the resolved config
+    trial: FrozenTrial | None  # as just written (a new trial), to serve its first report
+
+
 class LeaseProtocol:
     """Hands out trials over one ``StudyCore``."""
 
@@ -54,17 +66,30 @@ class LeaseProtocol:
 
         A worker that comes back with the same id gets its own running trial back.
         """
+        leases = self.lease_many(worker_id, 1, wait_s)
+        return leases[0] if leases else None
+
+    def lease_many(self, worker_id: str, count: int, wait_s: float = 0.0) -> list[Lease]:
+        """Up to ``count`` trials for one worker, long-polling up to ``wait_s`` seconds for the
+        first; empty if no work. The worker's own running trials come back first.
+
+        A study's share is sampled and written under one hold of its lock, each trial sampled
+        with the ones before it running (Optuna's constant liar), so a batch is diverse and
+        the budget and concurrency caps hold exactly, across replicas.
+        """
         deadline = time.monotonic() + wait_s
         while True:
-            lease = self._own_running_trial(worker_id) or self._try_lease(worker_id)
-            if lease is not None:
-                return lease
+            leases = self._own_running_trials(worker_id, count)
+            if len(leases) < count:
+                leases += self._try_lease(worker_id, count - len(leases))
+            if leases:
+                return leases
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return None
+                return []
             time.sleep(min(self.core.settings.long_poll_step_s, remaining))
 
-    def _own_running_trial(self, worker_id: str) -> Lease | None:
+    def _own_running_trials(self, worker_id: str, count: int) -> list[Lease]:
         core = self.core
         with core.db.session() as session:
             rows = list(
@@ -74,21 +99,26 @@ class LeaseProtocol:
                     )
                 )
             )
+        leases: list[Lease] = []
         for row in rows:
+            if len(leases) == count:
+                break
             try:
                 trial = core.storage.get_trial(row.trial_id)
             except KeyError:
                 continue
             if trial.state == TrialState.RUNNING and stop_reason(core, row.study_id) is None:
-                core.storage.record_heartbeat(row.trial_id)
+                core.record_beat(row.trial_id)
                 loaded = core.load(row.study_id)
                 config = trial.user_attrs.get("config") or resolve_config(loaded.spec, trial.params)
-                return self._lease_answer(
-                    loaded, row.trial_id, trial.number, row.token, config, trial.params
+                leases.append(
+                    self._lease_answer(
+                        loaded, row.trial_id, trial.number, row.token, config, trial.params
+                    )
                 )
-        return None
+        return leases
 
-    def _try_lease(self, worker_id: str) -> Lease | None:
+    def _try_lease(self, worker_id: str, count: int) -> list[Lease]:
         with self.core.db.session() as session:
             # Fairness: the running study served longest ago goes first.
             candidates = list(
@@ -98,88 +128,111 @@ class LeaseProtocol:
                     .order_by(StudyRow.last_leased_at.asc().nulls_first(), StudyRow.study_id)
                 ).scalars()
             )
+        leases: list[Lease] = []
         for study_id in candidates:
-            lease = self._lease_from(study_id, worker_id)
-            if lease is not None:
-                return lease
-        return None
+            leases += self._lease_from(study_id, worker_id, count - len(leases))
+            if len(leases) == count:
+                break
+        return leases
 
-    def _lease_from(self, study_id: int, worker_id: str) -> Lease | None:
+    def _lease_from(self, study_id: int, worker_id: str, count: int) -> list[Lease]:
         core = self.core
         loaded = core.load(study_id)
         budget = loaded.spec.budget
+        granted: list[_Granted] = []
         with core.study_lock(study_id) as session:
             row = session.get(StudyRow, study_id)
             if row is None or row.state != "running":
-                return None
+                return []
             if (
                 budget.timeout_s is not None
                 and (now() - aware(row.created_at)).total_seconds() > budget.timeout_s
             ):
                 row.state = "stopped"
                 log.info("study %s reached its timeout; no new trials", row.name)
-                return None
+                return []
             # Complete under the lock: every trial of a study is created under it (leases,
             # enqueues, retries), so no trial can appear behind the cache's back.
             trials = core.cache.get_all_trials(study_id, deepcopy=False)
             core.remember_snapshot(loaded, trials)
-            counted, running, _waiting, failures = tally(trials)
-            if failures >= budget.max_failed or counted >= budget.n_trials:
-                return None
-            if running >= min(budget.max_concurrent, row.max_concurrent):
-                return None
-            # Sampled under the lock, so the sampler sees every trial leased before this one
-            # (constant liar). Sampling ahead of the lock was measured slower in one process:
-            # the sampling threads held the GIL while the lock holder waited on the database.
-            sample = self._sample(loaded, trials)
-            if sample.config is None:
-                reason = {"fail_reason": sample.failure}
-                _, number = self._write_leased_trial(study_id, sample, reason)
-                loaded.study.tell(number, state=TrialState.FAIL)
-                log.warning("trial %d of %s has an %s", number, row.name, sample.failure)
-                return None
-            attrs = {"worker_id": worker_id, "config": sample.config}
-            trial_id, number = self._write_leased_trial(study_id, sample, attrs)
-        # The trial now counts toward the budget; the rest needs no lock (and the lock's own
-        # transaction wrote nothing, so releasing it waits for no disk flush). A trial without
-        # a heartbeat is never reaped, so a crash before the beat leaves it RUNNING — as before.
-        core.storage.record_heartbeat(trial_id)
-        token = secrets.token_urlsafe(24)
-        with core.db.session() as session:
-            session.add(
-                LeaseRow(
-                    trial_id=trial_id,
-                    study_id=study_id,
-                    trial_number=number,
-                    token=token,
-                    worker_id=worker_id,
+            for _ in range(count):
+                counted, running, _waiting, failures = tally(trials)
+                if failures >= budget.max_failed or counted >= budget.n_trials:
+                    break
+                if running >= min(budget.max_concurrent, row.max_concurrent):
+                    break
+                # Sampled under the lock, so the sampler sees every trial leased before this
+                # one (constant liar). Sampling ahead of the lock was measured slower in one
+                # process: the sampling threads held the GIL while the lock holder waited on
+                # the database.
+                sample = self._sample(loaded, trials)
+                if sample.config is None:
+                    reason = {"fail_reason": sample.failure}
+                    _, number = self._write_leased_trial(study_id, sample, reason)
+                    loaded.study.tell(number, state=TrialState.FAIL)
+                    log.warning("trial %d of %s has an %s", number, row.name, sample.failure)
+                    trials = core.cache.get_all_trials(study_id, deepcopy=False)
+                    continue
+                attrs = {"worker_id": worker_id, "config": sample.config}
+                trial_id, number = self._write_leased_trial(study_id, sample, attrs)
+                leased: FrozenTrial | None = None
+                if sample.view.pending is not None:  # the running trial as it stands
+                    leased = copy.deepcopy(sample.view.pending)
+                    leased._trial_id, leased.number = trial_id, number
+                    trials = [*trials, leased]
+                else:  # a popped WAITING trial: read it as it now is
+                    trials = core.cache.get_all_trials(study_id, deepcopy=False)
+                granted.append(
+                    _Granted(
+                        trial_id,
+                        number,
+                        secrets.token_urlsafe(24),
+                        sample.config,
+                        dict(sample.trial.params),
+                        leased,
+                    )
                 )
+            if not granted:
+                return []
+            # The leases are written in the critical section that made their trials (our
+            # writes after Optuna's, see ``study_lock``): under the lock, every RUNNING trial
+            # of the study has a lease, so one without is what a crash in between left, and
+            # the reaper fails it on its next pass. Each lease's clock starts here, by the
+            # database's clock.
+            session.add_all(
+                LeaseRow(
+                    trial_id=g.trial_id,
+                    study_id=study_id,
+                    trial_number=g.number,
+                    token=g.token,
+                    worker_id=worker_id,
+                    beat_at_s=core.database_clock_s(),
+                )
+                for g in granted
             )
-            session.execute(  # fairness: the study served longest ago goes first
-                update(StudyRow).where(StudyRow.study_id == study_id).values(last_leased_at=now())
+            row.last_leased_at = now()  # fairness: the study served longest ago goes first
+        leases: list[Lease] = []
+        for g in granted:
+            if g.trial is not None:
+                core.remember_running(g.trial_id, RunningTrial(g.trial, beat_at=time.monotonic()))
+            log.info(
+                "leased trial %d of %s to %s",
+                g.number,
+                row.name,
+                worker_id,
+                extra=trial_fields(
+                    "lease_granted",
+                    study=row.name,
+                    study_id=study_id,
+                    trial_id=g.trial_id,
+                    trial_number=g.number,
+                    worker_id=worker_id,
+                ),
             )
-        pending = sample.view.pending
-        if pending is not None:  # what was just written is the running trial as it stands
-            leased = copy.deepcopy(pending)
-            leased._trial_id, leased.number = trial_id, number
-            core.remember_running(trial_id, RunningTrial(leased, beat_at=time.monotonic()))
-        log.info(
-            "leased trial %d of %s to %s",
-            number,
-            row.name,
-            worker_id,
-            extra=trial_fields(
-                "lease_granted",
-                study=row.name,
-                study_id=study_id,
-                trial_id=trial_id,
-                trial_number=number,
-                worker_id=worker_id,
-            ),
-        )
-        return self._lease_answer(
-            loaded, trial_id, number, token, sample.config, sample.trial.params
-        )
+            leases.append(
+                self._lease_answer(loaded, g.trial_id, g.number, g.token, g.config, g.params)
+            )
+        return leases
 
     def _sample(self, loaded: LoadedStudy, trials: list[FrozenTrial]) -> _Sample:
         """Ask the study's sampler for a trial over ``trials``; a WAITING trial is popped

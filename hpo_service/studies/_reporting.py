@@ -11,17 +11,20 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from optuna.exceptions import UpdateFinishedTrialError
 
-from hpo_service.errors import InvalidSpec
+from hpo_service.errors import HPOError, InvalidSpec
 from hpo_service.models import LeaseRow
 from hpo_service.schemas import HeartbeatAnswer, ReportAnswer
 from hpo_service.studies._checks import (
+    PER_TRIAL_ERRORS,
+    checked_lease,
     finished_meanwhile,
-    lease_and_study_state,
+    leases_and_study_states,
     not_running,
     reason_to_stop,
     running_trial,
@@ -42,21 +45,52 @@ def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return {key: clean(value) for key, value in metrics.items()}
 
 
+@dataclass(frozen=True)
+class EpochReport:
+    """One trial's report of one epoch, as a worker sends it."""
+
+    trial_id: int
+    token: str
+    epoch: int
+    value: float | None
+    metrics: Mapping[str, Any]
+
+
 class Reporting:
-    """Heartbeats and per-epoch reports over one ``StudyCore``."""
+    """Heartbeats and per-epoch reports over one ``StudyCore``, one trial or many at a time."""
 
     def __init__(self, core: StudyCore) -> None:
         self.core = core
 
     def heartbeat(self, trial_id: int, token: str) -> HeartbeatAnswer:
+        answer = self.heartbeat_many([(trial_id, token)])[0]
+        if isinstance(answer, HPOError):
+            raise answer
+        return answer
+
+    def heartbeat_many(self, leases: Sequence[tuple[int, str]]) -> list[HeartbeatAnswer | HPOError]:
+        """Record a beat for each (trial id, lease token): the leases and their studies read in
+        one query, the beats written in one statement. Per lease an answer, or the error the
+        single route raises (``TrialNotFound``, ``LeaseMismatch``, ``TrialReaped``)."""
         core = self.core
-        row, study_state = lease_and_study_state(core, trial_id, token)
-        running_trial(core, row)  # a heartbeat is rare enough to re-read the trial's state
-        self._beat(trial_id, core.known_running(trial_id), due_only=False)
-        reason = reason_to_stop(study_state)
-        if reason is not None:
-            return HeartbeatAnswer(action="stop", reason=reason)
-        return HeartbeatAnswer(action="continue")
+        found = leases_and_study_states(core, [trial_id for trial_id, _ in leases])
+        answers: list[HeartbeatAnswer | HPOError] = []
+        beats: list[int] = []
+        for trial_id, token in leases:
+            try:
+                row, study_state = checked_lease(found, trial_id, token)
+                running_trial(core, row)  # a heartbeat is rare enough to re-read the trial
+            except PER_TRIAL_ERRORS as error:
+                answers.append(error)
+                continue
+            beats.append(trial_id)
+            reason = reason_to_stop(study_state)
+            if reason is not None:
+                answers.append(HeartbeatAnswer(action="stop", reason=reason))
+            else:
+                answers.append(HeartbeatAnswer(action="continue"))
+        self._beat(beats)
+        return answers
 
     def report(
         self,
@@ -73,18 +107,49 @@ class Reporting:
         Raises ``TrialNotFound``, ``LeaseMismatch``, ``TrialReaped`` (the trial is no longer
         running) or ``InvalidSpec`` (a non-finite value).
         """
+        item = EpochReport(trial_id, token, epoch, value, metrics)
+        answer = self.report_many([item])[0]
+        if isinstance(answer, HPOError):
+            raise answer
+        return answer
+
+    def report_many(self, reports: Sequence[EpochReport]) -> list[ReportAnswer | HPOError]:
+        """``report`` for many trials' epochs, in order: the leases and their studies read in
+        one query, the beats that are due written in one statement. Optuna's storage writes
+        each trial's metrics and intermediate value in its own transactions (its API has no
+        batch write). Per report an answer, or the error the single route raises."""
         core = self.core
+        found = leases_and_study_states(core, [r.trial_id for r in reports])
+        answers: list[ReportAnswer | HPOError] = []
+        due: list[int] = []
+        for item in reports:
+            try:
+                answers.append(self._report_one(found, item, due))
+            except PER_TRIAL_ERRORS as error:
+                answers.append(error)
+        self._beat(due)
+        return answers
+
+    def _report_one(
+        self,
+        found: Mapping[int, tuple[LeaseRow, str | None]],
+        item: EpochReport,
+        due: list[int],
+    ) -> ReportAnswer:
+        core = self.core
+        trial_id, epoch, value = item.trial_id, item.epoch, item.value
         if value is not None and not math.isfinite(value):
             raise InvalidSpec("value", f"must be a finite number (got {value})")
-        row, study_state = lease_and_study_state(core, trial_id, token)
+        row, study_state = checked_lease(found, trial_id, item.token)
         loaded = core.load(row.study_id)
         running = self._current_running(row, epoch)
         try:
             # Optuna refuses writes to a finished trial: this is the running check.
             core.storage.set_trial_user_attr(
-                trial_id, "metrics", finite_metrics({"epoch": epoch, **metrics})
+                trial_id, "metrics", finite_metrics({"epoch": epoch, **item.metrics})
             )
-            self._beat(trial_id, running, due_only=True)
+            if self._beat_due(running):
+                due.append(trial_id)
             reason = reason_to_stop(study_state)
             if reason is not None:
                 running.last_epoch = epoch
@@ -119,14 +184,17 @@ class Reporting:
         core.remember_running(row.trial_id, running)
         return running
 
-    def _beat(self, trial_id: int, running: RunningTrial | None, due_only: bool) -> None:
-        """Record a heartbeat; with ``due_only``, only if this process has not recorded one in
-        the last half heartbeat interval (a lease outlives a whole interval without a beat)."""
-        now = time.monotonic()
+    def _beat_due(self, running: RunningTrial) -> bool:
+        """Whether a report should also write a beat: this process has not recorded one in the
+        last half heartbeat interval (a lease outlives a whole interval without a beat)."""
         interval = self.core.settings.heartbeat_interval_s
-        recent = running is not None and now - running.beat_at < interval / 2
-        if due_only and recent:
-            return
-        self.core.storage.record_heartbeat(trial_id)
-        if running is not None:
-            running.beat_at = now
+        return time.monotonic() - running.beat_at >= interval / 2
+
+    def _beat(self, trial_ids: Sequence[int]) -> None:
+        """Record the beats of ``trial_ids`` in one statement and remember when."""
+        self.core.record_beats(trial_ids)
+        now = time.monotonic()
+        for trial_id in trial_ids:
+            known = self.core.known_running(trial_id)
+            if known is not None:
+                known.beat_at = now

@@ -1,0 +1,122 @@
+"""The batched worker protocol: many trials per request, an answer or an error per trial.
+
+A population worker trains K trials at once and reports them every epoch; one request for all
+K saves K - 1 HTTP round trips, authentications and lease queries. Each trial keeps the
+single-trial routes' rules (idempotent ``complete``, the first result stands, a reaped lease is
+refused): a trial's refusal is its item's ``error`` (the code the single route would answer
+with), not the request's. A storage failure fails the whole request (503), which the worker
+retries whole; every route here is safe to repeat.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from hpo_service.api.deps import ServiceDep, Worker
+from hpo_service.errors import HPOError, InvalidSpec
+from hpo_service.schemas import (
+    BatchCompleteAnswer,
+    BatchCompleteRequest,
+    BatchFailAnswer,
+    BatchFailRequest,
+    BatchHeartbeatAnswer,
+    BatchHeartbeatRequest,
+    BatchLeaseRequest,
+    BatchLeases,
+    BatchReportAnswer,
+    BatchReportRequest,
+    CompleteItem,
+    FailItem,
+    HeartbeatItem,
+    ItemError,
+    ReportItem,
+)
+from hpo_service.studies import EpochReport, TrialFailure, TrialResult
+
+router = APIRouter(prefix="/batch", tags=["workers (batched)"], dependencies=[Worker])
+
+
+def _error(error: HPOError) -> ItemError:
+    field = error.field if isinstance(error, InvalidSpec) else None
+    return ItemError(code=error.code, message=error.message, field=field)
+
+
+@router.post("/leases", response_model=BatchLeases)
+def lease_many(service: ServiceDep, body: BatchLeaseRequest) -> BatchLeases:
+    """Up to `count` trials, long-polling up to `wait_s` for the first; an empty list if none.
+    Budget and concurrency caps hold exactly; the batch is sampled with Optuna's constant
+    liar, so its parameter sets differ."""
+    return BatchLeases(leases=service.lease_many(body.worker_id, body.count, body.wait_s))
+
+
+@router.post("/heartbeat", response_model=BatchHeartbeatAnswer)
+def heartbeat_many(service: ServiceDep, body: BatchHeartbeatRequest) -> BatchHeartbeatAnswer:
+    answers = service.heartbeat_many([(item.trial_id, item.lease_token) for item in body.leases])
+    return BatchHeartbeatAnswer(
+        items=[
+            HeartbeatItem(trial_id=item.trial_id, error=_error(answer))
+            if isinstance(answer, HPOError)
+            else HeartbeatItem(trial_id=item.trial_id, answer=answer)
+            for item, answer in zip(body.leases, answers, strict=True)
+        ]
+    )
+
+
+@router.post("/report", response_model=BatchReportAnswer)
+def report_many(service: ServiceDep, body: BatchReportRequest) -> BatchReportAnswer:
+    """Many trials' epochs: per report `continue`, `prune` or `stop`, or its error."""
+    reports = [
+        EpochReport(item.trial_id, item.lease_token, item.epoch, item.value, item.metrics)
+        for item in body.reports
+    ]
+    answers = service.report_many(reports)
+    return BatchReportAnswer(
+        items=[
+            ReportItem(trial_id=item.trial_id, error=_error(answer))
+            if isinstance(answer, HPOError)
+            else ReportItem(trial_id=item.trial_id, answer=answer)
+            for item, answer in zip(body.reports, answers, strict=True)
+        ]
+    )
+
+
+@router.post("/complete", response_model=BatchCompleteAnswer)
+def complete_many(service: ServiceDep, body: BatchCompleteRequest) -> BatchCompleteAnswer:
+    results = [
+        TrialResult(item.trial_id, item.lease_token, item.values, item.metrics, item.output_tail)
+        for item in body.results
+    ]
+    answers = service.complete_many(results)
+    return BatchCompleteAnswer(
+        items=[
+            CompleteItem(trial_id=item.trial_id, error=_error(answer))
+            if isinstance(answer, HPOError)
+            else CompleteItem(trial_id=item.trial_id, answer=answer)
+            for item, answer in zip(body.results, answers, strict=True)
+        ]
+    )
+
+
+@router.post("/fail", response_model=BatchFailAnswer)
+def fail_many(service: ServiceDep, body: BatchFailRequest) -> BatchFailAnswer:
+    failures = [
+        TrialFailure(
+            item.trial_id,
+            item.lease_token,
+            item.reason,
+            item.retryable,
+            item.pruned,
+            item.diverged,
+            item.output_tail,
+        )
+        for item in body.failures
+    ]
+    answers = service.fail_many(failures)
+    return BatchFailAnswer(
+        items=[
+            FailItem(trial_id=item.trial_id, error=_error(answer))
+            if isinstance(answer, HPOError)
+            else FailItem(trial_id=item.trial_id, answer=answer)
+            for item, answer in zip(body.failures, answers, strict=True)
+        ]
+    )
