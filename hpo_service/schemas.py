@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 DatasetName = Literal["mnist5k", "digits", "mnist", "fashion-mnist", "synthetic"]
@@ -512,7 +512,51 @@ class Lease(BaseModel):
 class LeaseToken(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    lease_token: str
+    lease_token: str = Field(
+        ...,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9_\-]+$",
+        description="The `lease_token` of the lease (URL-safe base64 characters).",
+    )
+
+
+# --- bounds on what a report or completion may store (issue 13.4) ---------------------------
+#: Metrics per report or completion; a trainer sends ~20.
+MAX_METRICS = 256
+#: Values in one list-valued metric (``kl_per_dim`` has one per latent dimension, ≤ 1024).
+MAX_METRIC_LIST = 4096
+MAX_METRIC_NAME = 100
+#: A number only: the string "1.0" and booleans are refused, ints are taken as floats.
+StrictNumber = Annotated[float, Strict()]
+MetricName = Annotated[str, Field(min_length=1, max_length=MAX_METRIC_NAME)]
+MetricValue = StrictNumber | Annotated[list[StrictNumber], Field(max_length=MAX_METRIC_LIST)] | None
+MetricsField = Annotated[
+    dict[MetricName, MetricValue],
+    Field(
+        max_length=MAX_METRICS,
+        description=f"Named numbers (or lists of numbers), at most {MAX_METRICS} names of at "
+        f"most {MAX_METRIC_NAME} characters and {MAX_METRIC_LIST} values per list. Every "
+        "number must be finite (NaN/Infinity → 422 naming the key); send `null` for a value "
+        "that could not be computed.",
+    ),
+]
+
+
+def _finite_metrics(metrics: Any) -> Any:
+    """Refuse NaN/±Infinity inside ``metrics``, naming the key (JSON bodies may carry them)."""
+    if not isinstance(metrics, Mapping):
+        return metrics
+    for key, value in metrics.items():
+        items = value if isinstance(value, list) else [value]
+        for index, item in enumerate(items):
+            if isinstance(item, float) and not math.isfinite(item):
+                where = f"{key}.{index}" if isinstance(value, list) else key
+                raise ValueError(
+                    f"`{where}`: must be a finite number (got {item}); send null for a value "
+                    "that could not be computed"
+                )
+    return metrics
 
 
 class HeartbeatAnswer(BaseModel):
@@ -534,9 +578,11 @@ class ReportRequest(LeaseToken):
             ]
         },
     )
-    epoch: int = Field(..., ge=0)
-    value: float | None = None  # the report_metric's value this epoch
-    metrics: dict[str, float | list[float]] = Field(default_factory=dict)
+    epoch: int = Field(..., ge=0, le=1_000_000)
+    value: StrictNumber | None = None  # the report_metric's value this epoch
+    metrics: MetricsField = Field(default_factory=dict)
+
+    _metrics_finite = field_validator("metrics", mode="before")(_finite_metrics)
 
 
 class ReportAnswer(BaseModel):
@@ -557,8 +603,10 @@ class CompleteRequest(LeaseToken):
             ]
         },
     )
-    values: list[float] = Field(..., min_length=1, max_length=3)
-    metrics: dict[str, float | list[float]] = Field(default_factory=dict)
+    values: list[StrictNumber] = Field(..., min_length=1, max_length=3)
+    metrics: MetricsField = Field(default_factory=dict)
+
+    _metrics_finite = field_validator("metrics", mode="before")(_finite_metrics)
 
 
 class CompleteAnswer(BaseModel):

@@ -1,19 +1,31 @@
-"""The one module that maps domain errors to HTTP status codes.
+"""The one module that maps errors to HTTP status codes.
 
 Every error body is ``{"error": {"code": ..., "message": ..., "details": [...]}}`` with a stable
 ``code``; validation errors list ``{"field": "body.budget.n_trials", "reason": ...}``.
+
+Storage failures of every kind (Optuna's ``StorageInternalError``, SQLAlchemy's
+``OperationalError``/``PendingRollbackError``/…, a disk full or read-only database, our own
+``StorageUnavailable``) answer 503 ``storage_unavailable`` with ``Retry-After``; the body says only
+that the storage is unavailable, the details (which may name the host, port or database) go to
+the server log. Anything else unexpected answers a JSON 500 ``internal_error`` from
+``InternalErrorGuard``, which never lets the exception reach the server, so the client's
+keep-alive connection survives it.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import sqlite3
 from typing import Any
 
-from fastapi import FastAPI, Request
+import optuna
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hpo_service.errors import (
     AuthError,
@@ -33,6 +45,20 @@ _STATUS: list[tuple[type[HPOError], int]] = [
     (Conflict, 409),
     (StorageUnavailable, 503),
 ]
+#: Exceptions that mean "the database did not do it", whatever the backend said. Integrity and
+#: data errors are not here: they are bugs or bad input, not an outage.
+STORAGE_ERRORS: tuple[type[Exception], ...] = (
+    StorageUnavailable,
+    optuna.exceptions.StorageInternalError,
+    sa_exc.OperationalError,  # connection refused or lost, disk full, read-only, locked
+    sa_exc.InterfaceError,  # a connection closed under the driver
+    sa_exc.InternalError,  # e.g. "current transaction is aborted" after a lost connection
+    sa_exc.PendingRollbackError,
+    sa_exc.DisconnectionError,
+    sa_exc.TimeoutError,  # the connection pool stayed exhausted
+    sqlite3.OperationalError,
+)
+STORAGE_MESSAGE = "the storage is unavailable; retry after the Retry-After delay"
 # Model-level validators name the field inside the message: "`search_space.foo`: reason".
 _NAMED_FIELD = re.compile(r"^(?:Value error, )?`([^`]+)`:? (.*)$", re.DOTALL)
 
@@ -42,6 +68,27 @@ def error_response(
 ) -> JSONResponse:
     body = {"error": {"code": code, "message": message, "details": details or []}}
     return JSONResponse(status_code=status, content=jsonable_encoder(body))
+
+
+def storage_unavailable_response(retry_after_s: int) -> JSONResponse:
+    response = error_response(503, StorageUnavailable.code, STORAGE_MESSAGE)
+    response.headers["Retry-After"] = str(retry_after_s)
+    return response
+
+
+def log_storage_error(method: str, path: str, error: BaseException) -> None:
+    # The cause chain holds the driver's message (host, port, database name): log only.
+    cause = error.__cause__ or error
+    log.warning("storage unavailable on %s %s: %s: %s", method, path, type(cause).__name__, cause)
+
+
+class BodyTooLarge(HTTPException):
+    """A request body over ``max_body_bytes``; an ``HTTPException`` so that FastAPI's body
+    reader passes it through instead of turning it into a 400."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is larger than the limit of {limit} bytes")
+        self.limit = limit
 
 
 def _field_errors(error: RequestValidationError) -> list[dict[str, Any]]:
@@ -83,3 +130,57 @@ def install_error_handlers(app: FastAPI) -> None:
                 return error_response(status, error.code, error.message)
         log.error("unmapped domain error: %r", error)
         return error_response(500, error.code, error.message)
+
+    async def _storage(request: Request, error: Exception) -> JSONResponse:
+        log_storage_error(request.method, request.url.path, error)
+        return storage_unavailable_response(request.app.state.settings.storage_retry_after_s)
+
+    for kind in STORAGE_ERRORS:
+        # Registered per class: Starlette looks handlers up along the exception's MRO, so this
+        # wins over the HPOError handler for StorageUnavailable.
+        app.add_exception_handler(kind, _storage)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(request: Request, error: BodyTooLarge) -> JSONResponse:
+        return error_response(413, "body_too_large", str(error.detail))
+
+
+class InternalErrorGuard:
+    """ASGI middleware: an exception nothing else handled becomes a JSON 500 (or 503 for a
+    storage failure) *here*, and is not re-raised.
+
+    Starlette's outermost ``ServerErrorMiddleware`` would answer too, but then re-raise, and
+    uvicorn closes the connection of a request whose app raised: the client's next request on
+    that keep-alive connection would fail. Installed as the innermost user middleware, so the
+    request timer still sees the status.
+    """
+
+    def __init__(self, app: ASGIApp, retry_after_s: int) -> None:
+        self.app = app
+        self.retry_after_s = retry_after_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def note_start(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, note_start)
+        except Exception as error:
+            if started:  # too late to answer: let the server close the connection
+                raise
+            method, path = scope.get("method", ""), scope.get("path", "")
+            if isinstance(error, STORAGE_ERRORS):
+                log_storage_error(method, path, error)
+                response = storage_unavailable_response(self.retry_after_s)
+            else:
+                log.exception("unhandled error on %s %s", method, path)
+                response = error_response(500, "internal_error", "internal server error")
+            await response(scope, receive, send)

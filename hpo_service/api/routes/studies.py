@@ -71,7 +71,7 @@ def get_study(request: Request, service: ServiceDep, name: str) -> StudyInfo:
 def list_trials(
     service: ServiceDep,
     name: str,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> TrialPage:
     return service.list_trials(name, offset, limit)
