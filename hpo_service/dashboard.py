@@ -34,8 +34,8 @@ from starlette.websockets import WebSocketClose
 
 from hpo_service.api.deps import SAFE_METHODS, presented_token, scope_of
 from hpo_service.api.routes import login
-from hpo_service.dashboard_view import ReadOnlyView
-from hpo_service.errors import AuthError, NotFound, ReadOnly
+from hpo_service.dashboard_view import ReadOnlyView, StorageOutage
+from hpo_service.errors import AuthError, NotFound, ReadOnly, StorageUnavailable
 
 #: The dashboard's HTML pages; a browser without a token is sent to log in.
 PAGE_PATHS = ("/", "/dashboard")
@@ -82,7 +82,12 @@ class DashboardGate:
                 f"{request.method} {path}: the dashboard is read-only through this server; "
                 "change studies with the /v1 API"
             )
-        await self.dashboard(scope, receive, send)
+        try:
+            await self.dashboard(scope, receive, send)
+        except StorageOutage as outage:  # reliability branch: the service's 503 (api/errors.py)
+            raise StorageUnavailable("the dashboard could not read the storage") from (
+                outage.__cause__
+            )
 
 
 def mount_dashboard(app: FastAPI, storage: BaseStorage) -> None:

@@ -12,6 +12,7 @@ import errno
 import logging
 import math
 import os
+import sqlite3
 import tempfile
 import time
 import warnings
@@ -23,12 +24,29 @@ import optuna
 import sqlalchemy
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.exc import OperationalError
 
 from hpo_service.config import Settings
+from hpo_service.errors import StorageUnavailable
 from hpo_service.schema_status import MIGRATE_HINT, SchemaStatus, require_head
 
 log = logging.getLogger(__name__)
+
+#: Exceptions that mean "the database did not do it", whatever the backend said: the API
+#: answers them 503 (``api/errors.py``). Integrity and data errors are not here: they are bugs
+#: or bad input, not an outage.
+STORAGE_ERRORS: tuple[type[Exception], ...] = (
+    StorageUnavailable,
+    optuna.exceptions.StorageInternalError,
+    sa_exc.OperationalError,  # connection refused or lost, disk full, read-only, locked
+    sa_exc.InterfaceError,  # a connection closed under the driver
+    sa_exc.InternalError,  # e.g. "current transaction is aborted" after a lost connection
+    sa_exc.PendingRollbackError,
+    sa_exc.DisconnectionError,
+    sa_exc.TimeoutError,  # the connection pool stayed exhausted
+    sqlite3.OperationalError,
+)
 
 StaleCallback = Callable[[optuna.Study, FrozenTrial], None]
 

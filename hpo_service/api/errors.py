@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import logging
 import re
-import sqlite3
 from typing import Any
 
-import optuna
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy import exc as sa_exc
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hpo_service.errors import (
@@ -36,6 +33,7 @@ from hpo_service.errors import (
     ReadOnly,
     StorageUnavailable,
 )
+from hpo_service.storage import STORAGE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +43,6 @@ _STATUS: list[tuple[type[HPOError], int]] = [
     (Conflict, 409),
     (StorageUnavailable, 503),
 ]
-#: Exceptions that mean "the database did not do it", whatever the backend said. Integrity and
-#: data errors are not here: they are bugs or bad input, not an outage.
-STORAGE_ERRORS: tuple[type[Exception], ...] = (
-    StorageUnavailable,
-    optuna.exceptions.StorageInternalError,
-    sa_exc.OperationalError,  # connection refused or lost, disk full, read-only, locked
-    sa_exc.InterfaceError,  # a connection closed under the driver
-    sa_exc.InternalError,  # e.g. "current transaction is aborted" after a lost connection
-    sa_exc.PendingRollbackError,
-    sa_exc.DisconnectionError,
-    sa_exc.TimeoutError,  # the connection pool stayed exhausted
-    sqlite3.OperationalError,
-)
 STORAGE_MESSAGE = "the storage is unavailable; retry after the Retry-After delay"
 # Model-level validators name the field inside the message: "`search_space.foo`: reason".
 _NAMED_FIELD = re.compile(r"^(?:Value error, )?`([^`]+)`:? (.*)$", re.DOTALL)
@@ -80,6 +65,18 @@ def log_storage_error(method: str, path: str, error: BaseException) -> None:
     # The cause chain holds the driver's message (host, port, database name): log only.
     cause = error.__cause__ or error
     log.warning("storage unavailable on %s %s: %s: %s", method, path, type(cause).__name__, cause)
+
+
+def drop_pooled_connections(app: Any) -> None:
+    """After a storage failure, let the next request open fresh connections.
+
+    A pooled connection may be the broken part: a SQLite connection opened while the file was
+    read-only stays read-only after the disk is writable again, and one whose server restarted
+    is dead. Connections in use are discarded when they come back. Cheap next to the outage.
+    """
+    service = getattr(app.state, "service", None)
+    if service is not None:
+        service.storage.engine.dispose()
 
 
 class BodyTooLarge(HTTPException):
@@ -133,6 +130,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def _storage(request: Request, error: Exception) -> JSONResponse:
         log_storage_error(request.method, request.url.path, error)
+        drop_pooled_connections(request.app)
         return storage_unavailable_response(request.app.state.settings.storage_retry_after_s)
 
     for kind in STORAGE_ERRORS:
@@ -179,6 +177,7 @@ class InternalErrorGuard:
             method, path = scope.get("method", ""), scope.get("path", "")
             if isinstance(error, STORAGE_ERRORS):
                 log_storage_error(method, path, error)
+                drop_pooled_connections(scope["app"])
                 response = storage_unavailable_response(self.retry_after_s)
             else:
                 log.exception("unhandled error on %s %s", method, path)

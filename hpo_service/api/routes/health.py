@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 
 from hpo_service.api.deps import Reader, ServiceDep
+from hpo_service.api.errors import drop_pooled_connections
 from hpo_service.health import readiness
 from hpo_service.metrics import ServiceMetrics
 from hpo_service.storage import write_refusal
@@ -30,7 +31,7 @@ router = APIRouter(tags=["health"])
         503: {"description": "Database unreachable, refusing writes, or a schema not at head"}
     },
 )
-def readyz(service: ServiceDep) -> JSONResponse:
+def readyz(request: Request, service: ServiceDep) -> JSONResponse:
     """200 when the database answers, would take a write, and both schemas are at head; 503
     with the reasons. Each probe looks afresh (nothing cached) and writes no row."""
     ready, checks = readiness(service.storage)
@@ -42,6 +43,12 @@ def readyz(service: ServiceDep) -> JSONResponse:
             refusal = f"unreachable ({type(error).__name__})"
         checks["writes"] = refusal or "ok"
         ready = refusal is None
+    was_refused = getattr(request.app.state, "writes_refused", False)
+    request.app.state.writes_refused = not ready
+    if ready and was_refused:
+        # Connections opened while the database refused writes may keep refusing them (SQLite
+        # opens a read-only file read-only for good): start afresh now that it takes them.
+        drop_pooled_connections(request.app)
     body = {"status": "ready" if ready else "unavailable", "checks": checks}
     return JSONResponse(body, status_code=200 if ready else 503)
 
