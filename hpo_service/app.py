@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from hpo_service.api.errors import InternalErrorGuard, install_error_handlers
 from hpo_service.api.limits import BodyLimit
+from hpo_service.api.openapi import install_openapi
 from hpo_service.api.routes import docs, health, schedules, studies, workers
 from hpo_service.config import Settings
 from hpo_service.dashboard import mount_dashboard
@@ -104,4 +105,5 @@ def create_app(settings: Settings, storage: optuna.storages.RDBStorage | None = 
 
     # The dashboard answers only what no route above (or added later) matched: see dashboard.py.
     mount_dashboard(app, service.storage)
+    install_openapi(app)  # scopes and error answers of every route, however it was added
     return app

@@ -498,15 +498,48 @@ class LeaseRequest(BaseModel):
 
 
 class Lease(BaseModel):
-    trial_id: int
-    trial_number: int
+    """A trial to train, and how to talk about it (the answer of ``POST /v1/leases``)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "trial_id": 42,
+                    "trial_number": 7,
+                    "study": "mnist5k-vae",
+                    "lease_token": "q1Wc3vXb0nT9r8Lk2JmP4sYd6FhG5aZe",
+                    "config": {"dataset": "mnist5k", "epochs": 10, "base_lr": 0.0012},
+                    "objective_metrics": ["val_neg_elbo"],
+                    "report_metric": "val_neg_elbo",
+                    "heartbeat_interval_s": 10.0,
+                    "lease_timeout_s": 60.0,
+                }
+            ]
+        }
+    )
+
+    trial_id: int = Field(..., description="Put it in the trial URLs (`/v1/trials/{trial_id}/…`).")
+    trial_number: int = Field(..., description="The trial's number within its study (0-based).")
     study: str
-    lease_token: str
-    config: dict[str, Any]  # the full resolved TrainConfig, by field name
-    objective_metrics: list[str]  # metric names whose final values complete the trial
-    report_metric: str | None  # the metric to report per epoch (None: multi-objective)
-    heartbeat_interval_s: float
-    lease_timeout_s: float
+    lease_token: str = Field(..., description="Send it with every call about this trial.")
+    config: dict[str, Any] = Field(
+        ..., description="The full resolved training settings (`TrainConfig`), by field name."
+    )
+    objective_metrics: list[str] = Field(
+        ...,
+        description="The metrics whose final values complete the trial: `complete`'s `values` "
+        "hold one number per name, in this order.",
+    )
+    report_metric: str | None = Field(
+        ...,
+        description="The metric to send as `value` in each epoch's `report`, which the pruner "
+        "compares across trials; null for a multi-objective study (no pruning: report "
+        "`metrics` only).",
+    )
+    heartbeat_interval_s: float = Field(..., description="Send a heartbeat this often.")
+    lease_timeout_s: float = Field(
+        ..., description="Without a heartbeat or report for this long the trial is failed."
+    )
 
 
 class LeaseToken(BaseModel):
@@ -560,7 +593,18 @@ def _finite_metrics(metrics: Any) -> Any:
 
 
 class HeartbeatAnswer(BaseModel):
-    action: Literal["continue", "stop"]
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"action": "continue", "reason": None},
+                {"action": "stop", "reason": "the study was cancelled"},
+            ]
+        }
+    )
+
+    action: Literal["continue", "stop"] = Field(
+        ..., description="`stop`: the study was stopped or cancelled; end the trial with `fail`."
+    )
     reason: str | None = None
 
 
@@ -578,7 +622,14 @@ class ReportRequest(LeaseToken):
             ]
         },
     )
-    epoch: int = Field(..., ge=0, le=1_000_000)
+    epoch: int = Field(
+        ...,
+        ge=0,
+        le=1_000_000,
+        description="The epoch just finished, counted from 1 as `hpo-worker` sends it (0 is "
+        "accepted). Stored as the step of Optuna's intermediate value; the pruner's "
+        "`n_warmup_steps` counts these.",
+    )
     value: StrictNumber | None = None  # the report_metric's value this epoch
     metrics: MetricsField = Field(default_factory=dict)
 
@@ -586,7 +637,20 @@ class ReportRequest(LeaseToken):
 
 
 class ReportAnswer(BaseModel):
-    action: Literal["continue", "prune", "stop"]
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"action": "continue", "reason": None},
+                {"action": "prune", "reason": "pruned at epoch 4"},
+            ]
+        }
+    )
+
+    action: Literal["continue", "prune", "stop"] = Field(
+        ...,
+        description="`prune`: stop training and send `fail` with `pruned: true`; `stop`: the "
+        "study was cancelled, send `fail`.",
+    )
     reason: str | None = None
 
 
@@ -603,13 +667,27 @@ class CompleteRequest(LeaseToken):
             ]
         },
     )
-    values: list[StrictNumber] = Field(..., min_length=1, max_length=3)
+    values: list[StrictNumber] = Field(
+        ...,
+        min_length=1,
+        max_length=3,
+        description="One finite number per name in the lease's `objective_metrics`, in that "
+        'order (numbers only: the string "1.0" is refused).',
+    )
     metrics: MetricsField = Field(default_factory=dict)
 
     _metrics_finite = field_validator("metrics", mode="before")(_finite_metrics)
 
 
 class CompleteAnswer(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"trial_id": 42, "trial_number": 7, "state": "complete", "values": [139.4]}
+            ]
+        }
+    )
+
     trial_id: int
     trial_number: int
     state: Literal["complete"]
@@ -631,6 +709,12 @@ class FailRequest(LeaseToken):
 
 
 class FailAnswer(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"trial_id": 42, "state": "fail", "retry_trial_number": 12}]
+        }
+    )
+
     trial_id: int
     state: str
     retry_trial_number: int | None = None

@@ -41,7 +41,13 @@ def _with_links(request: Request, info: StudyInfo) -> StudyInfo:
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=StudyInfo,
-    responses={**_ERRORS, 409: {"model": ErrorResponse, "description": "Name taken"}},
+    responses={
+        422: _ERRORS[422],
+        409: {
+            "model": ErrorResponse,
+            "description": "A study of this name exists (`study_exists`)",
+        },
+    },
     dependencies=[Admin],
 )
 def create_study(
