@@ -493,7 +493,7 @@ class LeaseRequest(BaseModel):
     )
 
     worker_id: str = Field(..., min_length=1, max_length=200)
-    wait_s: float = Field(0.0, ge=0, le=60, description="Long-poll up to this many seconds.")
+    wait_s: StrictNumber = Field(0.0, ge=0, le=60, description="Long-poll up to this many seconds.")
     device: str | None = Field(None, max_length=100)
 
 

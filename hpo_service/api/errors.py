@@ -22,6 +22,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hpo_service.errors import (
@@ -137,6 +138,16 @@ def install_error_handlers(app: FastAPI) -> None:
         # Registered per class: Starlette looks handlers up along the exception's MRO, so this
         # wins over the HPOError handler for StorageUnavailable.
         app.add_exception_handler(kind, _storage)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        # The router's own 404/405 answers, in the service's error body (headers kept: Allow).
+        codes = {400: "malformed_body", 404: "not_found", 405: "method_not_allowed"}
+        response = error_response(
+            error.status_code, codes.get(error.status_code, "http_error"), str(error.detail)
+        )
+        response.headers.update(error.headers or {})
+        return response
 
     @app.exception_handler(BodyTooLarge)
     async def _too_large(request: Request, error: BodyTooLarge) -> JSONResponse:

@@ -8,7 +8,8 @@ error answers every route shares, all with the service's error body
 * 401 (no or unknown token), 403 (a token of another scope), 503 (storage unavailable, with
   ``Retry-After``) on every route;
 * 422 (a field and its reason) on every route with parameters or a body;
-* 413 (body over ``HPO_MAX_BODY_BYTES``) on every route with a body.
+* 400 (a body that is not JSON) and 413 (body over ``HPO_MAX_BODY_BYTES``) on every route
+  with a body.
 
 Route-specific answers (404, 409, and a route's own wording of 422) are declared beside the
 route and kept. Done on the generated document rather than route by route, so a route added
@@ -29,6 +30,7 @@ API_PREFIX = "/v1"
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 
 _SHARED: dict[str, str] = {
+    "400": "The body is not JSON (`malformed_body`).",
     "401": "No bearer token, or one this server does not know (`unauthorized`).",
     "403": "The token's scope may not do this (`forbidden`).",
     "413": "The body is larger than the server's limit, HPO_MAX_BODY_BYTES (`body_too_large`).",
@@ -88,8 +90,6 @@ def _document(app: FastAPI) -> dict[str, Any]:
         for method in route.methods or ()
     }
     for path, operations in document.get("paths", {}).items():
-        if not path.startswith(API_PREFIX):
-            continue
         for method, operation in operations.items():
             route = routes.get((path, method))
             if route is None:
@@ -108,7 +108,7 @@ def _document(app: FastAPI) -> dict[str, Any]:
             if operation.get("parameters") or "requestBody" in operation:
                 wanted.append("422")
             if "requestBody" in operation:
-                wanted.append("413")
+                wanted += ["400", "413"]
             for status in wanted:
                 declared = answers.get(status)
                 answer = _error(_SHARED[status], retry_after=status == "503")
