@@ -259,3 +259,12 @@ def test_an_unexpected_error_is_a_json_500_on_a_connection_that_stays_open(
             assert connection.sock is socket_before  # the same keep-alive connection
         finally:
             connection.close()
+
+
+def test_a_method_a_path_does_not_serve_is_405_listing_every_method(
+    app_client: TestClient,
+) -> None:
+    response = app_client.request("OPTIONS", "/v1/studies", headers=VIEWER)
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, POST"  # Starlette's own says only "POST"
+    assert response.json()["error"]["code"] == "method_not_allowed"
