@@ -11,8 +11,10 @@ import anyio.to_thread
 import optuna
 from fastapi import FastAPI
 
-from hpo_service.api.errors import install_error_handlers
-from hpo_service.api.routes import batch, health, schedules, studies, workers
+from hpo_service.api.errors import InternalErrorGuard, install_error_handlers
+from hpo_service.api.limits import BodyLimit
+from hpo_service.api.openapi import install_openapi
+from hpo_service.api.routes import batch, docs, health, schedules, studies, workers
 from hpo_service.config import Settings
 from hpo_service.dashboard import mount_dashboard
 from hpo_service.metrics import RequestTimer, ServiceMetrics
@@ -73,8 +75,9 @@ def create_app(settings: Settings, storage: optuna.storages.RDBStorage | None = 
         version="1",
         description="Optuna studies for VAE training over REST; GPU workers pull trials.",
         lifespan=lifespan,
-        docs_url=f"{API_PREFIX}/docs",
-        openapi_url=f"{API_PREFIX}/openapi.json",
+        # Served by routes/docs.py, behind a token once tokens are set (HPO_PUBLIC_DOCS).
+        docs_url=None,
+        openapi_url=None,
         redoc_url=None,
     )
     app.state.service = service
@@ -83,6 +86,10 @@ def create_app(settings: Settings, storage: optuna.storages.RDBStorage | None = 
     app.state.settings = settings
     app.state.tokens = settings.token_scopes()
     install_error_handlers(app)
+    # Middleware, innermost first: the guard answers what escaped every handler (no dropped
+    # connection), the body limit refuses before anything reads, the timer sees final statuses.
+    app.add_middleware(InternalErrorGuard, retry_after_s=settings.storage_retry_after_s)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     # Observability: /readyz, /metrics and per-route latencies (metrics.py).
     app.state.metrics = ServiceMetrics(service, settings.metrics_cache_s)
     app.add_middleware(RequestTimer, metrics=app.state.metrics)
@@ -91,6 +98,7 @@ def create_app(settings: Settings, storage: optuna.storages.RDBStorage | None = 
     app.include_router(workers.router, prefix=API_PREFIX)
     app.include_router(batch.router, prefix=API_PREFIX)
     app.include_router(schedules.router, prefix=API_PREFIX)
+    app.include_router(docs.router_for(API_PREFIX, public=settings.public_docs))
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
@@ -98,4 +106,5 @@ def create_app(settings: Settings, storage: optuna.storages.RDBStorage | None = 
 
     # The dashboard answers only what no route above (or added later) matched: see dashboard.py.
     mount_dashboard(app, service.storage)
+    install_openapi(app)  # scopes and error answers of every route, however it was added
     return app

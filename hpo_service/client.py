@@ -14,6 +14,7 @@ Exceptions::
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import httpx
@@ -175,7 +176,7 @@ class HPOClient:
     def report(
         self, trial_id: int, token: str, epoch: int, value: float | None, metrics: dict[str, Any]
     ) -> ReportAnswer:
-        body = {"lease_token": token, "epoch": epoch, "value": value, "metrics": metrics}
+        body = {"lease_token": token, "epoch": epoch, "value": value, "metrics": _finite(metrics)}
         response = self._call("POST", f"/trials/{trial_id}/report", json=body, trial=True)
         return ReportAnswer.model_validate(response.json())
 
@@ -187,7 +188,7 @@ class HPOClient:
         metrics: dict[str, Any],
         output_tail: str | None = None,
     ) -> CompleteAnswer:
-        body = {"lease_token": token, "values": values, "metrics": metrics}
+        body = {"lease_token": token, "values": values, "metrics": _finite(metrics)}
         if output_tail:
             body["output_tail"] = output_tail
         response = self._call("POST", f"/trials/{trial_id}/complete", json=body, trial=True)
@@ -288,3 +289,18 @@ class HPOClient:
     def schedule_report_png(self, ref: str, nights: int = 30) -> bytes:
         """The report's plot: best value per run with regressions marked (PNG bytes)."""
         return self._call("GET", f"/schedules/{ref}/report.png", params={"nights": nights}).content
+
+
+# --- reliability branch: the server refuses NaN/Infinity in metrics (422 naming the key) -------
+def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics with each non-finite number sent as null, the wire's "could not be computed"."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, list):
+            return [clean(item) for item in value]
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+
+    return {key: clean(value) for key, value in metrics.items()}
+
+
+# --- end of the reliability branch's lines ------------------------------------------------------

@@ -99,6 +99,15 @@ class Settings(BaseSettings):
     database_password: SecretStr = SecretStr("")
     # How long /metrics reuses its per-study trial counts, in seconds (0: count every scrape).
     metrics_cache_s: float = Field(5.0, ge=0)
+    # --- HTTP limits and failure answers ------------------------------------------------------
+    max_body_bytes: int = Field(
+        1 << 20, ge=1024, description="Largest request body accepted (bytes); larger → 413."
+    )
+    storage_retry_after_s: int = Field(
+        2, ge=1, le=3600, description="Retry-After (seconds) of a 503 when the database fails."
+    )
+    # Once tokens are set, /v1/docs and /v1/openapi.json need a token (any scope) unless true.
+    public_docs: bool = False
 
     @classmethod
     def settings_customise_sources(

@@ -11,11 +11,11 @@ requests no service route matched, so routes added to ``create_app`` before or a
 keep working. In front of it, ``DashboardGate``:
 
 1. answers 404 for any path the dashboard does not own (``/v1/nope`` is not the dashboard's);
-2. answers 405 to every method but GET and HEAD: the dashboard's own write routes (create,
+2. requires a token (any scope; a bearer header, or the cookie ``POST /login`` sets): a page
+   without one redirects to ``/login``, anything else gets 401 (a write too: authenticate first);
+3. answers 405 to every method but GET and HEAD: the dashboard's own write routes (create,
    rename or delete studies, tell trials, notes, artifact uploads, ``POST
-   /incompatible-rdb-schema`` which upgrades the schema) are unreachable, for every scope;
-3. requires a token (any scope; a bearer header, or the cookie ``POST /login`` sets): a page
-   without one redirects to ``/login``, anything else gets 401.
+   /incompatible-rdb-schema`` which upgrades the schema) are unreachable, for every scope.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from starlette.websockets import WebSocketClose
 
 from hpo_service.api.deps import SAFE_METHODS, presented_token, scope_of
 from hpo_service.api.routes import login
-from hpo_service.dashboard_view import ReadOnlyView
-from hpo_service.errors import AuthError, NotFound, ReadOnly
+from hpo_service.dashboard_view import ReadOnlyView, StorageOutage
+from hpo_service.errors import AuthError, NotFound, ReadOnly, StorageUnavailable
 
 #: The dashboard's HTML pages; a browser without a token is sent to log in.
 PAGE_PATHS = ("/", "/dashboard")
@@ -69,25 +69,34 @@ class DashboardGate:
         path = request.url.path
         if not is_dashboard_path(path):
             raise NotFound(f"no route {request.method} {path}")
-        if request.method not in SAFE_METHODS:
-            raise ReadOnly(
-                f"{request.method} {path}: the dashboard is read-only through this server; "
-                "change studies with the /v1 API"
-            )
+        # reliability branch: authenticate before saying "read-only" (401 before 405).
         if scope_of(request, presented_token(request)) is None:
-            if is_page(path):
+            if is_page(path) and request.method in SAFE_METHODS:
                 target = path + (f"?{request.url.query}" if request.url.query else "")
                 redirect = RedirectResponse(f"/login?next={quote(target)}", status_code=303)
                 await redirect(scope, receive, send)
                 return
             raise AuthError("log in at /login, or send a bearer token")
-        await self.dashboard(scope, receive, send)
+        if request.method not in SAFE_METHODS:
+            raise ReadOnly(
+                f"{request.method} {path}: the dashboard is read-only through this server; "
+                "change studies with the /v1 API"
+            )
+        try:
+            await self.dashboard(scope, receive, send)
+        except StorageOutage as outage:  # reliability branch: the service's 503 (api/errors.py)
+            raise StorageUnavailable("the dashboard could not read the storage") from (
+                outage.__cause__
+            )
 
 
 def mount_dashboard(app: FastAPI, storage: BaseStorage) -> None:
     """Serve the dashboard over ``storage`` (read-only) at ``/``, and the login pages."""
     app.include_router(login.router)
     wsgi_app = optuna_dashboard.wsgi(ReadOnlyView(storage))
+    # reliability branch: let errors out of bottle (which would answer its own HTML 500), so
+    # a database failure under /api/* is the service's 503 (api/errors.py).
+    wsgi_app.config["catchall"] = False
     # a2wsgi types the ASGI callable more narrowly than Starlette does; it is one.
     dashboard = cast("ASGIApp", WSGIMiddleware(wsgi_app))
     app.router.default = DashboardGate(dashboard)

@@ -20,8 +20,9 @@ write is its own committed transaction, ~12 ms; ~17 metrics per epoch would add 
 from __future__ import annotations
 
 import copy
-from collections.abc import Container, Sequence
-from typing import Any, NoReturn
+import functools
+from collections.abc import Callable, Container, Sequence
+from typing import Any, NoReturn, ParamSpec, TypeVar
 
 from optuna.distributions import BaseDistribution
 from optuna.storages import BaseStorage
@@ -30,10 +31,35 @@ from optuna.study._frozen import FrozenStudy
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo_service.errors import ReadOnly
+from hpo_service.storage import STORAGE_ERRORS
 
 #: Nested attributes shown one key per attribute, as ``{name}.{key}``.
 STUDY_ATTRS_FLATTENED = ("spec",)
 TRIAL_ATTRS_FLATTENED = ("metrics",)
+
+
+class StorageOutage(BaseException):
+    """A storage failure on the way out of the dashboard; ``__cause__`` is the original error.
+
+    A ``BaseException`` on purpose: the dashboard's JSON views catch every ``Exception`` and
+    answer their own 500, so a database outage would never reach the service's 503 handler.
+    ``DashboardGate`` turns it back into ``StorageUnavailable``.
+    """
+
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _outage_passes_through(read: Callable[_P, _T]) -> Callable[_P, _T]:
+    @functools.wraps(read)
+    def guarded(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return read(*args, **kwargs)
+        except STORAGE_ERRORS as error:
+            raise StorageOutage() from error
+
+    return guarded
 
 
 def flatten_attrs(attrs: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
@@ -119,33 +145,42 @@ class ReadOnlyView(BaseStorage):
 
     # --- reads: delegated, nested attributes spread out ----------------------------------------
 
+    @_outage_passes_through
     def get_study_id_from_name(self, study_name: str) -> int:
         return self._storage.get_study_id_from_name(study_name)
 
+    @_outage_passes_through
     def get_study_name_from_id(self, study_id: int) -> str:
         return self._storage.get_study_name_from_id(study_id)
 
+    @_outage_passes_through
     def get_study_directions(self, study_id: int) -> list[StudyDirection]:
         return self._storage.get_study_directions(study_id)
 
+    @_outage_passes_through
     def get_study_user_attrs(self, study_id: int) -> dict[str, Any]:
         attrs = self._storage.get_study_user_attrs(study_id)
         return flatten_attrs(attrs, STUDY_ATTRS_FLATTENED)
 
+    @_outage_passes_through
     def get_study_system_attrs(self, study_id: int) -> dict[str, Any]:
         return self._storage.get_study_system_attrs(study_id)
 
+    @_outage_passes_through
     def get_all_studies(self) -> list[FrozenStudy]:
         # Sorted by id: the dashboard sorts only an RDBStorage itself, and this is not one.
         studies = sorted(self._storage.get_all_studies(), key=lambda s: s._study_id)
         return [_shown_study(study) for study in studies]
 
+    @_outage_passes_through
     def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
         return self._storage.get_trial_id_from_study_id_trial_number(study_id, trial_number)
 
+    @_outage_passes_through
     def get_trial(self, trial_id: int) -> FrozenTrial:
         return _shown_trial(self._storage.get_trial(trial_id))
 
+    @_outage_passes_through
     def get_all_trials(
         self,
         study_id: int,
@@ -155,10 +190,12 @@ class ReadOnlyView(BaseStorage):
         trials = self._storage.get_all_trials(study_id, deepcopy=deepcopy, states=states)
         return [_shown_trial(trial) for trial in trials]
 
+    @_outage_passes_through
     def get_n_trials(
         self, study_id: int, state: tuple[TrialState, ...] | TrialState | None = None
     ) -> int:
         return self._storage.get_n_trials(study_id, state)
 
+    @_outage_passes_through
     def get_best_trial(self, study_id: int) -> FrozenTrial:
         return _shown_trial(self._storage.get_best_trial(study_id))

@@ -8,23 +8,45 @@ service records every heartbeat itself because Optuna's own heartbeat thread onl
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
+import os
+import sqlite3
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import optuna
 import sqlalchemy
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.exc import OperationalError
 
 from hpo_service.config import Settings
+from hpo_service.errors import StorageUnavailable
 from hpo_service.schema_status import MIGRATE_HINT, SchemaStatus, require_head
 
 log = logging.getLogger(__name__)
+
+#: Exceptions that mean "the database did not do it", whatever the backend said: the API
+#: answers them 503 (``api/errors.py``). Integrity and data errors are not here: they are bugs
+#: or bad input, not an outage.
+STORAGE_ERRORS: tuple[type[Exception], ...] = (
+    StorageUnavailable,
+    optuna.exceptions.StorageInternalError,
+    sa_exc.OperationalError,  # connection refused or lost, disk full, read-only, locked
+    sa_exc.InterfaceError,  # a connection closed under the driver
+    sa_exc.InternalError,  # e.g. "current transaction is aborted" after a lost connection
+    sa_exc.PendingRollbackError,
+    sa_exc.DisconnectionError,
+    sa_exc.TimeoutError,  # the connection pool stayed exhausted
+    sqlite3.OperationalError,
+)
 
 StaleCallback = Callable[[optuna.Study, FrozenTrial], None]
 
@@ -144,3 +166,58 @@ def build_storage(
             )
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+#: Bytes the readiness probe writes (and removes) beside a SQLite file: a few pages' worth, so
+#: a disk too full for the next commit reads as not ready.
+WRITE_PROBE_BYTES = 64 * 1024
+
+
+def write_refusal(storage: optuna.storages.RDBStorage) -> str | None:
+    """Why the database would refuse a write now, or None if it would take one.
+
+    Writes no row, so a probe a second costs the database nothing. SQLite: the file and its
+    folder must be writable and the folder's filesystem must take ``WRITE_PROBE_BYTES`` (a file
+    written, synced and removed: catches a full disk and a read-only mount, which SQLite itself
+    reports only at the next commit). PostgreSQL: the server must not be a read-only standby
+    or in a read-only transaction mode (a full disk there shows only as failed writes, 503).
+    Raises ``SQLAlchemyError`` if the database cannot be reached at all.
+    """
+    url = storage.engine.url
+    if url.get_backend_name() == "sqlite":
+        if not url.database or url.database == ":memory:":
+            return None
+        return _sqlite_file_refusal(Path(url.database))
+    with storage.engine.connect() as connection:
+        in_recovery, read_only = connection.execute(
+            sqlalchemy.text("SELECT pg_is_in_recovery(), current_setting('transaction_read_only')")
+        ).one()
+    if in_recovery:
+        return "read-only (a standby in recovery)"
+    if read_only == "on":
+        return "read-only (default_transaction_read_only)"
+    return None
+
+
+def _sqlite_file_refusal(path: Path) -> str | None:
+    try:
+        # Open for writing without changing a byte: EROFS / EACCES if it cannot be written.
+        os.close(os.open(path, os.O_WRONLY))
+        fd, probe = tempfile.mkstemp(prefix=".hpo-write-probe-", dir=path.parent)
+        try:
+            os.write(fd, b"\0" * WRITE_PROBE_BYTES)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as error:
+        log.warning("readiness: the SQLite file refuses writes: %s", error)
+        reason = {
+            errno.ENOSPC: "disk full",
+            errno.EDQUOT: "disk quota exceeded",
+            errno.EROFS: "read-only filesystem",
+            errno.EACCES: "not writable",
+            errno.EPERM: "not writable",
+        }.get(error.errno or 0, type(error).__name__)
+        return reason
+    return None

@@ -86,6 +86,8 @@ def require(*allowed: Scope) -> Callable[..., Awaitable[Scope]]:
             raise AuthError(f"the {scope!r} scope cannot do this", forbidden=True)
         return scope
 
+    # Read by api/openapi.py to state each route's scope in the document.
+    check.scopes = ("admin", *allowed)  # type: ignore[attr-defined]
     return check
 
 

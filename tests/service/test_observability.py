@@ -87,7 +87,12 @@ def test_healthz_and_readyz_answer_without_a_token(client: TestClient) -> None:
     assert ready.status_code == 200
     assert ready.json() == {
         "status": "ready",
-        "checks": {"database": "ok", "optuna_schema": "ok", "service_schema": "ok"},
+        "checks": {
+            "database": "ok",
+            "optuna_schema": "ok",
+            "service_schema": "ok",
+            "writes": "ok",  # the write probe (issue 13.2)
+        },
     }
 
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi.testclient import TestClient
-from helpers import ADMIN
+from helpers import ADMIN, VIEWER
 from pydantic import BaseModel
 
 from hpo_service import schemas
 
 
 def _examples(client: TestClient) -> dict[str, list[dict[str, Any]]]:
-    document = client.get("/v1/openapi.json").json()
+    document = client.get("/v1/openapi.json", headers=VIEWER).json()
     return {
         name: schema["examples"]
         for name, schema in document["components"]["schemas"].items()

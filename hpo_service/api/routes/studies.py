@@ -23,6 +23,15 @@ _ERRORS: dict[int | str, dict[str, object]] = {
     404: {"model": ErrorResponse, "description": "No such study"},
     422: {"model": ErrorResponse, "description": "Invalid request: field and reason"},
 }
+#: Routes that change a study's state: refused once it has ended.
+_STATE_ERRORS: dict[int | str, dict[str, object]] = {
+    **_ERRORS,
+    409: {
+        "model": ErrorResponse,
+        "description": "The study is no longer running (`study_not_running`): it was stopped, "
+        "cancelled, completed or failed.",
+    },
+}
 
 
 def _with_links(request: Request, info: StudyInfo) -> StudyInfo:
@@ -41,7 +50,13 @@ def _with_links(request: Request, info: StudyInfo) -> StudyInfo:
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=StudyInfo,
-    responses={**_ERRORS, 409: {"model": ErrorResponse, "description": "Name taken"}},
+    responses={
+        422: _ERRORS[422],
+        409: {
+            "model": ErrorResponse,
+            "description": "A study of this name exists (`study_exists`)",
+        },
+    },
     dependencies=[Admin],
 )
 def create_study(
@@ -71,19 +86,23 @@ def get_study(request: Request, service: ServiceDep, name: str) -> StudyInfo:
 def list_trials(
     service: ServiceDep,
     name: str,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> TrialPage:
     return service.list_trials(name, offset, limit)
 
 
-@router.post("/{name}/stop", response_model=StudyInfo, responses=_ERRORS, dependencies=[Admin])
+@router.post(
+    "/{name}/stop", response_model=StudyInfo, responses=_STATE_ERRORS, dependencies=[Admin]
+)
 def stop_study(request: Request, service: ServiceDep, name: str) -> StudyInfo:
     """No new trials; running trials finish."""
     return _with_links(request, service.set_state(name, "stopped"))
 
 
-@router.post("/{name}/cancel", response_model=StudyInfo, responses=_ERRORS, dependencies=[Admin])
+@router.post(
+    "/{name}/cancel", response_model=StudyInfo, responses=_STATE_ERRORS, dependencies=[Admin]
+)
 def cancel_study(request: Request, service: ServiceDep, name: str) -> StudyInfo:
     """No new trials; running trials are told to stop at their next heartbeat or report."""
     return _with_links(request, service.set_state(name, "cancelled"))
@@ -98,7 +117,10 @@ def delete_study(service: ServiceDep, name: str) -> Response:
 
 
 @router.post(
-    "/{name}/enqueue", response_model=EnqueueResponse, responses=_ERRORS, dependencies=[Admin]
+    "/{name}/enqueue",
+    response_model=EnqueueResponse,
+    responses=_STATE_ERRORS,
+    dependencies=[Admin],
 )
 def enqueue(service: ServiceDep, name: str, body: EnqueueRequest) -> EnqueueResponse:
     """Queue known configurations; they are leased before newly sampled ones."""
