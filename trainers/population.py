@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from trainers.config import TrainConfig
-from trainers.data import Dataset, load_dataset
+from trainers.data import Dataset
 from trainers.errors import ConfigError, NonFiniteLossError, TrainerError
 from trainers.models import VAE, build_vae
 from trainers.population_stack import (
@@ -59,6 +59,7 @@ from trainers.train import (
     build_optimizer,
     final_metrics,
     first_nonfinite,
+    load_training_data,
     parse_config,
     resolve_device,
     set_schedule,
@@ -208,13 +209,8 @@ class _Population:
         if key in self.groups:
             return self.groups[key]
         device = resolve_device(cfg.device)
-        data = load_dataset(cfg, device)
+        data = load_training_data(cfg, device)
         n_train = data.train.shape[0]
-        if cfg.batch_size > n_train:
-            raise ConfigError(
-                "batch_size",
-                f"larger than the training set of {cfg.dataset!r} ({cfg.batch_size} > {n_train})",
-            )
         group = _Group(
             key=key, data=data, device=device, batch_size=cfg.batch_size,
             steps_per_epoch=n_train // cfg.batch_size, autocast=amp_context(cfg, device),

@@ -31,7 +31,7 @@ from torch import nn
 from trainers.config import TrainConfig
 from trainers.losses import elbo_terms
 from trainers.models import VAE
-from trainers.train import clip_gradients, resolve_device, uses_bf16
+from trainers.train import clip_gradients, resolve_device, uses_bf16, vae_step_stats
 
 #: Fields that must be equal for members to share a step, each for one reason:
 #: the stacked weights need one shape (``model``, ``hidden_sizes``, ``latent_dim``), the forward
@@ -199,19 +199,7 @@ def stacked_vae_step(
         optimizer.step()
         norms.append(norm)
         clipped.append(fired)
-    grad_norm = torch.stack(norms)
-    stats = torch.stack(
-        [
-            terms.objective.detach(),
-            terms.neg_elbo.detach(),
-            terms.reconstruction.detach(),
-            terms.kl_total.detach(),
-            terms.free_bits_floor_dims,
-            grad_norm,
-            torch.stack(clipped),
-        ]
-    )
-    return stats, torch.stack([stats[0], grad_norm])
+    return vae_step_stats(terms, torch.stack(norms), torch.stack(clipped))
 
 
 __all__ = [

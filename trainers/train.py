@@ -38,7 +38,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from trainers.config import TrainConfig
-from trainers.data import load_dataset
+from trainers.data import Dataset, load_dataset
 from trainers.errors import ConfigError, NonFiniteLossError
 from trainers.losses import ELBOTerms, elbo_terms, gaussian_kl_per_dim, reconstruction_nll
 from trainers.metrics import active_units, importance_sampled_nll, posterior_collapse
@@ -156,13 +156,8 @@ def train(
     gen.manual_seed(cfg.seed)
 
     # --- 2) data ------------------------------------------------------------------------------
-    data = load_dataset(cfg, device)
+    data = load_training_data(cfg, device)
     n_train = data.train.shape[0]
-    if cfg.batch_size > n_train:
-        raise ConfigError(
-            "batch_size",
-            f"larger than the training set of {cfg.dataset!r} ({cfg.batch_size} > {n_train})",
-        )
     bs = cfg.batch_size
     # Drop the ragged last batch: a constant batch size keeps free bits (whose clamp depends on
     # the batch mean) and compiled graphs the same on every step.
@@ -432,6 +427,18 @@ def parse_config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
         raise ConfigError(field, reason) from e
 
 
+def load_training_data(cfg: TrainConfig, device: torch.device) -> Dataset:
+    """``load_dataset``, checked against the batch size (``ConfigError`` naming ``batch_size``)."""
+    data = load_dataset(cfg, device)
+    n_train = data.train.shape[0]
+    if cfg.batch_size > n_train:
+        raise ConfigError(
+            "batch_size",
+            f"larger than the training set of {cfg.dataset!r} ({cfg.batch_size} > {n_train})",
+        )
+    return data
+
+
 def resolve_device(name: str) -> torch.device:
     """``"auto"`` → CUDA when available, else CPU; otherwise the named device, checked."""
     if name == "auto":
@@ -609,6 +616,14 @@ def vae_step(
     params = _params(optimizer)
     grad_norm, clipped = clip_gradients(params, cfg.grad_clip_norm, cfg.grad_clip_value)
     optimizer.step()
+    return vae_step_stats(terms, grad_norm, clipped)
+
+
+def vae_step_stats(
+    terms: ELBOTerms, grad_norm: torch.Tensor, clipped: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``VAE_STEP_STATS`` and ``VAE_CHECKS`` values of a step, stacked on the device (one
+    column per member when the terms are a population's)."""
     stats = torch.stack(
         [
             terms.objective.detach(),

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from test_vae_train import SMALL as TRAIN_SMALL
 
 from trainers.config import TrainConfig
 from trainers.errors import ConfigError, NonFiniteLossError
@@ -18,18 +19,11 @@ from trainers.population import Outcome, train_population
 from trainers.population_stack import GROUP_FIELDS, group_configs, group_key, unfusable_reason
 from trainers.train import Decision, EpochMetrics, TrainResult, train
 
-#: 1437 training digits, 11 steps per epoch at batch 128.
+#: test_vae_train's small run (digits, 11 steps per epoch), with a final IS-NLL, in fp32.
 SMALL: dict[str, Any] = {
-    "dataset": "digits",
-    "model": "mlp",
-    "hidden_sizes": (64, 32),
-    "latent_dim": 4,
-    "epochs": 3,
-    "batch_size": 128,
-    "kl_warmup_epochs": 1.0,
+    **TRAIN_SMALL,
     "final_is_samples": 10,
     "final_is_examples": 50,
-    "active_unit_examples": 180,
     "amp": "off",  # the equality is stated for fp32
 }
 TIMINGS = {"samples_per_sec", "epoch_seconds"}
