@@ -21,10 +21,12 @@ Ratios printed: fused/sequential and fused/floor. Goals (issue 11): on a CPU at 
 fused ≥ 0.85× floor at batch 128 and ≥ 2× sequential at batch 32; on an H100/H200 ≥ 10×
 sequential at K = 64 and ≥ 5 M samples/s in all.
 
-``--extras`` adds two measurements: compacting against masking (a stack of K/2 live members
-against K members of which half are dead weight, and the cost of one restack), and whether the
-conv VAE would gain from fusing (``torch.func.vmap`` over K = 4 stacked conv VAEs against 4
-sequential forward+backward passes).
+``--extras`` adds three measurements: ``torch.func.stack_module_state`` + ``vmap`` against the
+hand-written ``baddbmm`` forward (forward + backward of the MLP VAE, K = 4 and 16, per batch
+size — the measurement behind keeping ``baddbmm``); compacting against masking (a stack of K/2
+live members against K members of which half are dead weight, and the cost of one restack); and
+whether the conv VAE would gain from fusing (``vmap`` over K = 4 stacked conv VAEs against 4
+sequential forward+backward passes). ``--ks none`` runs only the extras.
 """
 
 from __future__ import annotations
@@ -157,6 +159,46 @@ def compaction(args: argparse.Namespace, device: torch.device) -> str:
     )
 
 
+def vmap_vs_baddbmm(batch: int, k: int, device: torch.device, steps: int = 5) -> str:
+    """Forward + backward of K stacked MLP VAEs: ``vmap(functional_call)`` against
+    ``MemberStack.forward`` (``baddbmm``), same weights and inputs."""
+    cfg = TrainConfig.from_mapping({**BASE, "device": str(device), "batch_size": batch})
+    models = [build_vae(cfg, (1, 28, 28)).to(device) for _ in range(k)]
+    params, buffers = stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    stack = MemberStack(models)
+    x = torch.rand(k, batch, 784, device=device)
+    eps = torch.randn(k, batch, cfg.latent_dim, device=device)
+
+    def one(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], xi: torch.Tensor,
+            ei: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        _, _, out = functional_call(base, (p, b), (xi, ei))
+        return out
+
+    def with_vmap() -> None:
+        out = vmap(one)(params, buffers, x, eps)
+        F.binary_cross_entropy_with_logits(out, x).backward()
+
+    def with_baddbmm() -> None:
+        _, _, out = stack.forward(x, eps)
+        F.binary_cross_entropy_with_logits(out, x).backward()
+
+    timings = {}
+    for name, fn in (("vmap", with_vmap), ("baddbmm", with_baddbmm)):
+        fn()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync(device)
+        timings[name] = (time.perf_counter() - t0) / steps
+    return (
+        f"MLP forward+backward (batch {batch}, K={k}): vmap {timings['vmap'] * 1e3:.1f} ms, "
+        f"baddbmm {timings['baddbmm'] * 1e3:.1f} ms, vmap/baddbmm "
+        f"{timings['vmap'] / timings['baddbmm']:.2f}x"
+    )
+
+
 def conv_fusion(device: torch.device, k: int = 4, batch: int = 128, steps: int = 5) -> str:
     """vmap over K stacked conv VAEs against K sequential forward+backward passes."""
     cfg = TrainConfig.from_mapping({**BASE, "model": "conv", "device": str(device)})
@@ -219,12 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (epoch 1 is a warm-up)")
     device = torch.device(args.device)
-    ks = [int(k) for k in args.ks.split(",")]
+    ks = [] if args.ks == "none" else [int(k) for k in args.ks.split(",")]
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     print(f"# {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {device_name(device)}, "
           f"torch {torch.__version__}, load before: {load()}")  # fmt: skip
     print("# 784-512-256-32 MLP VAE on mnist5k, fp32; samples/s over training steps of epochs 2..")
     print("batch     K        fused   sequential        floor   fused/seq  fused/floor")
-    for batch in (int(b) for b in args.batch_sizes.split(",")):
+    for batch in batch_sizes if ks else []:
         seq = sequential_rate(args, batch)
         for k in ks:
             fused = fused_rate(args, batch, k)
@@ -232,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{batch:5d} {k:5d} {fused:12.0f} {seq:12.0f} {floor:12.0f} "
                   f"{fused / seq:10.2f}x {fused / floor:11.2f}x", flush=True)  # fmt: skip
     if args.extras:
+        for batch in batch_sizes:
+            for k in (4, 16):
+                print(vmap_vs_baddbmm(batch, k, device), flush=True)
         print(compaction(args, device))
         print(conv_fusion(device))
     print(f"# load after: {load()}")

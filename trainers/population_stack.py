@@ -14,9 +14,12 @@ of the stacked gradient (a view, no copy). So every member keeps its own torch o
 ``evaluate``/``final_metrics`` — the very functions ``train()`` uses. Optimizers update the rows
 in place, which is the stacked storage, so the next fused forward sees the new weights.
 
-Measured (``benchmarks/population_throughput.py`` and docs/benchmarks.md): hand-written
-``baddbmm`` beat ``torch.func.stack_module_state`` + ``vmap(functional_call)`` by 1.1–1.5× per
-forward+backward on this 2-core CPU (K = 4, 16; batch 32, 128), so only ``baddbmm`` is kept.
+Measured (``benchmarks/population_throughput.py --extras``, docs/benchmarks.md, "Population
+throughput"): on this shared 2-core CPU hand-written ``baddbmm`` was 1.1–2.6× faster than
+``torch.func.stack_module_state`` + ``vmap(functional_call)`` in 4 of 6 cases and slower in 2
+(0.64× at batch 32, K = 16; 0.96× at batch 128, K = 16), under a load that varied 2–27. It is kept
+because it is never far behind and it keeps each member's ``Parameter`` objects (and so its own
+torch optimizer and ``clip_gradients``) instead of functional copies of them.
 """
 
 from __future__ import annotations
@@ -59,8 +62,9 @@ GroupKey = tuple[tuple[str, Any], ...]
 def unfusable_reason(cfg: TrainConfig) -> str | None:
     """Why ``cfg`` must train alone (``train()``), or None when it can join a population.
 
-    Only the MLP VAE is fused. The conv VAE and the VAE-GAN stay single-trial: on this CPU a
-    conv step is already compute-bound (docs/benchmarks.md, "Population throughput"), and a
+    Only the MLP VAE is fused. The conv VAE and the VAE-GAN stay single-trial: ``vmap`` over 4
+    stacked conv VAEs measured 1.95× and 0.86× of 4 sequential passes in two runs on the loaded
+    2-core CPU (docs/benchmarks.md, "Population throughput"): no clear gain, so not built; a
     VAE-GAN's three optimizers and gated steps would need their own stacked step. A compiled
     model (``compile: true``) is one graph of one model, so it trains alone too.
     """

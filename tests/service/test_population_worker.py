@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+import typer
 from fastapi.testclient import TestClient
 from helpers import ADMIN, TINY_FIXED, VIEWER, spec
 from test_e2e import _wait_for, server  # noqa: F401  (the live `hpo serve` fixture)
@@ -22,6 +23,7 @@ from trainers import population_worker
 from trainers.population_worker import auto_population
 from trainers.train import parse_config
 from trainers.worker import Worker, WorkerOptions
+from trainers.worker_cli import parse_population
 
 
 def make_worker(client: TestClient, **options: Any) -> Worker:
@@ -80,6 +82,18 @@ def test_an_unfusable_trial_is_trained_alone_after_the_population(client: TestCl
     assert sizes == [0]  # the conv trial, alone; the two MLP trials fused
     for name, n in (("conv", 1), ("mlp", 2)):
         assert [t["state"] for t in trials_of(client, name)] == ["complete"] * n
+
+
+@pytest.mark.parametrize(("value", "expected"), [("1", 1), ("16", 16), ("auto", "auto")])
+def test_population_option_accepts_a_count_or_auto(value: str, expected: object) -> None:
+    assert parse_population(value) == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "many", "1.5"])
+def test_population_option_names_itself_when_invalid(value: str) -> None:
+    with pytest.raises(typer.BadParameter) as info:
+        parse_population(value)
+    assert info.value.param_hint == "--population" and repr(value) in str(info.value)
 
 
 def test_auto_picks_a_power_of_two_that_fits(train_device: str) -> None:
