@@ -23,7 +23,6 @@ Units: every loss is in nats per example; ``step`` is the 0-based global optimiz
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 import time
@@ -39,7 +38,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from trainers.config import TrainConfig
-from trainers.data import load_dataset
+from trainers.data import Dataset, load_dataset
 from trainers.errors import ConfigError, NonFiniteLossError
 from trainers.losses import ELBOTerms, elbo_terms, gaussian_kl_per_dim, reconstruction_nll
 from trainers.metrics import active_units, importance_sampled_nll, posterior_collapse
@@ -157,13 +156,8 @@ def train(
     gen.manual_seed(cfg.seed)
 
     # --- 2) data ------------------------------------------------------------------------------
-    data = load_dataset(cfg, device)
+    data = load_training_data(cfg, device)
     n_train = data.train.shape[0]
-    if cfg.batch_size > n_train:
-        raise ConfigError(
-            "batch_size",
-            f"larger than the training set of {cfg.dataset!r} ({cfg.batch_size} > {n_train})",
-        )
     bs = cfg.batch_size
     # Drop the ragged last batch: a constant batch size keeps free bits (whose clamp depends on
     # the batch mean) and compiled graphs the same on every step.
@@ -212,7 +206,7 @@ def train(
 
     history: list[EpochMetrics] = []
     best_val, best_epoch, best_au = math.inf, 0, 0.0
-    best_state = copy.deepcopy(vae.state_dict())
+    best_state = snapshot(vae)
     stopped_early = plateaued = False
     step = 0
     for epoch in range(1, cfg.epochs + 1):
@@ -253,26 +247,14 @@ def train(
         host = torch.cat([sums.double(), maxima.double(), first_bad.double()]).tolist()
         train_seconds = time.perf_counter() - t_epoch
         n_sums, n_max = len(stat_names), len(max_names)
-        # (step, position in check_names): ties name the loss before the gradient it caused
-        bad_steps = [(int(s), j) for j, s in enumerate(host[n_sums + n_max :]) if s >= 0]
-        if bad_steps:
-            bad_step, j = min(bad_steps)
-            raise NonFiniteLossError(epoch, bad_step, check_names[j])
+        nonfinite = first_nonfinite(host[n_sums + n_max :], check_names)
+        if nonfinite is not None:
+            raise NonFiniteLossError(epoch, *nonfinite)
         means = {n: total / steps_per_epoch for n, total in zip(stat_names, host, strict=False)}
         peaks = dict(zip(max_names, host[n_sums : n_sums + n_max], strict=True))
-        values = {
-            "train_loss": means["train_loss"],
-            "train_neg_elbo": means["train_neg_elbo"],
-            "train_recon": means["train_recon"],
-            "train_kl": means["train_kl"],
-            "free_bits_floor_dims": means["free_bits_floor_dims"],
-            "beta": beta,
-            "lr": lrs[0],
-            "grad_norm_mean": means["grad_norm"],
-            "grad_norm_max": peaks["grad_norm"],
-            "clip_fraction": means["clipped"],
-            "samples_per_sec": steps_per_epoch * bs / max(train_seconds, 1e-9),
-        }
+        values = vae_epoch_values(
+            means, peaks, beta, lrs[0], steps_per_epoch * bs / max(train_seconds, 1e-9)
+        )
         if is_gan:
             values |= {
                 "feature_recon": means["feature_recon"],
@@ -288,20 +270,15 @@ def train(
 
         # --- validation: the true −ELBO (β = 1, no free-bits clamp) selects the model ---------
         model.eval()
-        val, kl_per_dim = evaluate(vae, data.val, cfg, eval_generator(cfg, device))
-        if not math.isfinite(val["val_neg_elbo"]):
-            raise NonFiniteLossError(epoch, step - 1, "val_neg_elbo")
+        val, kl_per_dim = validate(vae, data.val, cfg, device, epoch, step - 1)
         values |= val
-        values["posterior_collapse"] = float(
-            posterior_collapse(val["val_kl"], int(val["active_units"]), cfg.collapse_kl_threshold)
-        )
         values["epoch_seconds"] = time.perf_counter() - t_epoch
         metrics = EpochMetrics(epoch=epoch, values=values, kl_per_dim=kl_per_dim)
         history.append(metrics)
 
         if val["val_neg_elbo"] < best_val:
             best_val, best_epoch, best_au = val["val_neg_elbo"], epoch, val["active_units"]
-            best_state = copy.deepcopy(vae.state_dict())
+            best_state = snapshot(vae)
         if on_epoch is not None and on_epoch(metrics) == "stop":
             stopped_early = True
             break
@@ -310,31 +287,10 @@ def train(
             break
 
     # --- final: the selected model on the test set ---------------------------------------------
-    final = dict(history[-1].values)
-    final |= {
-        "val_neg_elbo": best_val,
-        "active_units": best_au,
-        "best_epoch": float(best_epoch),
-        "epochs_run": float(len(history)),
-    }
-    if not stopped_early:
-        eval_started = time.perf_counter()  # issue 10: evaluation timed apart from training
-        vae.load_state_dict(best_state)
-        vae.eval()
-        test, _ = evaluate(vae, data.test, cfg, eval_generator(cfg, device))
-        final["test_neg_elbo"] = test["val_neg_elbo"]
-        if cfg.final_is_samples > 0:
-            n = cfg.final_is_examples or len(data.test)
-            nll = importance_sampled_nll(
-                vae,
-                data.test[:n],
-                k=cfg.final_is_samples,
-                likelihood=cfg.likelihood,
-                gaussian_std=cfg.gaussian_std,
-                generator=eval_generator(cfg, device),
-            )
-            final["test_is_nll"] = nll.mean().item()
-        final["final_eval_seconds"] = time.perf_counter() - eval_started  # issue 10
+    final = final_metrics(
+        vae, best_state, data.test, cfg, device, history, (best_val, best_epoch, best_au),
+        test=not stopped_early,
+    )  # fmt: skip
     return TrainResult(
         metrics=final,
         history=history,
@@ -343,6 +299,107 @@ def train(
         stopped_early=stopped_early,
         plateaued=plateaued,
     )
+
+
+# --- the end of an epoch and of a run (shared with trainers.population) ------------------------
+
+
+def first_nonfinite(first_bad: list[float], check_names: tuple[str, ...]) -> tuple[int, str] | None:
+    """The first (step, term) that went NaN/Inf, from the per-check first-bad steps read back
+    from the device (−1 = never); ties name the loss before the gradient it caused."""
+    bad_steps = [(int(s), j) for j, s in enumerate(first_bad) if s >= 0]
+    if not bad_steps:
+        return None
+    bad_step, j = min(bad_steps)
+    return bad_step, check_names[j]
+
+
+def vae_epoch_values(
+    means: Mapping[str, float],
+    peaks: Mapping[str, float],
+    beta: float,
+    lr: float,
+    samples_per_sec: float,
+) -> dict[str, float]:
+    """The training half of an epoch's ``values`` from the epoch means and maxima of
+    ``VAE_STEP_STATS``; ``beta`` and ``lr`` are those of the epoch's last step."""
+    return {
+        "train_loss": means["train_loss"],
+        "train_neg_elbo": means["train_neg_elbo"],
+        "train_recon": means["train_recon"],
+        "train_kl": means["train_kl"],
+        "free_bits_floor_dims": means["free_bits_floor_dims"],
+        "beta": beta,
+        "lr": lr,
+        "grad_norm_mean": means["grad_norm"],
+        "grad_norm_max": peaks["grad_norm"],
+        "clip_fraction": means["clipped"],
+        "samples_per_sec": samples_per_sec,
+    }
+
+
+def validate(
+    vae: VAE, x: torch.Tensor, cfg: TrainConfig, device: torch.device, epoch: int, step: int
+) -> tuple[dict[str, float], list[float]]:
+    """``evaluate`` on the validation split plus the posterior-collapse flag; raises
+    ``NonFiniteLossError`` (at ``step``, the epoch's last) when the −ELBO is not finite."""
+    val, kl_per_dim = evaluate(vae, x, cfg, eval_generator(cfg, device))
+    if not math.isfinite(val["val_neg_elbo"]):
+        raise NonFiniteLossError(epoch, step, "val_neg_elbo")
+    val["posterior_collapse"] = float(
+        posterior_collapse(val["val_kl"], int(val["active_units"]), cfg.collapse_kl_threshold)
+    )
+    return val, kl_per_dim
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of ``module``'s state. ``clone`` per tensor, not ``deepcopy``: a population
+    member's parameters are views into the stacked storage, which deepcopy would copy whole."""
+    return {name: value.detach().clone() for name, value in module.state_dict().items()}
+
+
+def final_metrics(
+    vae: VAE,
+    best_state: Mapping[str, torch.Tensor],
+    test_x: torch.Tensor,
+    cfg: TrainConfig,
+    device: torch.device,
+    history: list[EpochMetrics],
+    best: tuple[float, int, float],
+    *,
+    test: bool,
+) -> dict[str, float]:
+    """A run's final ``metrics`` (see ``train``): the last epoch's values with the selected
+    model's ``best`` (val −ELBO, epoch, active units); with ``test``, the selected model's test
+    −ELBO and IS-NLL. Loads ``best_state`` into ``vae``."""
+    best_val, best_epoch, best_au = best
+    final = dict(history[-1].values)
+    final |= {
+        "val_neg_elbo": best_val,
+        "active_units": best_au,
+        "best_epoch": float(best_epoch),
+        "epochs_run": float(len(history)),
+    }
+    if not test:
+        return final
+    eval_started = time.perf_counter()  # issue 10: evaluation timed apart from training
+    vae.load_state_dict(best_state)
+    vae.eval()
+    result, _ = evaluate(vae, test_x, cfg, eval_generator(cfg, device))
+    final["test_neg_elbo"] = result["val_neg_elbo"]
+    if cfg.final_is_samples > 0:
+        n = cfg.final_is_examples or len(test_x)
+        nll = importance_sampled_nll(
+            vae,
+            test_x[:n],
+            k=cfg.final_is_samples,
+            likelihood=cfg.likelihood,
+            gaussian_std=cfg.gaussian_std,
+            generator=eval_generator(cfg, device),
+        )
+        final["test_is_nll"] = nll.mean().item()
+    final["final_eval_seconds"] = time.perf_counter() - eval_started  # issue 10
+    return final
 
 
 # --- setup helpers -------------------------------------------------------------------------------
@@ -370,6 +427,18 @@ def parse_config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
         if len(errors) > 1:
             reason += f" (and {len(errors) - 1} more error(s))"
         raise ConfigError(field, reason) from e
+
+
+def load_training_data(cfg: TrainConfig, device: torch.device) -> Dataset:
+    """``load_dataset``, checked against the batch size (``ConfigError`` naming ``batch_size``)."""
+    data = load_dataset(cfg, device)
+    n_train = data.train.shape[0]
+    if cfg.batch_size > n_train:
+        raise ConfigError(
+            "batch_size",
+            f"larger than the training set of {cfg.dataset!r} ({cfg.batch_size} > {n_train})",
+        )
+    return data
 
 
 def resolve_device(name: str) -> torch.device:
@@ -549,6 +618,14 @@ def vae_step(
     params = _params(optimizer)
     grad_norm, clipped = clip_gradients(params, cfg.grad_clip_norm, cfg.grad_clip_value)
     optimizer.step()
+    return vae_step_stats(terms, grad_norm, clipped)
+
+
+def vae_step_stats(
+    terms: ELBOTerms, grad_norm: torch.Tensor, clipped: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``VAE_STEP_STATS`` and ``VAE_CHECKS`` values of a step, stacked on the device (one
+    column per member when the terms are a population's)."""
     stats = torch.stack(
         [
             terms.objective.detach(),

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from hpo_service.client import HPOClient, LeaseLost, ServerUnavailable
 from hpo_service.schemas import Lease
@@ -43,6 +43,8 @@ class WorkerOptions:
     max_trials: int | None = None  # exit after this many trials
     idle_exit_s: float | None = None  # exit after this long without work (None: never)
     backoff_max_s: float = 30.0
+    # Trials trained at once on the device (trainers.population_worker); "auto" measures it.
+    population: int | Literal["auto"] = 1
 
 
 @dataclass
@@ -55,6 +57,17 @@ class _TrialState:
     lost: bool = False
 
 
+@dataclass
+class ActiveTrial:
+    """A leased trial being trained: its lease, resolved config, shared flags, heartbeat."""
+
+    lease: Lease
+    config: dict[str, Any]
+    state: _TrialState
+    beat: threading.Thread
+    started: float  # time.monotonic() at lease
+
+
 class Worker:
     def __init__(
         self, client: HPOClient, options: WorkerOptions, train_fn: TrainFn = train
@@ -64,6 +77,18 @@ class Worker:
         self.train_fn = train_fn
         self._shutdown = threading.Event()
         self.trials_done = 0
+        self.auto_population: int | None = None  # K measured by --population auto, once
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutdown.is_set()
+
+    def lease_identity(self, slot: int = 0) -> str:
+        """The id a lease is asked under: the worker's, or one per population slot (the server
+        hands an id its own running trial back, so K trials need K ids)."""
+        if self.options.population == 1:
+            return self.options.worker_id
+        return f"{self.options.worker_id}/{slot}"
 
     def request_shutdown(self) -> None:
         """Finish the current epoch, hand the trial back for retry, and exit."""
@@ -93,7 +118,7 @@ class Worker:
             lease = self._retrying(
                 "lease",
                 lambda: self.client.lease(
-                    self.options.worker_id, self.options.wait_s, self.options.device
+                    self.lease_identity(), self.options.wait_s, self.options.device
                 ),
             )
             if lease is None:
@@ -102,8 +127,13 @@ class Worker:
                     log.info("no work for %.0fs; exiting", idle)
                     break
                 continue
-            self.run_trial(lease)
-            self.trials_done += 1
+            if self.options.population == 1:
+                self.run_trial(lease)
+                self.trials_done += 1
+            else:
+                from trainers.population_worker import run_population  # it imports this module
+
+                self.trials_done += run_population(self, lease)
             idle_since = time.monotonic()
         return self.trials_done
 
@@ -119,6 +149,20 @@ class Worker:
 
     def run_trial(self, lease: Lease) -> str:
         """Train one leased trial and settle it with the server. Returns the outcome."""
+        return self.train_started(self.start_trial(lease))
+
+    def train_started(self, active: ActiveTrial) -> str:
+        """Train a trial ``start_trial`` began, alone, and settle it."""
+        try:
+            outcome: TrainResult | Exception = self.train_fn(
+                active.config, self._on_epoch(active.lease, active.state)
+            )
+        except Exception as error:
+            outcome = error
+        return self.finish_trial(active, outcome)
+
+    def start_trial(self, lease: Lease) -> ActiveTrial:
+        """Log the lease, resolve the config's device and start the trial's heartbeat thread."""
         state = _TrialState()
         log.info(
             "trial %d of %s: leased, training on %s",
@@ -137,31 +181,36 @@ class Worker:
             name=f"heartbeat-{lease.trial_id}",
         )
         beat.start()
-        started = time.monotonic()
-        try:
-            result = self.train_fn(config, self._on_epoch(lease, state))
-        except ConfigError as error:
-            return self._settle_failure(lease, state, f"{type(error).__name__}: {error}", False)
-        # --- issue 10: a diverged run is reported as such; the server completes it infeasible
-        except NonFiniteLossError as error:
-            reason = f"{type(error).__name__}: {error}"
+        return ActiveTrial(lease, config, state, beat, time.monotonic())
+
+    def finish_trial(self, active: ActiveTrial, outcome: TrainResult | Exception) -> str:
+        """Stop the heartbeat and settle the trial: complete, pruned, failed or handed back.
+
+        ``ConfigError`` fails it for good; ``NonFiniteLossError`` fails it for good as diverged
+        (the server completes it infeasible, issue 10); any other exception fails it as
+        retryable. Returns the outcome's name.
+        """
+        lease, state = active.lease, active.state
+        state.stop.set()
+        active.beat.join(timeout=5)
+        reason = f"{type(outcome).__name__}: {outcome}"
+        if isinstance(outcome, ConfigError):
+            return self._settle_failure(lease, state, reason, False)
+        if isinstance(outcome, NonFiniteLossError):  # issue 10: reported as diverged
             return self._settle_failure(lease, state, reason, False, diverged=True)
-        # --- end issue 10
-        except Exception as error:
-            log.exception("trial %d crashed", lease.trial_number)
-            return self._settle_failure(lease, state, f"{type(error).__name__}: {error}", True)
-        finally:
-            state.stop.set()
-            beat.join(timeout=5)
+        if isinstance(outcome, Exception):
+            log.error("trial %d crashed", lease.trial_number, exc_info=outcome)
+            return self._settle_failure(lease, state, reason, True)
+        result = outcome
         trained = time.monotonic()
-        outcome = self._settle(lease, state, result)
-        timings = _timings(result, trained - started, time.monotonic() - trained)
+        settled = self._settle(lease, state, result)
+        timings = _timings(result, trained - active.started, time.monotonic() - trained)
         log.info(
             "trial %d of %s: %s after %d epochs in %.1fs (train %.1fs, final eval %.1fs, "
             "%.0f samples/s; %s)",
             lease.trial_number,
             lease.study,
-            outcome,
+            settled,
             result.epochs_run,
             timings["wall_s"],
             timings["train_s"],
@@ -170,9 +219,9 @@ class Worker:
             ", ".join(
                 f"{m}={result.metrics.get(m, float('nan')):.4g}" for m in lease.objective_metrics
             ),
-            extra={**self._fields(lease, "trial_finished"), "outcome": outcome, **timings},
+            extra={**self._fields(lease, "trial_finished"), "outcome": settled, **timings},
         )
-        return outcome
+        return settled
 
     def _on_epoch(self, lease: Lease, state: _TrialState) -> Callable[[EpochMetrics], str]:
         def on_epoch(epoch: EpochMetrics) -> str:

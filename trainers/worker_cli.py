@@ -8,7 +8,7 @@ import signal
 import socket
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -49,6 +49,14 @@ def run(
         float | None, typer.Option(help="Exit after this many seconds without work.")
     ] = None,
     wait: Annotated[float, typer.Option(help="Long-poll seconds per lease request.")] = 20.0,
+    population: Annotated[
+        str,
+        typer.Option(
+            envvar="HPO_WORKER_POPULATION",
+            help="Trials trained at once as one stacked model (MLP VAEs of one shape and batch "
+            "size), or 'auto': as many as free memory allows while samples/s still rises.",
+        ),
+    ] = "1",
     log_format: Annotated[
         str, typer.Option(envvar="HPO_LOG_FORMAT", help="text or json (one object per line).")
     ] = "text",
@@ -63,6 +71,7 @@ def run(
         except OSError as error:
             hint = "--token-file"
             raise typer.BadParameter(f"cannot read it: {error}", param_hint=hint) from error
+    members = parse_population(population)
     identity = worker_id or f"{socket.gethostname()}-{os.getpid()}"
     worker = Worker(
         HPOClient(make_http_client(server, token)),
@@ -72,6 +81,7 @@ def run(
             wait_s=wait,
             max_trials=max_trials,
             idle_exit_s=idle_exit,
+            population=members,
         ),
     )
 
@@ -90,6 +100,21 @@ def run(
     )
     done = worker.run()
     logging.getLogger("hpo.worker").info("worker %s exiting after %d trials", identity, done)
+
+
+def parse_population(value: str) -> int | Literal["auto"]:
+    """``--population``: a whole number ≥ 1, or ``auto``."""
+    if value == "auto":
+        return "auto"
+    try:
+        members = int(value)
+    except ValueError:
+        members = 0
+    if members < 1:
+        raise typer.BadParameter(
+            f"must be a whole number >= 1 or 'auto' (got {value!r})", param_hint="--population"
+        )
+    return members
 
 
 def describe_device(device: str | None) -> str:
