@@ -1,9 +1,10 @@
 """Builds the one Optuna ``RDBStorage`` the service uses; engine options live here only.
 
 The storage's engine is shared with the service's own tables, so there is one connection pool.
-Heartbeats are enabled so ``optuna.storages.fail_stale_trials`` can reap expired leases; the
-service records every heartbeat itself because Optuna's own heartbeat thread only runs inside
-``Study.optimize``, never for ask/tell trials (see OPTUNA5_NOTES.md).
+Lease liveness is the service's own (``hpo_leases.beat_at_s`` by the database clock, reaped in
+one pass by ``hpo_service.studies``); Optuna's heartbeat settings stay configured for tools that
+drive ``Study.optimize`` on the same storage, but the service no longer writes Optuna's heartbeat
+table (its heartbeats never covered ask/tell trials, see OPTUNA5_NOTES.md).
 """
 
 from __future__ import annotations
