@@ -153,10 +153,11 @@ def test_a_viewer_logs_in_and_sees_the_trials(
     assert browser.save_screenshot(str(screenshot))
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # The cookie it logged in with cannot write: the dashboard's buttons get 405.
+    # The cookie it logged in with cannot write: it authenticates reads only, so a write with it
+    # is unauthenticated (401, checked before the read-only gate's 405).
     status = browser.execute_async_script(
         "const done = arguments[arguments.length - 1];"
         f"fetch('/api/studies/{info['study_id']}', {{method: 'DELETE'}}).then(r => done(r.status));"
     )
-    assert status == 405
+    assert status == 401
     assert httpx.get(f"{server.url}/v1/studies", headers=VIEWER).json()[0]["name"] == "vae-browser"

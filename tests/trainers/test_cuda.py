@@ -39,7 +39,7 @@ SMALL: dict[str, Any] = {
     "active_unit_examples": 180,
 }
 STEPS_PER_EPOCH = 1437 // 128
-TIMINGS = {"samples_per_sec", "epoch_seconds"}
+TIMINGS = {"samples_per_sec", "epoch_seconds", "final_eval_seconds"}
 
 #: fp32 on CUDA vs CPU, same initial weights, batches and noise: only kernel rounding differs
 #: (different summation orders in the GEMMs and reductions). Over 20 Adam steps that stays far

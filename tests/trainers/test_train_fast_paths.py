@@ -30,7 +30,7 @@ SMALL: dict[str, Any] = {
     "final_is_samples": 0,
     "active_unit_examples": 180,
 }
-TIMINGS = {"samples_per_sec", "epoch_seconds"}
+TIMINGS = {"samples_per_sec", "epoch_seconds", "final_eval_seconds"}
 COMPARED = ("train_loss", "train_neg_elbo", "train_kl", "val_neg_elbo", "val_kl", "grad_norm_max")
 
 

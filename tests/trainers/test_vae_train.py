@@ -38,7 +38,7 @@ EPOCH_METRICS = {
     "grad_norm_max", "clip_fraction", "samples_per_sec", "posterior_collapse", "mean_sigma",
     "mean_abs_mu", "epoch_seconds",
 }  # fmt: skip
-TIMINGS = {"samples_per_sec", "epoch_seconds"}
+TIMINGS = {"samples_per_sec", "epoch_seconds", "final_eval_seconds"}
 
 
 def run(device: str, /, **overrides: Any) -> train_module.TrainResult:
