@@ -148,8 +148,8 @@ def _parameters(
                 (
                     where,
                     f"{raw_name!r} is not a training setting of the VAE trainer; name it after "
-                    "a TrainConfig field (hpo_service/schemas.py), e.g. base_lr, batch_size, "
-                    "latent_dim, kl_schedule, free_bits",
+                    "a TrainConfig field (hpo_service/schemas/train_config.py), e.g. base_lr, "
+                    "batch_size, latent_dim, kl_schedule, free_bits",
                 )
             )
             continue

@@ -1,0 +1,20 @@
+"""Field types and checks shared by more than one part of the wire contract."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal
+
+from pydantic import Strict
+
+Direction = Literal["minimize", "maximize"]
+JSONScalar = str | int | float | bool | None
+ParamValue = str | int | float | bool
+#: A number only: the string "1.0" and booleans are refused, ints are taken as floats.
+StrictNumber = Annotated[float, Strict()]
+
+
+def finite_number(value: float | None, field: str) -> None:
+    """Raise ``ValueError`` naming ``field`` when ``value`` is NaN or ±Infinity."""
+    if value is not None and not math.isfinite(value):
+        raise ValueError(f"`{field}` must be a finite number (got {value})")

@@ -1,0 +1,160 @@
+"""The batched worker protocol: a population worker leases, heartbeats, reports, completes and
+fails many trials in one request; each item is answered or refused on its own (pydantic only).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .worker import (
+    CompleteAnswer,
+    CompleteRequest,
+    FailAnswer,
+    FailRequest,
+    HeartbeatAnswer,
+    Lease,
+    LeaseRequest,
+    LeaseToken,
+    ReportAnswer,
+    ReportRequest,
+)
+
+#: The most trials one batched request may carry.
+MAX_BATCH = 256
+
+
+class BatchLeaseRequest(LeaseRequest):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"worker_id": "gpu-box-1-pop", "count": 16, "wait_s": 5}]},
+    )
+
+    count: int = Field(..., ge=1, le=MAX_BATCH, description="Lease up to this many trials.")
+
+
+class BatchLeases(BaseModel):
+    """Up to ``count`` leases (fewer when the budget, the concurrency caps or the queue run
+    out; none after ``wait_s``). A worker's own running trials come back first."""
+
+    leases: list[Lease]
+
+
+class TrialLease(LeaseToken):
+    model_config = ConfigDict(extra="forbid")
+
+    trial_id: int
+
+
+class BatchHeartbeatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    leases: list[TrialLease] = Field(..., min_length=1, max_length=MAX_BATCH)
+
+
+class TrialReport(ReportRequest):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"trial_id": 17, "lease_token": "TOKEN", "epoch": 3, "value": 142.7, "metrics": {}}
+            ]
+        },
+    )
+
+    trial_id: int
+
+
+class BatchReportRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reports: list[TrialReport] = Field(..., min_length=1, max_length=MAX_BATCH)
+
+
+class TrialComplete(CompleteRequest):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"trial_id": 17, "lease_token": "TOKEN", "values": [139.4], "metrics": {}}]
+        },
+    )
+
+    trial_id: int
+
+
+class BatchCompleteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    results: list[TrialComplete] = Field(..., min_length=1, max_length=MAX_BATCH)
+
+
+class TrialFail(FailRequest):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"trial_id": 17, "lease_token": "TOKEN", "reason": "CUDA OOM", "retryable": True}
+            ]
+        },
+    )
+
+    trial_id: int
+
+
+class BatchFailRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    failures: list[TrialFail] = Field(..., min_length=1, max_length=MAX_BATCH)
+
+
+class ItemError(BaseModel):
+    """Why one trial of a batch was refused: the ``code`` and ``message`` the single-trial route
+    would have answered with (``trial_reaped``, ``result_conflict``, ``lease_mismatch``,
+    ``trial_not_found``, ``invalid_spec`` with its ``field``)."""
+
+    code: str
+    message: str
+    field: str | None = None
+
+
+class HeartbeatItem(BaseModel):
+    trial_id: int
+    answer: HeartbeatAnswer | None = None
+    error: ItemError | None = None
+
+
+class ReportItem(BaseModel):
+    trial_id: int
+    answer: ReportAnswer | None = None
+    error: ItemError | None = None
+
+
+class CompleteItem(BaseModel):
+    trial_id: int
+    answer: CompleteAnswer | None = None
+    error: ItemError | None = None
+
+
+class FailItem(BaseModel):
+    trial_id: int
+    answer: FailAnswer | None = None
+    error: ItemError | None = None
+
+
+class BatchHeartbeatAnswer(BaseModel):
+    """One item per request item, in order: an ``answer`` or an ``error``."""
+
+    items: list[HeartbeatItem]
+
+
+class BatchReportAnswer(BaseModel):
+    """One item per report, in order: ``continue``/``prune``/``stop``, or an ``error``."""
+
+    items: list[ReportItem]
+
+
+class BatchCompleteAnswer(BaseModel):
+    items: list[CompleteItem]
+
+
+class BatchFailAnswer(BaseModel):
+    items: list[FailItem]

@@ -1,0 +1,265 @@
+"""What a user submits to create a study: the spec, its budget, objectives, sampler, pruner,
+constraints, and the overrides of the default search space (pydantic only).
+
+Raises ``pydantic.ValidationError`` (a ``ValueError``) naming the field and the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ._fields import Direction, ParamValue, finite_number
+from .train_config import TRAIN_CONFIG_FIELDS, DatasetName, ModelKind
+
+#: Reparameterised search dimensions that are not config fields themselves.
+#: ``max_lr_factor`` is sampled so that ``max_lr = base_lr * max_lr_factor`` is always larger.
+DERIVED_PARAMETERS: frozenset[str] = frozenset({"max_lr_factor"})
+
+#: Metrics a trial reports at its end that a study may optimise, with their natural direction.
+OBJECTIVE_METRICS: dict[str, Literal["minimize", "maximize"]] = {
+    "val_neg_elbo": "minimize",
+    "test_neg_elbo": "minimize",
+    "test_is_nll": "minimize",
+    "val_recon": "minimize",
+    "val_kl": "maximize",
+    "active_units": "maximize",
+}
+
+SamplerName = Literal["tpe", "gp", "cmaes", "random", "qmc", "nsga2", "grid"]
+PrunerName = Literal["none", "median", "percentile", "successive_halving", "hyperband", "wilcoxon"]
+
+
+class ParamSpec(BaseModel):
+    """One search dimension: a float/int range, or a categorical set of choices.
+
+    Used both for the built-in defaults and for a user's overrides; an override replaces only the
+    keys it sets (``{"high": 1e-2}`` keeps the default's ``low`` and ``log``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["float", "int", "categorical"] | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool | None = None
+    step: float | None = None
+    choices: list[ParamValue] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> ParamSpec:
+        for name in ("low", "high", "step"):
+            finite_number(getattr(self, name), name)
+        if self.choices is not None:
+            if not self.choices:
+                raise ValueError("`choices` must not be empty")
+            for choice in self.choices:
+                if isinstance(choice, float):
+                    finite_number(choice, "choices")
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either `choices` or `low`/`high`, not both")
+        if self.step is not None and self.step <= 0:
+            raise ValueError(f"`step` must be positive (got {self.step:g})")
+        return self
+
+
+class Budget(BaseModel):
+    """How much a study may spend. Absurd budgets are refused rather than queued forever."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_trials: int = Field(20, ge=1, le=100_000, description="Trials to finish in total.")
+    timeout_s: float | None = Field(
+        None, gt=0, le=30 * 24 * 3600, description="No new trials after this many seconds."
+    )
+    max_concurrent: int = Field(4, ge=1, le=1024, description="Trials running at once.")
+    max_failed: int = Field(
+        10, ge=1, le=100_000, description="Stop the study after this many final failures."
+    )
+
+    @field_validator("timeout_s")
+    @classmethod
+    def _finite_timeout(cls, value: float | None) -> float | None:
+        finite_number(value, "timeout_s")
+        return value
+
+
+class Objective(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    metric: str = "val_neg_elbo"
+    direction: Direction | None = None  # default: the metric's natural direction
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        if value not in OBJECTIVE_METRICS:
+            raise ValueError(
+                f"unknown objective metric {value!r}; choose one of {sorted(OBJECTIVE_METRICS)}"
+            )
+        return value
+
+    @property
+    def resolved_direction(self) -> Direction:
+        return self.direction or OBJECTIVE_METRICS[self.metric]
+
+
+class SamplerSpec(BaseModel):
+    """Optuna sampler and its settings; recorded with the study so its behaviour is reproducible."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: SamplerName = "tpe"
+    seed: int | None = 0
+    n_startup_trials: int = Field(10, ge=0, le=10_000)
+    multivariate: bool = True  # Optuna 5's TPE default, pinned explicitly
+    constant_liar: bool = True  # keeps concurrent workers from sampling the same point
+    population_size: int = Field(20, ge=2, le=10_000)  # nsga2
+    # grid: every combination of the searched values (choices, or ranges with a `step`); the
+    # study's `n_trials` is capped at the number of combinations, so it ends with the grid.
+
+
+class PrunerSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: PrunerName = "median"
+    n_startup_trials: int = Field(5, ge=0, le=10_000)
+    n_warmup_steps: int = Field(2, ge=0, le=100_000, description="Epochs before pruning.")
+    percentile: float = Field(25.0, gt=0, lt=100)
+    min_resource: int = Field(1, ge=1)
+    reduction_factor: int = Field(3, ge=2)
+    patience: int | None = Field(None, ge=0, description="Wrap in PatientPruner when set.")
+    min_delta: float = Field(0.0, ge=0)
+    phase_aware: bool = Field(
+        True,
+        description="Decide only at epochs where the trial's KL weight is at its target and its "
+        "LR warm-up is over, against other trials at such epochs (hpo_service.phase_pruning).",
+    )
+    metric: str | None = Field(
+        None,
+        description="Multi-objective studies: the objective metric reported each epoch and "
+        "pruned on (default: none, no pruning). Single-objective studies prune on their metric.",
+    )
+
+
+class ConstraintSpec(BaseModel):
+    """Posterior collapse and divergence as Optuna constraints (``hpo_service.constraints``).
+
+    A trial that violates one completes as *infeasible*: samplers that read constraints (TPE,
+    NSGA-II/III, GP) learn to avoid its region, and ``best``, the morning report and warm starts
+    never pick it. Each constraint can be switched off; all are on by default.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    active_units: bool = Field(True, description="Require at least `min_active_units` units.")
+    min_active_units: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Active units (Burda et al. 2016) a feasible trial needs; default: "
+        "`min_active_fraction` of the latent size, rounded up, at least 1.",
+    )
+    min_active_fraction: float = Field(0.1, gt=0, le=1)
+    kl: bool = Field(True, description="Require the validation KL to reach `min_kl`.")
+    min_kl: float = Field(
+        0.1, gt=0, le=1e6, description="Nats per example; below it the posterior collapsed."
+    )
+    finite: bool = Field(
+        True,
+        description="A diverged trial (non-finite loss) completes as infeasible with the worst "
+        "value seen in the study, instead of failing unseen by the sampler.",
+    )
+
+
+class StudySpec(BaseModel):
+    """What a user submits: the data and model, the budget, the objective, and the search."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "mnist5k-vae",
+                    "dataset": "mnist5k",
+                    "model": "mlp",
+                    "epochs": 10,
+                    "budget": {"n_trials": 40, "max_concurrent": 2},
+                    "sampler": {"name": "tpe", "seed": 0},
+                    "pruner": {"name": "median", "n_warmup_steps": 3},
+                    "search_space": {"base_lr": {"low": 1e-4, "high": 3e-3, "log": True}},
+                    "fixed": {"latent_dim": 16},
+                    "drop": ["grad_clip_norm"],
+                }
+            ]
+        },
+    )
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,119}$")
+    dataset: DatasetName = "mnist5k"
+    model: ModelKind = "mlp"
+    epochs: int = Field(10, ge=1, le=10_000, description="Epochs per trial.")
+    budget: Budget = Field(default_factory=Budget)
+    objectives: list[Objective] = Field(
+        default_factory=lambda: [Objective()], min_length=1, max_length=3
+    )
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    pruner: PrunerSpec = Field(default_factory=PrunerSpec)
+    search_space: dict[str, ParamSpec] = Field(
+        default_factory=dict, description="Overrides of the default VAE space, or new params."
+    )
+    fixed: dict[str, Any] = Field(default_factory=dict, description="Config values not searched.")
+    drop: list[str] = Field(default_factory=list, description="Default params not to search.")
+    max_retries: int = Field(2, ge=0, le=100, description="Retries of a trial whose lease expired.")
+    constraints: ConstraintSpec = Field(
+        default_factory=ConstraintSpec, description="Collapse and divergence constraints."
+    )
+    curated_starts: bool = Field(
+        False,
+        description="Enqueue known-good VAE configurations first (hpo_service.curated_starts), "
+        "adapted to the study's epochs and space.",
+    )
+
+    @model_validator(mode="after")
+    def _names_and_objectives(self) -> StudySpec:
+        known = TRAIN_CONFIG_FIELDS | DERIVED_PARAMETERS
+        for where, names in (("search_space", self.search_space), ("drop", self.drop)):
+            for name in names:
+                if name not in known:
+                    raise ValueError(f"`{where}.{name}`: unknown parameter")
+        for name in self.fixed:
+            if name not in TRAIN_CONFIG_FIELDS:
+                raise ValueError(f"`fixed.{name}`: unknown training setting")
+        for name in ("dataset", "model", "epochs"):
+            if name in self.fixed or name in self.search_space:
+                raise ValueError(f"`{name}` is set at the top level of the spec, not searched")
+        metrics = [objective.metric for objective in self.objectives]
+        if len(set(metrics)) != len(metrics):
+            raise ValueError("`objectives` must name distinct metrics")
+        if self.pruner.metric is not None and self.pruner.metric not in metrics:
+            raise ValueError(
+                f"`pruner.metric` {self.pruner.metric!r} is not one of the objectives {metrics}"
+            )
+        if len(self.objectives) > 1 and self.sampler.name in {"gp", "cmaes"}:
+            raise ValueError(
+                f"`sampler.name` {self.sampler.name!r} supports one objective; "
+                "use tpe, nsga2, random or qmc for several"
+            )
+        return self
+
+    @property
+    def directions(self) -> list[Direction]:
+        return [objective.resolved_direction for objective in self.objectives]
+
+    @property
+    def metric_names(self) -> list[str]:
+        return [objective.metric for objective in self.objectives]
+
+    @property
+    def pruning_metric(self) -> str | None:
+        """The metric reported each epoch and pruned on: the objective of a single-objective
+        study, ``pruner.metric`` of a multi-objective one (None: no pruning)."""
+        if len(self.objectives) == 1:
+            return self.objectives[0].metric
+        return self.pruner.metric

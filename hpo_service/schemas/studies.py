@@ -1,0 +1,70 @@
+"""What the REST API answers about studies and trials, and the enqueue request (pydantic only)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ._fields import Direction, ParamValue
+from .spec import StudySpec
+
+StudyState = Literal["running", "stopped", "cancelled", "completed", "failed"]
+
+
+class TrialCounts(BaseModel):
+    waiting: int = 0
+    running: int = 0
+    complete: int = 0
+    pruned: int = 0
+    fail: int = 0
+
+
+class TrialSummary(BaseModel):
+    number: int
+    trial_id: int
+    state: str
+    params: dict[str, Any]
+    values: list[float] | None
+    intermediate_values: dict[int, float]
+    metrics: dict[str, Any]
+    worker_id: str | None
+    retry_of: int | None
+    # Collapse/divergence constraints (hpo_service.constraints); None: none recorded.
+    feasible: bool | None = None
+    datetime_start: str | None
+    datetime_complete: str | None
+    duration_s: float | None
+
+
+class StudyInfo(BaseModel):
+    name: str
+    study_id: int
+    state: StudyState
+    directions: list[Direction]
+    metric_names: list[str]
+    counts: TrialCounts
+    best_trials: list[TrialSummary]
+    spec: StudySpec
+    created_at: str
+    links: dict[str, str] = Field(default_factory=dict)
+
+
+class TrialPage(BaseModel):
+    study: str
+    total: int
+    offset: int
+    limit: int
+    trials: list[TrialSummary]
+
+
+class EnqueueRequest(BaseModel):
+    """Known configurations to try first (for example the untuned default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    params: list[dict[str, ParamValue]] = Field(..., min_length=1, max_length=1000)
+
+
+class EnqueueResponse(BaseModel):
+    enqueued: int
