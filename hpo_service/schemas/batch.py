@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ._fields import TrialIdField
 from .worker import (
     CompleteAnswer,
     CompleteRequest,
@@ -42,7 +43,7 @@ class BatchLeases(BaseModel):
 class TrialLease(LeaseToken):
     model_config = ConfigDict(extra="forbid")
 
-    trial_id: int
+    trial_id: TrialIdField
 
 
 class BatchHeartbeatRequest(BaseModel):
@@ -61,7 +62,7 @@ class TrialReport(ReportRequest):
         },
     )
 
-    trial_id: int
+    trial_id: TrialIdField
 
 
 class BatchReportRequest(BaseModel):
@@ -78,7 +79,7 @@ class TrialComplete(CompleteRequest):
         },
     )
 
-    trial_id: int
+    trial_id: TrialIdField
 
 
 class BatchCompleteRequest(BaseModel):
@@ -97,7 +98,7 @@ class TrialFail(FailRequest):
         },
     )
 
-    trial_id: int
+    trial_id: TrialIdField
 
 
 class BatchFailRequest(BaseModel):

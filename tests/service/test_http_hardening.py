@@ -99,6 +99,27 @@ def test_a_trial_id_beyond_64_bits_is_422_naming_it(
     assert _fields(response) == ["path.trial_id"]
 
 
+_BATCH_KEYS = {
+    "heartbeat": "leases",
+    "report": "reports",
+    "complete": "results",
+    "fail": "failures",
+}
+
+
+@pytest.mark.parametrize("route", TRIAL_ROUTES)
+@pytest.mark.parametrize("trial_id", [529110363950011750809600, 2**63, -1])
+def test_a_batch_item_trial_id_beyond_64_bits_is_422_naming_it(
+    app_client: TestClient, route: str, trial_id: int
+) -> None:
+    """Found by schemathesis: the batched routes stored such an id and overflowed (a 500)."""
+    key = _BATCH_KEYS[route]
+    body = {key: [{"trial_id": trial_id, **_body(route, "tok")}]}
+    response = app_client.post(f"/v1/batch/{route}", json=body, headers=WORKER)
+    assert response.status_code == 422, response.text
+    assert _fields(response) == [f"body.{key}.0.trial_id"]
+
+
 def test_a_string_objective_value_is_refused(app_client: TestClient) -> None:
     granted = _leased(app_client)
     url = f"/v1/trials/{granted['trial_id']}/complete"
