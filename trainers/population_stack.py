@@ -42,7 +42,7 @@ from trainers.train import clip_gradients, resolve_device, uses_bf16, vae_step_s
 #: (``dataset``, ``data_dir``, ``synthetic_size``, ``batch_size``); one loss function needs one
 #: likelihood (``likelihood``, ``gaussian_std``). The device and whether bf16 autocast is on are
 #: added by ``group_key``. Everything else (schedules, β(t), free bits, optimizer, weight decay,
-#: clipping, seed, binarization, epochs, evaluation settings) is per member.
+#: clipping, seed, epochs, evaluation settings) is per member; `binarize` is a group field.
 GROUP_FIELDS = (
     "dataset",
     "data_dir",
@@ -54,6 +54,9 @@ GROUP_FIELDS = (
     "likelihood",
     "gaussian_std",
     "batch_size",
+    # With binarize the validation and test splits are one fixed binarization (issue 10), so
+    # members that differ in it evaluate on different data and cannot share the group's splits.
+    "binarize",
 )
 
 GroupKey = tuple[tuple[str, Any], ...]

@@ -118,8 +118,14 @@ def test_workers_killed_right_after_their_lease_are_all_reaped(
     print(f"{n} killed after lease: reaped {min(late):.1f}-{max(late):.1f} s after the kill "
           f"(bound {STALE_BOUND_S:g} s)")  # fmt: skip
     assert len(failed) == n
-    waiting = [t for t in trials(server.url, "chaos") if t["retry_of"] is not None]
-    assert len(waiting) == n  # each one retried with its parameters
+
+    def retries() -> list[dict[str, Any]] | None:
+        # The reaper fails the stale set in one pass, then queues each retry: wait for those too.
+        queued = [t for t in trials(server.url, "chaos") if t["retry_of"] is not None]
+        return queued if len(queued) >= n else None
+
+    waiting = wait_for(retries, 60, "every failed trial's retry to be queued")
+    assert len(waiting) == n  # each one retried once, with its parameters
     assert all(t["state"] == "waiting" for t in waiting)
 
 
