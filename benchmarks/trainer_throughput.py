@@ -71,6 +71,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from trainers import evaluation
 from trainers import train as train_module
 from trainers.config import TrainConfig
 from trainers.data import load_dataset
@@ -112,7 +113,7 @@ def bench_ours(cfg: TrainConfig, warmups: list[float], cpu_clock: bool) -> list[
         warmups.append(result.history[0].values["epoch_seconds"])
         return [m.values["samples_per_sec"] for m in result.history[1:]]
 
-    real_evaluate = train_module.evaluate
+    real_evaluate = evaluation.evaluate
     in_eval = [0.0]
     marks: list[tuple[float, float]] = []  # (CPU seconds, of which validation) at epoch ends
 
@@ -126,7 +127,7 @@ def bench_ours(cfg: TrainConfig, warmups: list[float], cpu_clock: bool) -> list[
     def mark(_: object) -> None:
         marks.append((time.process_time(), in_eval[0]))
 
-    with mock.patch.object(train_module, "evaluate", timed_evaluate):
+    with mock.patch.object(evaluation, "evaluate", timed_evaluate):
         result = train(cfg, mark)
     warmups.append(result.history[0].values["epoch_seconds"])
     n_train = len(load_dataset(cfg, torch.device("cpu")).train)

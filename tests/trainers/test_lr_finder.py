@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-import trainers.train as train_module
+import trainers.steps as steps_module
 from trainers.errors import ConfigError
 from trainers.lr_finder import (
     LRFinderResult,
@@ -251,13 +251,13 @@ def test_find_lr_uses_beta_target_and_the_configured_batch_size(
     monkeypatch: pytest.MonkeyPatch, train_device: str
 ) -> None:
     seen: list[tuple[float, int]] = []
-    real = train_module.elbo_terms  # the loss function training and the LR finder share
+    real = steps_module.elbo_terms  # the loss function training and the LR finder share
 
     def spy(output: torch.Tensor, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         seen.append((kwargs["beta"], x.shape[0]))
         return real(output, x, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "elbo_terms", spy)
+    monkeypatch.setattr(steps_module, "elbo_terms", spy)
     # training would start at β = 0 (linear warm-up) and use LRs scaled by 32/128
     cfg = {
         **DIGITS,

@@ -146,9 +146,9 @@ def test_run_writes_one_json_line_per_epoch_and_the_curves(
 def test_run_patience_ends_a_plateaued_run_and_still_evaluates_the_test_set(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, train_device: str
 ) -> None:
-    import trainers.train as train_module
+    import trainers.evaluation as evaluation
 
-    real = train_module.evaluate
+    real = evaluation.evaluate
     scripted = iter([10.0, 9.0, 9.5, 9.6])  # validation −ELBO of epochs 1–4: best at epoch 2
 
     def plateau(*args: Any, **kwargs: Any) -> Any:
@@ -156,7 +156,7 @@ def test_run_patience_ends_a_plateaued_run_and_still_evaluates_the_test_set(
         values["val_neg_elbo"] = next(scripted, values["val_neg_elbo"])  # test: the real one
         return values, kl
 
-    monkeypatch.setattr(train_module, "evaluate", plateau)
+    monkeypatch.setattr(evaluation, "evaluate", plateau)
     cfg = write_config(tmp_path, {**TINY, "epochs": 10}, train_device)
     out = tmp_path / "run"
     result = runner.invoke(app, ["run", "-c", str(cfg), "-o", str(out), "--patience", "2"])

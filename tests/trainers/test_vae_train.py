@@ -12,6 +12,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from trainers import precision
 from trainers import train as train_module
 from trainers.config import TrainConfig
 from trainers.errors import ConfigError, NonFiniteLossError, TrainerError
@@ -263,7 +264,7 @@ def test_bf16_autocast_still_trains_with_fp32_losses(train_device: str) -> None:
 def test_amp_auto_uses_bf16_exactly_where_the_device_has_it_natively(
     monkeypatch: pytest.MonkeyPatch, native: bool, train_device: str
 ) -> None:
-    monkeypatch.setattr(train_module, "native_bf16", lambda device: native)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: native)
     auto = _without_timings(run(train_device, amp="auto", epochs=1).metrics)
     assert auto == _without_timings(
         run(train_device, amp="bf16" if native else "off", epochs=1).metrics
