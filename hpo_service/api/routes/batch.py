@@ -10,6 +10,9 @@ retries whole; every route here is safe to repeat.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
 from fastapi import APIRouter
 
 from hpo_service.api.deps import ServiceDep, Worker
@@ -41,6 +44,19 @@ def _error(error: HPOError) -> ItemError:
     return ItemError(code=error.code, message=error.message, field=field)
 
 
+T = TypeVar("T")
+
+
+def _items(item: Callable[..., T], requests: Sequence[Any], answers: Sequence[Any]) -> list[T]:
+    """One answer item per request item, in order: its answer, or the error refusing it."""
+    return [
+        item(trial_id=request.trial_id, error=_error(answer))
+        if isinstance(answer, HPOError)
+        else item(trial_id=request.trial_id, answer=answer)
+        for request, answer in zip(requests, answers, strict=True)
+    ]
+
+
 @router.post("/leases", response_model=BatchLeases)
 def lease_many(service: ServiceDep, body: BatchLeaseRequest) -> BatchLeases:
     """Up to `count` trials, long-polling up to `wait_s` for the first; an empty list if none.
@@ -52,14 +68,7 @@ def lease_many(service: ServiceDep, body: BatchLeaseRequest) -> BatchLeases:
 @router.post("/heartbeat", response_model=BatchHeartbeatAnswer)
 def heartbeat_many(service: ServiceDep, body: BatchHeartbeatRequest) -> BatchHeartbeatAnswer:
     answers = service.heartbeat_many([(item.trial_id, item.lease_token) for item in body.leases])
-    return BatchHeartbeatAnswer(
-        items=[
-            HeartbeatItem(trial_id=item.trial_id, error=_error(answer))
-            if isinstance(answer, HPOError)
-            else HeartbeatItem(trial_id=item.trial_id, answer=answer)
-            for item, answer in zip(body.leases, answers, strict=True)
-        ]
-    )
+    return BatchHeartbeatAnswer(items=_items(HeartbeatItem, body.leases, answers))
 
 
 @router.post("/report", response_model=BatchReportAnswer)
@@ -70,14 +79,7 @@ def report_many(service: ServiceDep, body: BatchReportRequest) -> BatchReportAns
         for item in body.reports
     ]
     answers = service.report_many(reports)
-    return BatchReportAnswer(
-        items=[
-            ReportItem(trial_id=item.trial_id, error=_error(answer))
-            if isinstance(answer, HPOError)
-            else ReportItem(trial_id=item.trial_id, answer=answer)
-            for item, answer in zip(body.reports, answers, strict=True)
-        ]
-    )
+    return BatchReportAnswer(items=_items(ReportItem, body.reports, answers))
 
 
 @router.post("/complete", response_model=BatchCompleteAnswer)
@@ -87,14 +89,7 @@ def complete_many(service: ServiceDep, body: BatchCompleteRequest) -> BatchCompl
         for item in body.results
     ]
     answers = service.complete_many(results)
-    return BatchCompleteAnswer(
-        items=[
-            CompleteItem(trial_id=item.trial_id, error=_error(answer))
-            if isinstance(answer, HPOError)
-            else CompleteItem(trial_id=item.trial_id, answer=answer)
-            for item, answer in zip(body.results, answers, strict=True)
-        ]
-    )
+    return BatchCompleteAnswer(items=_items(CompleteItem, body.results, answers))
 
 
 @router.post("/fail", response_model=BatchFailAnswer)
@@ -112,11 +107,4 @@ def fail_many(service: ServiceDep, body: BatchFailRequest) -> BatchFailAnswer:
         for item in body.failures
     ]
     answers = service.fail_many(failures)
-    return BatchFailAnswer(
-        items=[
-            FailItem(trial_id=item.trial_id, error=_error(answer))
-            if isinstance(answer, HPOError)
-            else FailItem(trial_id=item.trial_id, answer=answer)
-            for item, answer in zip(body.failures, answers, strict=True)
-        ]
-    )
+    return BatchFailAnswer(items=_items(FailItem, body.failures, answers))
