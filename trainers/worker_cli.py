@@ -16,7 +16,11 @@ from hpo_service.client import HPOClient, make_http_client
 from trainers.logs import LogFormat, configure_logging
 from trainers.worker import Worker, WorkerOptions
 
-app = typer.Typer(add_completion=False, help=__doc__)
+app = typer.Typer(
+    add_completion=False,
+    help="hpo-worker: pull trials from the service and train them on this machine's device.",
+    rich_markup_mode=None,
+)
 
 
 @app.command()
