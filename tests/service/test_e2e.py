@@ -85,6 +85,9 @@ def test_two_workers_and_a_sigkill(server: str, database_url: str, tmp_path: Pat
         "epochs": 6,
         "budget": {"n_trials": N_TRIALS, "max_concurrent": 2},
         "pruner": {"name": "none"},
+        # A 2 s lease on a loaded box can expire for a live worker too; enough retries that the
+        # orphan's parameters still end in a completed trial (what the test checks).
+        "max_retries": 6,
         # Big enough that a trial lasts a few seconds, so the kill lands mid-trial.
         "fixed": {**TINY_FIXED, "synthetic_size": 4096, "batch_size": 16},
     }
