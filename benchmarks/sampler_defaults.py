@@ -21,8 +21,9 @@ Arms (sampler seed ``seed·10 + arm index``, so no two arms share a random strea
 
 Per arm and seed it prints the best feasible validation −ELBO (the study's objective, nats per
 example), that trial's test −ELBO, the best value after each quarter of the budget, the
-infeasible fraction and the wall time, then per arm the mean ± sd over seeds and the mean rank
-against the others on the same seed. Run from the repository root::
+infeasible fraction, the wall time and the sampler's own time per trial, then per arm the mean
+± sd over seeds and the mean rank against the others on the same seed. From the repository
+root::
 
     .venv/bin/python benchmarks/sampler_defaults.py --dataset digits --epochs 5 --trials 16 \
         --seeds 0 1 2
@@ -107,10 +108,13 @@ def _run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     best: list[float] = []  # best feasible value after each trial
     best_test: float | None = None
     infeasible = 0
+    sample_s = 0.0  # the sampler's own time (ask + suggest): the server pays it under the lock
     started = time.perf_counter()
     for _ in range(n_trials):
+        asked = time.perf_counter()
         trial = study.ask()
         params = suggest(trial, spec, space)
+        sample_s += time.perf_counter() - asked
         config = resolve_config(spec, params)
         config["seed"] = sampler_seed  # a trial's weights differ across seeds, not across arms
         try:
@@ -146,20 +150,22 @@ def _run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         "best_by_quarter": quarters,
         "infeasible_fraction": infeasible / n_trials,
         "wall_s": round(time.perf_counter() - started, 1),
+        "sample_s_per_trial": round(sample_s / n_trials, 3),
     }
 
 
 def _summary(rows: list[dict[str, Any]], arms: list[str]) -> list[str]:
     lines = [
         f"{'arm':12} {'seed':>4} {'trials':>6} {'best val':>9} {'@budget':>8} {'test':>8} "
-        f"{'infeas.':>7} {'wall s':>7}"
+        f"{'infeas.':>7} {'wall s':>7} {'sample s/trial':>14}"
     ]
     for r in rows:
         test = r["best_test_neg_elbo"]
         lines.append(
             f"{r['arm']:12} {r['seed']:>4} {r['trials']:>6} {r['best_val_neg_elbo']:>9.3f} "
             f"{r['best_at_budget']:>8.3f} {'n/a' if test is None else f'{test:.3f}':>8} "
-            f"{r['infeasible_fraction']:>7.2f} {r['wall_s']:>7}"
+            f"{r['infeasible_fraction']:>7.2f} {r['wall_s']:>7} "
+            f"{r.get('sample_s_per_trial', math.nan):>14}"
         )
     seeds = sorted({r["seed"] for r in rows})
     ranks: dict[str, list[int]] = {arm: [] for arm in arms}
