@@ -112,7 +112,10 @@ class SamplerSpec(BaseModel):
 
     name: SamplerName = "tpe"
     seed: int | None = 0
-    n_startup_trials: int = Field(10, ge=0, le=10_000)
+    # Random trials before TPE/GP/CMA-ES model the space. 4, not Optuna's 10: at 16–32 trials
+    # TPE with 4 beat TPE with 10 on 7 of 9 seeds (benchmarks/sampler_defaults.py, digits,
+    # docs/benchmarks.md "Sampler defaults"); with 10 of 16 trials random, TPE chose only 6.
+    n_startup_trials: int = Field(4, ge=0, le=10_000)
     multivariate: bool = True  # Optuna 5's TPE default, pinned explicitly
     constant_liar: bool = True  # keeps concurrent workers from sampling the same point
     population_size: int = Field(20, ge=2, le=10_000)  # nsga2
