@@ -15,6 +15,7 @@ Exceptions::
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -35,6 +36,7 @@ from hpo_service.schemas import (
     HeartbeatAnswer,
     HeartbeatItem,
     Lease,
+    LRRangeTestAnswer,
     ReportAnswer,
     ReportItem,
     ScheduleInfo,
@@ -159,13 +161,30 @@ class HPOClient:
 
     # --- the worker protocol ----------------------------------------------------------------
 
-    def lease(self, worker_id: str, wait_s: float = 0.0, device: str | None = None) -> Lease | None:
-        response = self._call(
-            "POST", "/leases", json={"worker_id": worker_id, "wait_s": wait_s, "device": device}
-        )
+    def lease(
+        self,
+        worker_id: str,
+        wait_s: float = 0.0,
+        device: str | None = None,
+        kinds: Sequence[str] | None = None,
+    ) -> Lease | None:
+        """A lease, or None if no work within ``wait_s``. ``kinds``: the lease kinds this
+        worker runs (``LeaseKind``; None: the server's default, trials only)."""
+        body: dict[str, Any] = {"worker_id": worker_id, "wait_s": wait_s, "device": device}
+        if kinds is not None:
+            body["kinds"] = list(kinds)
+        response = self._call("POST", "/leases", json=body)
         if response.status_code == 204:
             return None
         return Lease.model_validate(response.json())
+
+    def lr_range_test(
+        self, trial_id: int, token: str, result: Mapping[str, Any]
+    ) -> LRRangeTestAnswer:
+        """Finish an ``lr_range_test`` lease with its curve (``LRRangeTestResult`` fields)."""
+        body = {"lease_token": token, **result}
+        response = self._call("POST", f"/trials/{trial_id}/lr-range-test", json=body, trial=True)
+        return LRRangeTestAnswer.model_validate(response.json())
 
     def heartbeat(self, trial_id: int, token: str) -> HeartbeatAnswer:
         response = self._call(

@@ -13,6 +13,7 @@ HTTP status codes in one place.
     │   ├── TrialReaped        the lease expired and the trial was failed (and maybe retried)
     │   ├── ResultConflict     a different result for a trial that already finished
     │   ├── StudyNotRunning    the study was stopped, cancelled or deleted
+    │   ├── WrongLeaseKind     a result route that does not fit the lease's kind
     │   └── ScheduleExists
     ├── AuthError              missing or wrong credentials (401) / scope (403)
     ├── ReadOnly               a write through a read-only view, e.g. the dashboard (405)
@@ -92,6 +93,13 @@ class ResultConflict(Conflict):
 
 class StudyNotRunning(Conflict):
     code = "study_not_running"
+
+
+class WrongLeaseKind(Conflict):
+    """Raised when a lease's result is sent to the route of another kind (an LR range test's
+    curve to ``complete``, a trial's values to ``lr-range-test``)."""
+
+    code = "wrong_lease_kind"
 
 
 class AuthError(HPOError):

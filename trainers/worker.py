@@ -118,7 +118,10 @@ class Worker:
             lease = self._retrying(
                 "lease",
                 lambda: self.client.lease(
-                    self.lease_identity(), self.options.wait_s, self.options.device
+                    self.lease_identity(),
+                    self.options.wait_s,
+                    self.options.device,
+                    kinds=("trial", "lr_range_test"),
                 ),
             )
             if lease is None:
@@ -127,7 +130,11 @@ class Worker:
                     log.info("no work for %.0fs; exiting", idle)
                     break
                 continue
-            if self.options.population == 1:
+            if lease.kind == "lr_range_test":  # a study's first step; not a trial of the search
+                from trainers.lr_task import run_lr_range_test  # it imports this module
+
+                run_lr_range_test(self, lease)
+            elif self.options.population == 1:
                 self.run_trial(lease)
                 self.trials_done += 1
             else:
@@ -136,6 +143,17 @@ class Worker:
                 self.trials_done += run_population(self, lease)
             idle_since = time.monotonic()
         return self.trials_done
+
+    def retrying(self, what: str, call: Callable[[], T]) -> T:
+        """Call ``call``, retrying while the server is unreachable (``_retrying``)."""
+        return self._retrying(what, call)
+
+    def log_fields(self, lease: Lease, event: str) -> dict[str, object]:
+        return self._fields(lease, event)
+
+    def send_fail(self, lease: Lease, reason: str, retryable: bool) -> str:
+        """Fail a lease (retryable: handed back for a retry). Returns the outcome's name."""
+        return self._send_fail(lease, reason, retryable)
 
     def _fields(self, lease: Lease, event: str) -> dict[str, object]:
         """``extra=`` for a trial's log line: the ids the server's logs use too."""

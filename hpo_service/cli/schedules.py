@@ -11,6 +11,7 @@ import typer
 import yaml
 from rich.table import Table
 
+from hpo_service import lr_range
 from hpo_service.cli._common import (
     DEFAULT_SERVER,
     JsonOpt,
@@ -243,6 +244,8 @@ def _night_details(night: NightReport) -> list[str]:
     lines = []
     if night.note:
         lines.append(night.note)
+    if night.lr_range_test is not None:
+        lines.append(f"LR range test: {lr_range.summary(night.lr_range_test)}")
     if night.importances:
         top = sorted(night.importances.items(), key=lambda kv: -kv[1])[:4]
         lines.append("importances: " + ", ".join(f"{k} {v:.2f}" for k, v in top))

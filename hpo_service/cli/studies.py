@@ -10,6 +10,7 @@ import typer
 import yaml
 from rich.table import Table
 
+from hpo_service import lr_range
 from hpo_service.cli._common import (
     DEFAULT_SERVER,
     JsonOpt,
@@ -27,11 +28,14 @@ from hpo_service.schemas import StudyInfo, TrialSummary
 
 def _counts_line(info: StudyInfo) -> str:
     c = info.counts
-    return (
+    line = (
         f"{info.name}: {info.state} — complete {c.complete}, pruned {c.pruned}, "
         f"running {c.running}, waiting {c.waiting}, failed {c.fail} "
         f"/ {info.spec.budget.n_trials} trials"
     )
+    if info.lr_range_test is not None:
+        line += f"; LR range test {lr_range.summary(info.lr_range_test)}"
+    return line
 
 
 def _trial_table(title: str, trials: list[TrialSummary], metric_names: list[str]) -> Table:
@@ -62,9 +66,12 @@ def studies(
         _print_json([info.model_dump(mode="json") for info in infos])
         return
     table = Table(title="studies")
-    for column in ("name", "state", "complete", "pruned", "running", "failed", "best"):
+    lr_tests = any(info.lr_range_test is not None for info in infos)
+    columns = ("name", "state", "complete", "pruned", "running", "failed", "best")
+    for column in (*columns, "LR range test") if lr_tests else columns:
         table.add_column(column)
     for info in infos:
+        lr_cell = [lr_range.summary(info.lr_range_test)] if lr_tests else []
         best = info.best_trials[0].values if info.best_trials else None
         table.add_row(
             info.name,
@@ -74,6 +81,7 @@ def studies(
             str(info.counts.running),
             str(info.counts.fail),
             ", ".join(f"{v:.4g}" for v in best) if best else "-",
+            *lr_cell,
         )
     console.print(table)
 

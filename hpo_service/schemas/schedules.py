@@ -190,6 +190,8 @@ class NightReport(BaseModel):
     warm_started: int
     seed: int | None
     note: str | None = None  # why a value is missing (no complete trial, study deleted, ...)
+    # The run's LR range test (``StudyInfo.lr_range_test``): status and ranges; None when off.
+    lr_range_test: dict[str, Any] | None = None
 
 
 class ScheduleReport(BaseModel):

@@ -112,7 +112,10 @@ class SamplerSpec(BaseModel):
 
     name: SamplerName = "tpe"
     seed: int | None = 0
-    n_startup_trials: int = Field(10, ge=0, le=10_000)
+    # Random trials before TPE/GP/CMA-ES model the space. 4, not Optuna's 10: at 16–32 trials
+    # TPE with 4 beat TPE with 10 on 7 of 9 seeds (benchmarks/sampler_defaults.py, digits,
+    # docs/benchmarks.md "Sampler defaults"); with 10 of 16 trials random, TPE chose only 6.
+    n_startup_trials: int = Field(4, ge=0, le=10_000)
     multivariate: bool = True  # Optuna 5's TPE default, pinned explicitly
     constant_liar: bool = True  # keeps concurrent workers from sampling the same point
     population_size: int = Field(20, ge=2, le=10_000)  # nsga2
@@ -173,6 +176,39 @@ class ConstraintSpec(BaseModel):
     )
 
 
+class LRRangeTestSpec(BaseModel):
+    """The LR range test as a study step (Smith 2017, §3.3; ``trainers.lr_finder``).
+
+    Enabled, the study's first lease is an ``lr_range_test`` task on the study's model, data
+    and batch size; its curve sets the ``base_lr`` and ``max_lr_factor`` ranges before the first
+    trial is sampled (``hpo_service.lr_range``). Off by default: it costs one probe's time up
+    front and holds every trial back until a worker that runs the task (``hpo-worker``) has run
+    it; a failed probe keeps the default ranges and says so.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    start_lr: float = Field(1e-6, gt=0, le=10.0, description="First LR scanned (effective).")
+    end_lr: float = Field(1.0, gt=0, le=100.0, description="Last LR scanned (effective).")
+    num_iter: int = Field(100, ge=10, le=5000, description="Steps of the exponential ramp.")
+    smooth: float = Field(0.98, ge=0, lt=1, description="β of fastai's debiased EMA.")
+    diverge_threshold: float = Field(
+        4.0, gt=1, le=1000, description="Stop once the smoothed loss exceeds this × its best."
+    )
+
+    @model_validator(mode="after")
+    def _ramp(self) -> LRRangeTestSpec:
+        for name in ("start_lr", "end_lr", "smooth", "diverge_threshold"):
+            finite_number(getattr(self, name), name)
+        if self.end_lr <= self.start_lr:
+            raise ValueError(
+                f"`end_lr` must be greater than `start_lr` (got {self.end_lr:g} <= "
+                f"{self.start_lr:g})"
+            )
+        return self
+
+
 class StudySpec(BaseModel):
     """What a user submits: the data and model, the budget, the objective, and the search."""
 
@@ -220,6 +256,11 @@ class StudySpec(BaseModel):
         description="Enqueue known-good VAE configurations first (hpo_service.curated_starts), "
         "adapted to the study's epochs and space.",
     )
+    lr_range_test: LRRangeTestSpec = Field(
+        default_factory=LRRangeTestSpec,
+        description="Run the LR range test first and set the `base_lr`/`max_lr_factor` ranges "
+        "from its curve (off by default).",
+    )
 
     @model_validator(mode="after")
     def _names_and_objectives(self) -> StudySpec:
@@ -241,12 +282,29 @@ class StudySpec(BaseModel):
             raise ValueError(
                 f"`pruner.metric` {self.pruner.metric!r} is not one of the objectives {metrics}"
             )
+        if self.lr_range_test.enabled:
+            self._check_lr_range_test()
         if len(self.objectives) > 1 and self.sampler.name in {"gp", "cmaes"}:
             raise ValueError(
                 f"`sampler.name` {self.sampler.name!r} supports one objective; "
                 "use tpe, nsga2, random or qmc for several"
             )
         return self
+
+    def _check_lr_range_test(self) -> None:
+        """The test sets the ``base_lr`` range, so ``base_lr`` must be searched on the default
+        range: a fixed, dropped or user-ranged ``base_lr`` would be silently overridden."""
+        where = "`lr_range_test.enabled`"
+        if "base_lr" in self.fixed or "base_lr" in self.drop:
+            raise ValueError(
+                f"{where}: the test sets the `base_lr` range, but `base_lr` is not searched"
+            )
+        for name in ("base_lr", "max_lr_factor", "max_lr"):
+            if name in self.search_space:
+                raise ValueError(
+                    f"{where}: the test sets the `base_lr`/`max_lr_factor` ranges; drop "
+                    f"`search_space.{name}` or switch the test off"
+                )
 
     @property
     def directions(self) -> list[Direction]:

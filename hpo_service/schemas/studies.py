@@ -48,6 +48,12 @@ class StudyInfo(BaseModel):
     spec: StudySpec
     created_at: str
     links: dict[str, str] = Field(default_factory=dict)
+    lr_range_test: dict[str, Any] | None = Field(
+        None,
+        description="The LR range test step (`spec.lr_range_test`): `status` pending, applied "
+        "(with the `ranges` set and the `suggested` LRs) or failed (with the `reason`); the "
+        "curve is in the study's `lr_range_test` user attribute. Null when the test is off.",
+    )
 
 
 class TrialPage(BaseModel):

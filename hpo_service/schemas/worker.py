@@ -8,12 +8,25 @@ import math
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ._fields import StrictNumber
 
 #: Most characters of a program's last output a worker may store with its trial.
 OUTPUT_TAIL_CHARS = 4000
+
+#: What a lease asks a worker to do. ``trial``: train the config and report/complete it;
+#: ``lr_range_test``: run the LR range test on the config and send its curve
+#: (``POST /v1/trials/{trial_id}/lr-range-test``). A new kind is one more name here, one more
+#: ``task`` shape and one more result route; every kind keeps the lease, heartbeat and reaping
+#: rules of a trial.
+LeaseKind = Literal["trial", "lr_range_test"]
+#: Points of an LR range test curve a worker may send (``lr_range_test.num_iter`` ≤ 5000).
+MAX_CURVE_POINTS = 5000
+
+
+def _trials_only() -> list[LeaseKind]:
+    return ["trial"]
 
 
 class LeaseRequest(BaseModel):
@@ -25,6 +38,12 @@ class LeaseRequest(BaseModel):
     worker_id: str = Field(..., min_length=1, max_length=200)
     wait_s: StrictNumber = Field(0.0, ge=0, le=60, description="Long-poll up to this many seconds.")
     device: str | None = Field(None, max_length=100)
+    kinds: list[LeaseKind] = Field(
+        default_factory=_trials_only,
+        min_length=1,
+        description="The lease kinds this worker can run (default: trials only, so a worker "
+        "that predates a kind never receives it).",
+    )
 
 
 class Lease(BaseModel):
@@ -48,6 +67,15 @@ class Lease(BaseModel):
         }
     )
 
+    kind: LeaseKind = Field(
+        "trial",
+        description="`trial`: train `config`; `lr_range_test`: run the LR range test on "
+        "`config` with the settings in `task` and send the curve to "
+        "`/v1/trials/{trial_id}/lr-range-test` (heartbeat and `fail` as for a trial).",
+    )
+    task: dict[str, Any] | None = Field(
+        None, description="The task's settings for kinds other than `trial` (else null)."
+    )
     trial_id: int = Field(..., description="Put it in the trial URLs (`/v1/trials/{trial_id}/…`).")
     trial_number: int = Field(..., description="The trial's number within its study (0-based).")
     study: str
@@ -257,3 +285,84 @@ class FailAnswer(BaseModel):
     trial_id: int
     state: str
     retry_trial_number: int | None = None
+
+
+CurvePoints = Annotated[list[StrictNumber], Field(min_length=0, max_length=MAX_CURVE_POINTS)]
+
+
+class LRRangeTestResult(LeaseToken):
+    """An ``lr_range_test`` lease's result: the curve and the suggestions in config units
+    (LRs at the config's ``reference_batch_size``, ``trainers.lr_finder.reference_lrs``)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "lease_token": "TOKEN-FROM-THE-LEASE",
+                    "lrs": [1e-6, 1e-5, 1e-4, 1e-3, 1e-2],
+                    "losses": [210.0, 205.1, 160.3, 120.9, 400.2],
+                    "suggested_base_lr": 4e-5,
+                    "suggested_max_lr": 2e-3,
+                    "stopped_on_divergence": True,
+                    "lr_scale": 1.0,
+                    "batch_size": 128,
+                }
+            ]
+        },
+    )
+    lrs: CurvePoints = Field(..., description="Effective LR at each step of the ramp.")
+    losses: CurvePoints = Field(..., description="Raw minibatch objective before each step.")
+    smoothed: CurvePoints = Field(default_factory=list, description="Debiased EMA of `losses`.")
+    suggested_base_lr: StrictNumber | None = Field(
+        ..., description="Where the loss starts to fall, in config units; null: none."
+    )
+    suggested_max_lr: StrictNumber | None = Field(
+        ..., description="Where it stops falling, in config units; null: none."
+    )
+    stopped_on_divergence: bool = False
+    lr_scale: StrictNumber = Field(1.0, gt=0, description="Effective LR ÷ config LR.")
+    batch_size: int = Field(..., ge=1)
+    seconds: StrictNumber | None = Field(None, ge=0, description="How long the test ran.")
+
+    @field_validator("lrs", "losses", "smoothed", mode="before")
+    @classmethod
+    def _finite_points(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            for index, item in enumerate(value):
+                if isinstance(item, float) and not math.isfinite(item):
+                    raise ValueError(f"point {index} must be a finite number (got {item})")
+        return value
+
+    @model_validator(mode="after")
+    def _shape(self) -> LRRangeTestResult:
+        if len(self.losses) != len(self.lrs):
+            raise ValueError(
+                f"`losses` must have one point per LR (got {len(self.losses)} for "
+                f"{len(self.lrs)} LRs)"
+            )
+        if self.smoothed and len(self.smoothed) != len(self.lrs):
+            raise ValueError("`smoothed` must be empty or have one point per LR")
+        base, peak = self.suggested_base_lr, self.suggested_max_lr
+        for name, lr in (("suggested_base_lr", base), ("suggested_max_lr", peak)):
+            if lr is not None and not (math.isfinite(lr) and lr > 0):
+                raise ValueError(f"`{name}` must be a positive finite number (got {lr})")
+        if base is not None and peak is not None and not base < peak:
+            raise ValueError(
+                f"`suggested_max_lr` must be greater than `suggested_base_lr` (got {peak:g} "
+                f"<= {base:g})"
+            )
+        return self
+
+
+class LRRangeTestAnswer(BaseModel):
+    """What the server made of an LR range test: the ranges it set, or why it kept the
+    defaults."""
+
+    trial_id: int
+    trial_number: int
+    status: Literal["applied", "failed"]
+    ranges: dict[str, list[float]] = Field(
+        default_factory=dict, description="The ranges set, by parameter: [low, high]."
+    )
+    reason: str | None = None

@@ -47,6 +47,8 @@ from hpo_service.schemas import (
     FailAnswer,
     HeartbeatAnswer,
     Lease,
+    LRRangeTestAnswer,
+    LRRangeTestResult,
     ReportAnswer,
     StudyInfo,
     StudySpec,
@@ -57,6 +59,7 @@ from hpo_service.storage import build_storage
 from hpo_service.studies._core import SNAPSHOT_MAX_AGE_S, SPEC_ATTR, StudyCore
 from hpo_service.studies._finishing import Finishing, TrialFailure, TrialResult
 from hpo_service.studies._leasing import LeaseProtocol
+from hpo_service.studies._probes import ProbeResults
 from hpo_service.studies._reaping import Reaper
 from hpo_service.studies._registry import StudyRegistry
 from hpo_service.studies._reporting import EpochReport, Reporting
@@ -87,6 +90,7 @@ class StudyService:
         self.reporting = Reporting(self.core)
         self.finishing = Finishing(self.core)
         self.reaper = Reaper(self.core)
+        self.probes = ProbeResults(self.core)
 
     # --- what other parts of the server read -------------------------------------------------
 
@@ -142,8 +146,16 @@ class StudyService:
 
     # --- the worker protocol ------------------------------------------------------------------
 
-    def lease(self, worker_id: str, wait_s: float = 0.0) -> Lease | None:
-        return self.leasing.lease(worker_id, wait_s)
+    def lease(
+        self, worker_id: str, wait_s: float = 0.0, kinds: Sequence[str] = ("trial",)
+    ) -> Lease | None:
+        return self.leasing.lease(worker_id, wait_s, kinds)
+
+    def lr_range_test(
+        self, trial_id: int, token: str, result: LRRangeTestResult
+    ) -> LRRangeTestAnswer:
+        """An ``lr_range_test`` lease's curve: sets the study's LR ranges (``_probes``)."""
+        return self.probes.lr_range_test(trial_id, token, result)
 
     def heartbeat(self, trial_id: int, token: str) -> HeartbeatAnswer:
         return self.reporting.heartbeat(trial_id, token)

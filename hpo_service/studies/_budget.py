@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo_service.lr_range import is_task
 from hpo_service.models import StudyRow
 from hpo_service.schemas import StudySpec
 
@@ -13,11 +14,14 @@ from hpo_service.schemas import StudySpec
 def tally(trials: Sequence[FrozenTrial]) -> tuple[int, int, int, int]:
     """(finished-or-running toward the budget, running, waiting, final failures).
 
-    A failed trial that was retried does not count: its retry stands in for it.
+    A failed trial that was retried does not count: its retry stands in for it. Tasks (an LR
+    range test probe, ``hpo_service.lr_range``) are not trials of the search: never counted.
     """
     retried = {n for t in trials for n in (t.system_attrs.get("retry_history") or [])}
     running = waiting = done = final_failures = 0
     for trial in trials:
+        if is_task(trial):
+            continue
         if trial.state == TrialState.RUNNING:
             running += 1
         elif trial.state == TrialState.WAITING:

@@ -15,12 +15,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial
 from sqlalchemy import ColumnElement, Float, cast, extract, func, select, text, update
 from sqlalchemy.orm import Session
 
+from hpo_service import lr_range
 from hpo_service.config import Settings
 from hpo_service.db import Database, prepare_service_schema
 from hpo_service.errors import StudyNotFound
@@ -52,6 +54,9 @@ class LoadedStudy:
     snapshot: list[FrozenTrial] | None = None
     snapshot_at: float = 0.0
     exact: bool = False
+    # An LR range test's outcome (``hpo_service.lr_range``) as of loading: the space holds its
+    # ranges once "applied"; None while the test is pending (or off).
+    lr_range_test: dict[str, Any] | None = None
 
 
 @dataclass
@@ -120,14 +125,15 @@ class StudyCore:
         name = self.storage.get_study_name_from_id(study_id)
         attrs = self.storage.get_study_user_attrs(study_id)
         spec = StudySpec.model_validate(attrs[SPEC_ATTR])
-        space = check_spec(spec)
+        lr_test = attrs.get(lr_range.STUDY_ATTR)
+        space = check_spec(lr_range.with_ranges(spec, lr_test))
         study = optuna.load_study(
             study_name=name,
             storage=self.cache,
             sampler=build_sampler(spec.sampler, study_grid(spec, space)),
             pruner=build_pruner(spec.pruner, spec.epochs, pruning_primary(spec)),
         )
-        loaded = LoadedStudy(study=study, spec=spec, space=space)
+        loaded = LoadedStudy(study=study, spec=spec, space=space, lr_range_test=lr_test)
         with self.guard:
             self._loaded.setdefault(study_id, loaded)
             return self._loaded[study_id]

@@ -25,6 +25,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 from sqlalchemy import and_, or_, true, update
 
+from hpo_service import lr_range
 from hpo_service.constraints import record_completed, settle_diverged
 from hpo_service.errors import (
     HPOError,
@@ -32,6 +33,7 @@ from hpo_service.errors import (
     ResultConflict,
     StorageUnavailable,
     TrialNotFound,
+    WrongLeaseKind,
 )
 from hpo_service.logging_setup import trial_fields
 from hpo_service.models import LeaseRow, StudyRow
@@ -238,6 +240,13 @@ class Finishing:
         with core.db.session() as session:
             row = check_lease(session, trial_id, token)
         loaded = core.load(row.study_id)
+        if loaded.spec.lr_range_test.enabled and lr_range.TASK_ATTR in (
+            core.storage.get_trial_user_attrs(trial_id)
+        ):
+            raise WrongLeaseKind(
+                f"trial {row.trial_number} is an lr_range_test task: send its curve to "
+                f"`/v1/trials/{trial_id}/lr-range-test`"
+            )
         if len(values) != len(loaded.spec.objectives):
             raise InvalidSpec(
                 "values",

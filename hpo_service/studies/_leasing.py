@@ -12,7 +12,7 @@ import copy
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,12 +22,14 @@ from sqlalchemy import select
 
 from hpo_service.errors import InvalidSpec
 from hpo_service.logging_setup import trial_fields
+from hpo_service.lr_range import LR_RANGE_TEST, TASK_ATTR
 from hpo_service.models import LeaseRow, StudyRow
 from hpo_service.schemas import Lease
 from hpo_service.search_space import resolve_config, suggest
 from hpo_service.studies._budget import tally
 from hpo_service.studies._checks import stop_reason
 from hpo_service.studies._core import LoadedStudy, RunningTrial, StudyCore, aware, now
+from hpo_service.studies._probes import ProbeLeasing
 from hpo_service.study_view import StudyView
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class _Granted:
     config: dict[str, Any]
     params: dict[str, Any]  # as sampled, beside the resolved config
     trial: FrozenTrial | None  # as just written (a new trial), to serve its first report
+    kind: str = "trial"  # LeaseKind
 
 
 class LeaseProtocol:
@@ -60,16 +63,27 @@ class LeaseProtocol:
 
     def __init__(self, core: StudyCore) -> None:
         self.core = core
+        self.probes = ProbeLeasing(core)
 
-    def lease(self, worker_id: str, wait_s: float = 0.0) -> Lease | None:
+    def lease(
+        self, worker_id: str, wait_s: float = 0.0, kinds: Sequence[str] = ("trial",)
+    ) -> Lease | None:
         """Hand a trial to a worker, long-polling up to ``wait_s`` seconds; None if no work.
 
-        A worker that comes back with the same id gets its own running trial back.
+        A worker that comes back with the same id gets its own running trial back. ``kinds``:
+        the lease kinds the worker runs (``LeaseKind``); a study whose LR range test is pending
+        hands out nothing to a worker that cannot run it.
         """
-        leases = self.lease_many(worker_id, 1, wait_s)
+        leases = self.lease_many(worker_id, 1, wait_s, kinds)
         return leases[0] if leases else None
 
-    def lease_many(self, worker_id: str, count: int, wait_s: float = 0.0) -> list[Lease]:
+    def lease_many(
+        self,
+        worker_id: str,
+        count: int,
+        wait_s: float = 0.0,
+        kinds: Sequence[str] = ("trial",),
+    ) -> list[Lease]:
         """Up to ``count`` trials for one worker, long-polling up to ``wait_s`` seconds for the
         first; empty if no work. The worker's own running trials come back first.
 
@@ -81,7 +95,7 @@ class LeaseProtocol:
         while True:
             leases = self._own_running_trials(worker_id, count)
             if len(leases) < count:
-                leases += self._try_lease(worker_id, count - len(leases))
+                leases += self._try_lease(worker_id, count - len(leases), kinds)
             if leases:
                 return leases
             remaining = deadline - time.monotonic()
@@ -111,14 +125,15 @@ class LeaseProtocol:
                 core.record_beat(row.trial_id)
                 loaded = core.load(row.study_id)
                 config = trial.user_attrs.get("config") or resolve_config(loaded.spec, trial.params)
+                kind = str(trial.user_attrs.get(TASK_ATTR, "trial"))
                 leases.append(
                     self._lease_answer(
-                        loaded, row.trial_id, trial.number, row.token, config, trial.params
+                        loaded, row.trial_id, trial.number, row.token, config, trial.params, kind
                     )
                 )
         return leases
 
-    def _try_lease(self, worker_id: str, count: int) -> list[Lease]:
+    def _try_lease(self, worker_id: str, count: int, kinds: Sequence[str]) -> list[Lease]:
         with self.core.db.session() as session:
             # Fairness: the running study served longest ago goes first.
             candidates = list(
@@ -130,12 +145,14 @@ class LeaseProtocol:
             )
         leases: list[Lease] = []
         for study_id in candidates:
-            leases += self._lease_from(study_id, worker_id, count - len(leases))
+            leases += self._lease_from(study_id, worker_id, count - len(leases), kinds)
             if len(leases) == count:
                 break
         return leases
 
-    def _lease_from(self, study_id: int, worker_id: str, count: int) -> list[Lease]:
+    def _lease_from(
+        self, study_id: int, worker_id: str, count: int, kinds: Sequence[str]
+    ) -> list[Lease]:
         core = self.core
         loaded = core.load(study_id)
         budget = loaded.spec.budget
@@ -155,7 +172,20 @@ class LeaseProtocol:
             # enqueues, retries), so no trial can appear behind the cache's back.
             trials = core.cache.get_all_trials(study_id, deepcopy=False)
             core.remember_snapshot(loaded, trials)
-            for _ in range(count):
+            probe: _Granted | None = None
+            if loaded.spec.lr_range_test.enabled and loaded.lr_range_test is None:
+                step = self.probes.step(study_id, loaded, trials, worker_id, kinds)
+                if step == "wait":
+                    return []
+                if step == "settled":  # reload: the space now holds the test's ranges
+                    core.forget_loaded(study_id)
+                    loaded = core.load(study_id)
+                    core.remember_snapshot(loaded, trials)
+                else:
+                    trial_id, number, config = step
+                    token = secrets.token_urlsafe(24)
+                    probe = _Granted(trial_id, number, token, config, {}, None, LR_RANGE_TEST)
+            for _ in range(0 if probe else count):
                 counted, running, _waiting, failures = tally(trials)
                 if failures >= budget.max_failed or counted >= budget.n_trials:
                     break
@@ -192,6 +222,8 @@ class LeaseProtocol:
                         leased,
                     )
                 )
+            if probe is not None:
+                granted.append(probe)
             if not granted:
                 return []
             # The leases are written in the critical section that made their trials (our
@@ -230,7 +262,9 @@ class LeaseProtocol:
                 ),
             )
             leases.append(
-                self._lease_answer(loaded, g.trial_id, g.number, g.token, g.config, g.params)
+                self._lease_answer(
+                    loaded, g.trial_id, g.number, g.token, g.config, g.params, g.kind
+                )
             )
         return leases
 
@@ -287,9 +321,15 @@ class LeaseProtocol:
         token: str,
         config: dict[str, Any],
         params: Mapping[str, Any],
+        kind: str = "trial",
     ) -> Lease:
         settings = self.core.settings
+        task = None
+        if kind == LR_RANGE_TEST:
+            task = loaded.spec.lr_range_test.model_dump(mode="json", exclude={"enabled"})
         return Lease(
+            kind=kind,  # type: ignore[arg-type,unused-ignore]  # a LeaseKind: server-set
+            task=task,
             trial_id=trial_id,
             trial_number=number,
             study=loaded.spec.name,

@@ -28,6 +28,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from hpo_service.logging_setup import trial_fields
+from hpo_service.lr_range import TASK_ATTR
 from hpo_service.models import LeaseRow, StudyRow
 from hpo_service.schemas import CompleteAnswer, FailAnswer
 from hpo_service.studies._checks import CLAIMED, REAPED
@@ -53,7 +54,7 @@ def requeue(core: StudyCore, loaded: LoadedStudy, failed: FrozenTrial) -> int | 
             len(history) - 1,
         )
         return None
-    keep = {k: v for k, v in failed.user_attrs.items() if k in ("enqueued",)}
+    keep = {k: v for k, v in failed.user_attrs.items() if k in ("enqueued", TASK_ATTR)}
     retry = optuna.create_trial(
         state=TrialState.WAITING,
         params=failed.params,

@@ -12,6 +12,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import select
 
+from hpo_service import lr_range
 from hpo_service.constraints import feasibility_of
 from hpo_service.curated_starts import SOURCE_ATTR, curated_starts
 from hpo_service.errors import InvalidSpec, StudyExists, StudyNotRunning
@@ -169,9 +170,10 @@ class StudyRegistry:
             row = core.row(session, name)
         loaded = core.load(row.study_id)
         trials = core.cache.get_all_trials(row.study_id, deepcopy=False)
+        searched = [t for t in trials if not lr_range.is_task(t)]  # an LR range test probe is not
         counts = TrialCounts(
             **{
-                state.name.lower(): sum(1 for t in trials if t.state == state)
+                state.name.lower(): sum(1 for t in searched if t.state == state)
                 for state in (
                     TrialState.WAITING,
                     TrialState.RUNNING,
@@ -191,7 +193,21 @@ class StudyRegistry:
             best_trials=[summary(t) for t in _best(loaded.study)],
             spec=loaded.spec,
             created_at=aware(row.created_at).isoformat(),
+            lr_range_test=self._lr_range_test(row.study_id, loaded),
         )
+
+    def _lr_range_test(self, study_id: int, loaded: LoadedStudy) -> dict[str, Any] | None:
+        """The LR range test's outcome without its curve (``lr_range``); None when off."""
+        if not loaded.spec.lr_range_test.enabled:
+            return None
+        attr = loaded.lr_range_test
+        if attr is None:  # pending as of loading: read it afresh
+            attr = self.core.storage.get_study_user_attrs(study_id).get(lr_range.STUDY_ATTR)
+        if attr is None:
+            return {"status": "pending"}
+        shown = {key: value for key, value in attr.items() if key != "curve"}
+        shown["curve_points"] = len(attr.get("curve", {}).get("lrs", []))
+        return shown
 
     def list_trials(self, name: str, offset: int = 0, limit: int = 100) -> TrialPage:
         core = self.core

@@ -17,6 +17,8 @@ from hpo_service.schemas import (
     Lease,
     LeaseRequest,
     LeaseToken,
+    LRRangeTestAnswer,
+    LRRangeTestResult,
     ReportAnswer,
     ReportRequest,
 )
@@ -80,8 +82,12 @@ def lease(service: ServiceDep, body: LeaseRequest) -> Lease | Response:
     A worker that asks again with the same `worker_id` while its trial still runs gets that
     trial back (a restarted worker resumes). Train `config`, heartbeat every
     `heartbeat_interval_s`, report each epoch, then `complete` or `fail`.
+
+    `kind` says what to run: `trial` (the above), or `lr_range_test` (only to a worker that
+    lists it in `kinds`): the study's LR range test, before its first trial; heartbeat as for a
+    trial and send the curve to `/v1/trials/{trial_id}/lr-range-test` (or `fail`).
     """
-    granted = service.lease(body.worker_id, body.wait_s)
+    granted = service.lease(body.worker_id, body.wait_s, body.kinds)
     if granted is None:
         return Response(status_code=status.HTTP_204_NO_CONTENT)
     return granted
@@ -117,6 +123,25 @@ def complete(service: ServiceDep, trial_id: TrialId, body: CompleteRequest) -> C
     return service.complete(
         trial_id, body.lease_token, body.values, body.metrics, output_tail=body.output_tail
     )
+
+
+@router.post(
+    "/trials/{trial_id}/lr-range-test",
+    response_model=LRRangeTestAnswer,
+    responses=_answers(
+        _TOKEN_CONFLICT + " `wrong_lease_kind`: the lease is a trial's, not an LR range test's."
+        " The same result again answers the same.",
+        "A curve whose lists differ in length, a non-finite point, or a suggested `max_lr` "
+        "not above `base_lr`.",
+    ),
+)
+def lr_range_test(
+    service: ServiceDep, trial_id: TrialId, body: LRRangeTestResult
+) -> LRRangeTestAnswer:
+    """Finish an `lr_range_test` lease with its curve and suggestions (config units): the
+    study's `base_lr` and `max_lr_factor` ranges are set from them before its first trial, or,
+    when the curve gave no range, the defaults are kept and the answer says why."""
+    return service.lr_range_test(trial_id, body.lease_token, body)
 
 
 @router.post("/trials/{trial_id}/fail", response_model=FailAnswer, responses=_FAIL)
