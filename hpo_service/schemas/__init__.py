@@ -104,6 +104,7 @@ from .worker import (
     MAX_METRIC_NAME,
     MAX_METRICS,
     OUTPUT_TAIL_CHARS,
+    CheckpointAnswer,
     CompleteAnswer,
     CompleteRequest,
     FailAnswer,
@@ -117,6 +118,9 @@ from .worker import (
     MetricValue,
     ReportAnswer,
     ReportRequest,
+    ResumedAnswer,
+    ResumedRequest,
+    ResumeFrom,
 )
 
 __all__ = [
@@ -141,6 +145,7 @@ __all__ = [
     "BatchReportAnswer",
     "BatchReportRequest",
     "Budget",
+    "CheckpointAnswer",
     "CompleteAnswer",
     "CompleteItem",
     "CompleteRequest",
@@ -185,6 +190,9 @@ __all__ = [
     "ReportAnswer",
     "ReportItem",
     "ReportRequest",
+    "ResumeFrom",
+    "ResumedAnswer",
+    "ResumedRequest",
     "SamplerName",
     "SamplerSpec",
     "ScheduleInfo",

@@ -23,9 +23,10 @@ from sqlalchemy import select
 from hpo_service.errors import InvalidSpec
 from hpo_service.logging_setup import trial_fields
 from hpo_service.models import LeaseRow, StudyRow
-from hpo_service.schemas import Lease
+from hpo_service.schemas import Lease, ResumeFrom
 from hpo_service.search_space import resolve_config, suggest
 from hpo_service.studies._budget import tally
+from hpo_service.studies._checkpoints import resume_source
 from hpo_service.studies._checks import stop_reason
 from hpo_service.studies._core import LoadedStudy, RunningTrial, StudyCore, aware, now
 from hpo_service.study_view import StudyView
@@ -53,6 +54,7 @@ class _Granted:
     config: dict[str, Any]
     params: dict[str, Any]  # as sampled, beside the resolved config
     trial: FrozenTrial | None  # as just written (a new trial), to serve its first report
+    resume: ResumeFrom | None = None  # issue 14: a retry's checkpoint to resume from
 
 
 class LeaseProtocol:
@@ -113,7 +115,13 @@ class LeaseProtocol:
                 config = trial.user_attrs.get("config") or resolve_config(loaded.spec, trial.params)
                 leases.append(
                     self._lease_answer(
-                        loaded, row.trial_id, trial.number, row.token, config, trial.params
+                        loaded,
+                        row.trial_id,
+                        trial.number,
+                        row.token,
+                        config,
+                        trial.params,
+                        resume_source(core, row.study_id, trial),
                     )
                 )
         return leases
@@ -176,12 +184,15 @@ class LeaseProtocol:
                 attrs = {"worker_id": worker_id, "config": sample.config}
                 trial_id, number = self._write_leased_trial(study_id, sample, attrs)
                 leased: FrozenTrial | None = None
+                resume: ResumeFrom | None = None
                 if sample.view.pending is not None:  # the running trial as it stands
                     leased = copy.deepcopy(sample.view.pending)
                     leased._trial_id, leased.number = trial_id, number
                     trials = [*trials, leased]
                 else:  # a popped WAITING trial: read it as it now is
                     trials = core.cache.get_all_trials(study_id, deepcopy=False)
+                    # issue 14: a retry resumes from an earlier attempt's checkpoint
+                    resume = resume_source(core, study_id, core.cache.get_trial(trial_id))
                 granted.append(
                     _Granted(
                         trial_id,
@@ -190,6 +201,7 @@ class LeaseProtocol:
                         sample.config,
                         dict(sample.trial.params),
                         leased,
+                        resume,
                     )
                 )
             if not granted:
@@ -230,7 +242,9 @@ class LeaseProtocol:
                 ),
             )
             leases.append(
-                self._lease_answer(loaded, g.trial_id, g.number, g.token, g.config, g.params)
+                self._lease_answer(
+                    loaded, g.trial_id, g.number, g.token, g.config, g.params, g.resume
+                )
             )
         return leases
 
@@ -287,6 +301,7 @@ class LeaseProtocol:
         token: str,
         config: dict[str, Any],
         params: Mapping[str, Any],
+        resume: ResumeFrom | None = None,
     ) -> Lease:
         settings = self.core.settings
         return Lease(
@@ -300,4 +315,8 @@ class LeaseProtocol:
             report_metric=loaded.spec.pruning_metric,  # issue 10: multi-objective primary
             heartbeat_interval_s=settings.heartbeat_interval_s,
             lease_timeout_s=settings.lease_timeout_s,
+            # --- issue 14: checkpoints and resume
+            checkpoint_every_epochs=settings.checkpoint_every_epochs,
+            resume_from=resume,
+            keep_best_model=settings.best_models_kept > 0,
         )
