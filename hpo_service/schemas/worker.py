@@ -320,7 +320,7 @@ class ResumedRequest(LeaseToken):
     )
     from_trial_number: int = Field(..., ge=0, description="`resume_from.trial_number`.")
     epoch: int | None = Field(
-        ..., ge=1, description="The checkpoint's epoch it resumed at; null: started fresh."
+        None, ge=1, description="The checkpoint's epoch it resumed at; null: started fresh."
     )
     reason: str | None = Field(None, max_length=2000)
 
