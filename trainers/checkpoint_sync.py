@@ -7,7 +7,8 @@ model to the server over HTTP (``trainers.checkpoints`` holds the format).
   missing, corrupt or unfitting checkpoint starts the run fresh, and says so (a warning in the
   worker's log and ``resume_fallback`` on the trial).
 * Every ``checkpoint_every_epochs`` the run's state is sent (``PUT …/checkpoint``), after the
-  epoch's report was answered "continue".
+  epoch's report was answered "continue"; and at the epoch a worker shutting down (SIGTERM)
+  stops at, so the trial it hands back loses no epoch.
 * With ``keep_best_model``, the selected model's weights are sent before ``complete``.
 
 A checkpoint that cannot be sent (server unreachable, too large) is skipped with a warning: the
@@ -42,21 +43,22 @@ def train_resumable(
     client: HPOClient,
     lease: Lease,
     retrying: Retrying[Any],
+    handing_back: Callable[[], bool] = lambda: False,
 ) -> TrainResult:
     """Run ``train_fn`` for ``lease``: resumed from its checkpoint when it names one (fresh when
-    that fails), sending checkpoints every ``checkpoint_every_epochs``. ``retrying`` wraps the
+    that fails), sending checkpoints every ``checkpoint_every_epochs`` and when
+    ``handing_back()`` at a stop (the worker shuts down). ``retrying`` wraps the
     calls that must reach the server (the worker's backoff)."""
     resume = _fetch(client, lease, retrying)
     if resume is None and lease.checkpoint_every_epochs == 0:
         return train_fn(config, on_epoch)
     if resume is not None:
         try:
-            return train_fn(
-                config, _sending(on_epoch, client, lease, resume, retrying), resume=resume
-            )
+            sending = _sending(on_epoch, client, lease, resume, retrying, handing_back)
+            return train_fn(config, sending, resume=resume)
         except CheckpointError as error:  # it loaded but does not fit this run's model
             _fell_back(client, lease, retrying, str(error))
-    return train_fn(config, _sending(on_epoch, client, lease, None, retrying))
+    return train_fn(config, _sending(on_epoch, client, lease, None, retrying, handing_back))
 
 
 def send_best_model(client: HPOClient, lease: Lease, result: TrainResult) -> None:
@@ -122,6 +124,7 @@ def _sending(
     lease: Lease,
     resumed: TrainState | None,
     retrying: Retrying[Any],
+    handing_back: Callable[[], bool],
 ) -> OnEpoch:
     """``on_epoch`` that first tells the server where a resumed run started (before its first
     report) and after every ``checkpoint_every_epochs``-th epoch answered "continue" sends the
@@ -136,8 +139,10 @@ def _sending(
             _say_resumed(client, lease, pending.epoch, retrying)
             pending = None
         decision = on_epoch(epoch)
-        due = every > 0 and epoch.epoch % every == 0 and epoch.epoch != last_epoch
-        if decision != "stop" and due and epoch.checkpoint is not None:
+        if every == 0 or epoch.epoch == last_epoch or epoch.checkpoint is None:
+            return decision
+        due = epoch.epoch % every == 0 and decision != "stop"
+        if due or (decision == "stop" and handing_back()):
             _send(client, lease, epoch.epoch, epoch.checkpoint)
         return decision
 

@@ -163,6 +163,7 @@ class Worker:
                 self.client,
                 active.lease,
                 self._retrying,
+                self._shutdown.is_set,  # a trial handed back keeps its last epoch
             )
         except Exception as error:
             outcome = error

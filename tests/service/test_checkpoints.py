@@ -75,8 +75,8 @@ def _hand_back_after(worker: Worker, epoch: int) -> Any:
 
 
 def _interrupted(client: TestClient, name: str) -> dict[str, Any]:
-    """A study of one trial whose first attempt is handed back after epoch 3 (its checkpoint
-    is epoch 2's); returns that attempt."""
+    """A study of one trial whose first attempt is handed back after epoch 3 (SIGTERM's path:
+    checkpoints of epochs 2, the interval, and 3, the hand-back); returns that attempt."""
     body = spec(name, epochs=EPOCHS, budget={"n_trials": 1, "max_concurrent": 1})
     body["pruner"] = {"name": "none"}
     assert client.post("/v1/studies", json=body, headers=ADMIN).status_code == 201
@@ -106,14 +106,15 @@ def test_a_retry_resumes_from_the_checkpoint_and_carries_the_curve(
     assert _worker(ckpt_client, "second").run() == 1
     retry = _trials(ckpt_client, "resume")[1]
     assert retry["state"] == "complete"
-    assert retry["resumed_from"] == {"trial": 0, "epoch": 2}
+    assert retry["resumed_from"] == {"trial": 0, "epoch": 3}  # handed back: nothing lost
     assert retry["resume_fallback"] is None
-    assert "resumed from trial 0 at epoch 2" in caplog.text
-    # one curve: the first attempt's epochs 1-2, then the retry's own 3-4
+    assert "resumed from trial 0 at epoch 3" in caplog.text
+    # one curve: the first attempt's epochs 1-3, then the retry's own epoch 4
     curve = retry["intermediate_values"]
     assert set(curve) == {"1", "2", "3", "4"}
     assert curve["1"] == first["intermediate_values"]["1"]
     assert curve["2"] == first["intermediate_values"]["2"]
+    assert curve["3"] == first["intermediate_values"]["3"]
     whole = _uninterrupted(_config_of(database_url, "resume", 1))
     reference = {str(e.epoch): e.values["val_neg_elbo"] for e in whole.history}
     assert curve == pytest.approx(reference, rel=1e-6)
