@@ -27,7 +27,7 @@ import hashlib
 import io
 import logging
 import math
-from typing import Any, Literal
+from typing import Literal
 
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.exceptions import UpdateFinishedTrialError
@@ -278,12 +278,6 @@ def _retain_best_models(core: StudyCore, loaded: LoadedStudy, trial_id: int) -> 
         dropped.append(finished)
     for t in dropped:
         _remove(core, artifact_id_for(study_id, t._trial_id, "best_model"))
-
-
-def best_model_of(core: StudyCore, trial: FrozenTrial) -> dict[str, Any] | None:
-    """The record of a finished trial's kept best model (epoch, bytes, SHA-256), or None."""
-    meta = trial.system_attrs.get(ATTRS["best_model"])
-    return dict(meta) if meta else None
 
 
 def _remove(core: StudyCore, artifact_id: str) -> None:
