@@ -14,8 +14,15 @@ from fastapi import FastAPI
 from hpo_service.api.errors import InternalErrorGuard, install_error_handlers
 from hpo_service.api.limits import BodyLimit
 from hpo_service.api.openapi import install_openapi
-from hpo_service.api.routes import batch, docs, health, schedules, studies, workers
-from hpo_service.artifacts import build_artifact_store
+from hpo_service.api.routes import (
+    batch,
+    checkpoints,
+    docs,
+    health,
+    schedules,
+    studies,
+    workers,
+)
 from hpo_service.config import Settings
 from hpo_service.dashboard import mount_dashboard
 from hpo_service.metrics import RequestTimer, ServiceMetrics
@@ -83,7 +90,7 @@ def create_app(settings: Settings, storage: optuna.storages.RDBStorage | None = 
     )
     app.state.service = service
     # Checkpoints and diagnostics plots (artifacts.py); the dashboard serves them too.
-    app.state.artifact_store = build_artifact_store(settings)
+    app.state.artifact_store = service.core.artifacts
     app.state.schedules = ScheduleService(service, settings)
     app.state.scheduler = scheduler
     app.state.settings = settings
@@ -92,13 +99,16 @@ def create_app(settings: Settings, storage: optuna.storages.RDBStorage | None = 
     # Middleware, innermost first: the guard answers what escaped every handler (no dropped
     # connection), the body limit refuses before anything reads, the timer sees final statuses.
     app.add_middleware(InternalErrorGuard, retry_after_s=settings.storage_retry_after_s)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimit, limit=settings.max_body_bytes, large_limit=settings.max_checkpoint_bytes
+    )
     # Observability: /readyz, /metrics and per-route latencies (metrics.py).
     app.state.metrics = ServiceMetrics(service, settings.metrics_cache_s)
     app.add_middleware(RequestTimer, metrics=app.state.metrics)
     app.include_router(health.router)
     app.include_router(studies.router, prefix=API_PREFIX)
     app.include_router(workers.router, prefix=API_PREFIX)
+    app.include_router(checkpoints.router, prefix=API_PREFIX)
     app.include_router(batch.router, prefix=API_PREFIX)
     app.include_router(schedules.router, prefix=API_PREFIX)
     app.include_router(docs.router_for(API_PREFIX, public=settings.public_docs))

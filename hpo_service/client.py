@@ -27,6 +27,7 @@ from hpo_service.schemas import (
     BatchHeartbeatAnswer,
     BatchLeases,
     BatchReportAnswer,
+    CheckpointAnswer,
     CompleteAnswer,
     CompleteItem,
     EnqueueResponse,
@@ -39,6 +40,7 @@ from hpo_service.schemas import (
     LRRangeTestAnswer,
     ReportAnswer,
     ReportItem,
+    ResumedAnswer,
     ScheduleInfo,
     ScheduleReport,
     ScheduleSpec,
@@ -101,9 +103,18 @@ class HPOClient:
         json: Any = None,
         params: dict[str, Any] | None = None,
         trial: bool = False,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
     ) -> httpx.Response:
         try:
-            response = self.http.request(method, API_PREFIX + path, json=json, params=params)
+            response = self.http.request(
+                method,
+                API_PREFIX + path,
+                json=json,
+                params=params,
+                content=content,
+                headers=headers,
+            )
         except (httpx.TransportError, OSError) as error:
             raise ServerUnavailable(f"{method} {path}: {error}") from error
         if response.status_code in (502, 503, 504):
@@ -238,6 +249,69 @@ class HPOClient:
         return FailAnswer.model_validate(response.json())
 
     # --- the batched worker protocol: many trials per request, an answer or error per trial --
+
+    # --- issue 14: checkpoints and resume (raw bytes; the lease token in a header) -----------
+
+    def upload_checkpoint(
+        self,
+        trial_id: int,
+        token: str,
+        epoch: int,
+        content: bytes,
+        sha256: str,
+        *,
+        best_model: bool = False,
+    ) -> CheckpointAnswer:
+        """Store the running trial's checkpoint (or, with ``best_model``, its selected model's
+        weights) of ``epoch``. Raises ``LeaseLost``, ``APIError`` (413: over the limit)."""
+        kind = "best-model" if best_model else "checkpoint"
+        response = self._call(
+            "PUT",
+            f"/trials/{trial_id}/{kind}",
+            params={"epoch": epoch},
+            content=content,
+            headers={
+                "X-Lease-Token": token,
+                "X-Checkpoint-SHA256": sha256,
+                "Content-Type": "application/octet-stream",
+            },
+            trial=True,
+        )
+        return CheckpointAnswer.model_validate(response.json())
+
+    def resume_checkpoint(self, trial_id: int, token: str) -> tuple[bytes, str] | None:
+        """The bytes and SHA-256 of the checkpoint a leased retry resumes from; None when the
+        server has none (``checkpoint_not_found``). Raises ``LeaseLost``."""
+        try:
+            response = self._call(
+                "GET",
+                f"/trials/{trial_id}/resume-checkpoint",
+                headers={"X-Lease-Token": token},
+                trial=True,
+            )
+        except LeaseLost as error:
+            if error.code == "checkpoint_not_found":
+                return None
+            raise
+        return response.content, response.headers.get("X-Checkpoint-SHA256", "")
+
+    def resumed(
+        self,
+        trial_id: int,
+        token: str,
+        from_trial_number: int,
+        epoch: int | None,
+        reason: str | None = None,
+    ) -> ResumedAnswer:
+        """Say how a retry started: resumed at ``epoch``, or fresh (None) for ``reason``."""
+        body = {
+            "lease_token": token,
+            "from_trial_number": from_trial_number,
+            "epoch": epoch,
+            "reason": reason,
+        }
+        response = self._call("POST", f"/trials/{trial_id}/resumed", json=body, trial=True)
+        return ResumedAnswer.model_validate(response.json())
 
     def lease_many(
         self, worker_id: str, count: int, wait_s: float = 0.0, device: str | None = None

@@ -6,6 +6,7 @@ HTTP status codes in one place.
     ├── NotFound               (404)
     │   ├── StudyNotFound
     │   ├── TrialNotFound
+    │   ├── CheckpointNotFound no checkpoint to resume a retry from (the worker starts fresh)
     │   └── ScheduleNotFound
     ├── Conflict               the request contradicts the current state (409)
     │   ├── StudyExists
@@ -62,6 +63,13 @@ class TrialNotFound(NotFound):
 
     def __init__(self, trial_id: int) -> None:
         super().__init__(f"no leased trial with id {trial_id}")
+
+
+class CheckpointNotFound(NotFound):
+    """Raised when a retry asks for the checkpoint to resume from and there is none (never
+    stored, deleted, or missing from the artifact store): the worker starts fresh."""
+
+    code = "checkpoint_not_found"
 
 
 class Conflict(HPOError):

@@ -4,10 +4,12 @@ The tree::
 
     TrainerError                  root: anything the trainer raises on purpose
     ├── ConfigError               (also a ValueError) a setting is invalid; `.field`, `.reason`
-    └── NonFiniteLossError        the loss became NaN/Inf; `.epoch`, `.step`, `.term`
+    ├── NonFiniteLossError        the loss became NaN/Inf; `.epoch`, `.step`, `.term`
+    └── CheckpointError           a checkpoint is corrupt, unreadable or does not fit the run
 
 The worker maps these to trial outcomes: a ``ConfigError`` is the parameters' fault (the trial
 fails without retry), a ``NonFiniteLossError`` is a diverged run (reported as such, not a crash).
+A ``CheckpointError`` never fails a trial: the worker starts the run fresh and says so.
 """
 
 from __future__ import annotations
@@ -49,3 +51,8 @@ class NonFiniteLossError(TrainerError):
 
     def __reduce__(self) -> tuple[type[NonFiniteLossError], tuple[int, int, str]]:
         return (type(self), (self.epoch, self.step, self.term))
+
+
+class CheckpointError(TrainerError):
+    """Raised when a checkpoint cannot be resumed from: its bytes do not match their SHA-256,
+    do not load, or do not fit the run (another architecture, epoch range or format)."""

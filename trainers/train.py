@@ -29,12 +29,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from trainers.checkpoints import TrainState, capture, restore
 from trainers.config import TrainConfig
 from trainers.errors import ConfigError, NonFiniteLossError
 from trainers.evaluation import (
@@ -88,6 +89,9 @@ class EpochMetrics:
     epoch: int  # 1-based
     values: dict[str, float]  # scalar metrics (names in the module docstring of `train`)
     kl_per_dim: list[float]  # validation KL per latent dim, nats per example
+    # The run's state at the end of this epoch (issue 14), for a checkpoint: call it inside
+    # ``on_epoch`` (later calls see a later state). None where a run cannot be checkpointed.
+    checkpoint: Callable[[], TrainState] | None = field(default=None, compare=False, repr=False)
 
 
 OnEpoch = Callable[[EpochMetrics], Decision]
@@ -103,6 +107,9 @@ class TrainResult:
     best_epoch: int  # 1-based epoch with the lowest validation −ELBO (the selected model)
     stopped_early: bool  # `on_epoch` returned "stop"
     plateaued: bool = False  # ended by `patience`: no new best validation −ELBO for that long
+    # The selected model's state (issue 14: what a finished trial keeps for the final
+    # evaluation of the winners); None from trainers that do not keep it.
+    best_state: dict[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
 
 def train(
@@ -110,6 +117,7 @@ def train(
     on_epoch: OnEpoch | None = None,
     *,
     patience: int | None = None,
+    resume: TrainState | None = None,
 ) -> TrainResult:
     """Train one VAE or VAE-GAN and return its metrics.
 
@@ -139,8 +147,14 @@ def train(
     −ELBO) model's ``val_neg_elbo`` and ``active_units``, plus ``best_epoch``, ``epochs_run``,
     ``test_neg_elbo`` and ``test_is_nll`` (k = ``final_is_samples``; absent when 0 or stopped).
 
-    Raises ``ConfigError`` (invalid setting, naming the field) and ``NonFiniteLossError``
-    (NaN/Inf loss or gradient norm, with the epoch and the first bad step).
+    ``resume`` (issue 14, ``trainers.checkpoints``): continue a run from a checkpoint of the
+    same config taken at the end of its epoch E; the run trains epochs E+1.. and its result
+    (history included) is the uninterrupted run's. Each epoch's ``EpochMetrics.checkpoint``
+    captures the state such a checkpoint holds.
+
+    Raises ``ConfigError`` (invalid setting, naming the field), ``NonFiniteLossError``
+    (NaN/Inf loss or gradient norm, with the epoch and the first bad step) and
+    ``CheckpointError`` (``resume`` does not fit this run).
     """
     cfg = parse_config(config)
     if patience is not None and patience < 1:
@@ -205,8 +219,22 @@ def train(
     best_val, best_epoch, best_au = math.inf, 0, 0.0
     best_state = snapshot(vae)
     stopped_early = plateaued = False
-    step = 0
-    for epoch in range(1, cfg.epochs + 1):
+    step, first_epoch = 0, 1
+    if resume is not None:  # issue 14: continue where the checkpoint's run stopped
+        best_state = restore(resume, model, optimizers, gen, device, cfg.epochs)
+        step, best = resume.step, resume.best
+        best_val, best_epoch, best_au = best
+        history = [
+            EpochMetrics(int(e["epoch"]), dict(e["values"]), list(e["kl_per_dim"]))
+            for e in resume.history
+        ]
+        first_epoch = resume.epoch + 1
+
+    def state_now() -> TrainState:
+        best = (best_val, best_epoch, best_au)
+        return capture(epoch, step, model, optimizers, gen, best, best_state, history)
+
+    for epoch in range(first_epoch, cfg.epochs + 1):
         t_epoch = time.perf_counter()
         model.train()
         perm = torch.randperm(n_train, device=device, generator=gen)
@@ -270,7 +298,7 @@ def train(
         val, kl_per_dim = validate(vae, data.val, cfg, device, epoch, step - 1)
         values |= val
         values["epoch_seconds"] = time.perf_counter() - t_epoch
-        metrics = EpochMetrics(epoch=epoch, values=values, kl_per_dim=kl_per_dim)
+        metrics = EpochMetrics(epoch, values, kl_per_dim, checkpoint=state_now)
         history.append(metrics)
 
         if val["val_neg_elbo"] < best_val:
@@ -295,6 +323,7 @@ def train(
         best_epoch=best_epoch,
         stopped_early=stopped_early,
         plateaued=plateaued,
+        best_state=best_state,
     )
 
 

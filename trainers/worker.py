@@ -26,6 +26,7 @@ from typing import Any, Literal, TypeVar
 
 from hpo_service.client import HPOClient, LeaseLost, ServerUnavailable
 from hpo_service.schemas import Lease
+from trainers.checkpoint_sync import send_best_model, train_resumable
 from trainers.errors import ConfigError, NonFiniteLossError
 from trainers.train import EpochMetrics, TrainResult, train
 
@@ -172,8 +173,15 @@ class Worker:
     def train_started(self, active: ActiveTrial) -> str:
         """Train a trial ``start_trial`` began, alone, and settle it."""
         try:
-            outcome: TrainResult | Exception = self.train_fn(
-                active.config, self._on_epoch(active.lease, active.state)
+            # issue 14: a retry resumes from its checkpoint; checkpoints every N epochs
+            outcome: TrainResult | Exception = train_resumable(
+                self.train_fn,
+                active.config,
+                self._on_epoch(active.lease, active.state),
+                self.client,
+                active.lease,
+                self._retrying,
+                self._shutdown.is_set,  # a trial handed back keeps its last epoch
             )
         except Exception as error:
             outcome = error
@@ -322,6 +330,7 @@ class Worker:
                 diverged=True,  # issue 10: a non-finite result is a divergence too
             )
         final = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
+        send_best_model(self.client, lease, result)  # issue 14: kept for the best trials
         try:
             self._retrying(
                 "complete",

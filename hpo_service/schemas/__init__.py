@@ -105,6 +105,7 @@ from .worker import (
     MAX_METRIC_NAME,
     MAX_METRICS,
     OUTPUT_TAIL_CHARS,
+    CheckpointAnswer,
     CompleteAnswer,
     CompleteRequest,
     FailAnswer,
@@ -121,6 +122,9 @@ from .worker import (
     MetricValue,
     ReportAnswer,
     ReportRequest,
+    ResumedAnswer,
+    ResumedRequest,
+    ResumeFrom,
 )
 
 __all__ = [
@@ -145,6 +149,7 @@ __all__ = [
     "BatchReportAnswer",
     "BatchReportRequest",
     "Budget",
+    "CheckpointAnswer",
     "CompleteAnswer",
     "CompleteItem",
     "CompleteRequest",
@@ -193,6 +198,9 @@ __all__ = [
     "ReportAnswer",
     "ReportItem",
     "ReportRequest",
+    "ResumeFrom",
+    "ResumedAnswer",
+    "ResumedRequest",
     "SamplerName",
     "SamplerSpec",
     "ScheduleInfo",

@@ -35,6 +35,13 @@ class TrialSummary(BaseModel):
     datetime_start: str | None
     datetime_complete: str | None
     duration_s: float | None
+    # --- issue 14: a retry that resumed from an earlier attempt's checkpoint
+    resumed_from: dict[str, int] | None = Field(
+        None, description='`{"trial": number, "epoch": E}`: resumed after epoch E of that trial.'
+    )
+    resume_fallback: dict[str, Any] | None = Field(
+        None, description='`{"trial": number, "reason": …}`: could not resume; started fresh.'
+    )
 
 
 class StudyInfo(BaseModel):

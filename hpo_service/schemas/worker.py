@@ -46,6 +46,17 @@ class LeaseRequest(BaseModel):
     )
 
 
+class ResumeFrom(BaseModel):
+    """The checkpoint a retry resumes from (issue 14): the latest one an earlier attempt of the
+    same parameters stored. Fetch it with ``GET /v1/trials/{trial_id}/resume-checkpoint``."""
+
+    trial_id: int = Field(..., description="The earlier attempt whose checkpoint this is.")
+    trial_number: int
+    epoch: int = Field(..., description="The checkpoint's epoch: train from `epoch + 1`.")
+    bytes: int = Field(..., description="The checkpoint's size in bytes.")
+    sha256: str = Field(..., description="SHA-256 (hex) of the checkpoint's bytes.")
+
+
 class Lease(BaseModel):
     """A trial to train, and how to talk about it (the answer of ``POST /v1/leases``)."""
 
@@ -102,6 +113,23 @@ class Lease(BaseModel):
     heartbeat_interval_s: float = Field(..., description="Send a heartbeat this often.")
     lease_timeout_s: float = Field(
         ..., description="Without a heartbeat or report for this long the trial is failed."
+    )
+    # --- issue 14: checkpoints and resume
+    checkpoint_every_epochs: int = Field(
+        0,
+        ge=0,
+        description="Send a checkpoint (`PUT /v1/trials/{trial_id}/checkpoint`) every this many "
+        "epochs; 0: do not checkpoint.",
+    )
+    resume_from: ResumeFrom | None = Field(
+        None,
+        description="A retry: the earlier attempt's checkpoint to resume from, then say how it "
+        "went (`POST /v1/trials/{trial_id}/resumed`); null: start fresh.",
+    )
+    keep_best_model: bool = Field(
+        False,
+        description="Send the selected model's weights (`PUT /v1/trials/{trial_id}/best-model`) "
+        "before `complete`: the study keeps them for its best trials.",
     )
 
 
@@ -366,3 +394,49 @@ class LRRangeTestAnswer(BaseModel):
         default_factory=dict, description="The ranges set, by parameter: [low, high]."
     )
     reason: str | None = None
+
+
+# --- issue 14: checkpoints and resume ---------------------------------------------------------
+
+
+class CheckpointAnswer(BaseModel):
+    """What the server stored for ``PUT …/checkpoint`` or ``PUT …/best-model``."""
+
+    trial_id: int
+    kind: Literal["checkpoint", "best_model"]
+    epoch: int
+    bytes: int
+    sha256: str
+
+
+class ResumedRequest(LeaseToken):
+    """How a retry started (after ``resume_from``): resumed at ``epoch``, or fresh (``epoch``
+    null) with the ``reason`` (a missing, corrupt or unfitting checkpoint)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"lease_token": "TOKEN", "from_trial_number": 3, "epoch": 6, "reason": None},
+                {
+                    "lease_token": "TOKEN",
+                    "from_trial_number": 3,
+                    "epoch": None,
+                    "reason": "SHA-256 mismatch",
+                },
+            ]
+        },
+    )
+    from_trial_number: int = Field(..., ge=0, description="`resume_from.trial_number`.")
+    epoch: int | None = Field(
+        None, ge=1, description="The checkpoint's epoch it resumed at; null: started fresh."
+    )
+    reason: str | None = Field(None, max_length=2000)
+
+
+class ResumedAnswer(BaseModel):
+    trial_id: int
+    resumed: bool
+    intermediate_values: int = Field(
+        ..., description="Intermediate values carried over from the earlier attempt."
+    )

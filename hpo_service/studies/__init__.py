@@ -11,6 +11,7 @@ memory of studies and running trials):
 - ``_reporting`` — heartbeats, per-epoch reports and pruning (``Reporting``);
 - ``_finishing`` — complete and fail, each exactly once (``Finishing``);
 - ``_reaping``   — expired and lease-less trials, and the retry policy (``Reaper``);
+- ``_checkpoints`` — checkpoints, resuming a retry, and their retention (``Checkpoints``);
 - ``_checks``, ``_budget`` — lease-token and trial-state checks; the budget tally.
 
 Budget and concurrency are enforced under a per-study lock that holds across server replicas: a
@@ -56,6 +57,7 @@ from hpo_service.schemas import (
     TrialPage,
 )
 from hpo_service.storage import build_storage
+from hpo_service.studies._checkpoints import Checkpoints
 from hpo_service.studies._core import SNAPSHOT_MAX_AGE_S, SPEC_ATTR, StudyCore
 from hpo_service.studies._finishing import Finishing, TrialFailure, TrialResult
 from hpo_service.studies._leasing import LeaseProtocol
@@ -91,6 +93,7 @@ class StudyService:
         self.finishing = Finishing(self.core)
         self.reaper = Reaper(self.core)
         self.probes = ProbeResults(self.core)
+        self.checkpoints = Checkpoints(self.core)  # issue 14: checkpoints, resume, retention
 
     # --- what other parts of the server read -------------------------------------------------
 

@@ -23,6 +23,7 @@ from sqlalchemy import ColumnElement, Float, cast, extract, func, select, text, 
 from sqlalchemy.orm import Session
 
 from hpo_service import lr_range
+from hpo_service.artifacts import build_artifact_store
 from hpo_service.config import Settings
 from hpo_service.db import Database, prepare_service_schema
 from hpo_service.errors import StudyNotFound
@@ -90,6 +91,8 @@ class StudyCore:
         # Optuna's own cache over the storage, shared by every study of this process: finished
         # trials are read once, later reads fetch only running and new trials.
         self.cache = optuna.storages.get_storage(self.storage)
+        # Checkpoints and plots (issue 14): written only by this server, never by workers.
+        self.artifacts = build_artifact_store(settings)
         self.db = Database(self.storage.engine)
         prepare_service_schema(self.storage.engine)  # creates on an empty DB, never migrates
         self.is_postgres = self.storage.engine.dialect.name == "postgresql"

@@ -38,6 +38,7 @@ from hpo_service.errors import (
 from hpo_service.logging_setup import trial_fields
 from hpo_service.models import LeaseRow, StudyRow
 from hpo_service.schemas import CompleteAnswer, FailAnswer
+from hpo_service.studies._checkpoints import after_complete, lineage_ended
 from hpo_service.studies._checks import (
     CLAIMED,
     PER_TRIAL_ERRORS,
@@ -284,6 +285,7 @@ class Finishing:
             trial_id=trial_id, trial_number=row.trial_number, state="complete", values=list(values)
         )
         self._record_answer(trial_id, "complete", answer.model_dump(mode="json"))
+        after_complete(core, loaded, trial_id)  # issue 14: retention of checkpoints
         log.info(
             "trial %d of %s completed: %s",
             row.trial_number,
@@ -361,6 +363,8 @@ class Finishing:
         finally:
             core.forget_running(trial_id)
             core.snapshot_changed(loaded)
+        if retry_number is None:  # issue 14: nothing will resume from this line's checkpoints
+            lineage_ended(core, loaded, trial)
         answer = FailAnswer(trial_id=trial_id, state=state, retry_trial_number=retry_number)
         self._record_answer(trial_id, "fail", answer.model_dump(mode="json"))
         log.info(

@@ -24,9 +24,10 @@ from hpo_service.errors import InvalidSpec
 from hpo_service.logging_setup import trial_fields
 from hpo_service.lr_range import LR_RANGE_TEST, TASK_ATTR
 from hpo_service.models import LeaseRow, StudyRow
-from hpo_service.schemas import Lease
+from hpo_service.schemas import Lease, ResumeFrom
 from hpo_service.search_space import resolve_config, suggest
 from hpo_service.studies._budget import tally
+from hpo_service.studies._checkpoints import resume_source
 from hpo_service.studies._checks import stop_reason
 from hpo_service.studies._core import LoadedStudy, RunningTrial, StudyCore, aware, now
 from hpo_service.studies._probes import ProbeLeasing
@@ -56,6 +57,7 @@ class _Granted:
     params: dict[str, Any]  # as sampled, beside the resolved config
     trial: FrozenTrial | None  # as just written (a new trial), to serve its first report
     kind: str = "trial"  # LeaseKind
+    resume: ResumeFrom | None = None  # issue 14: a retry's checkpoint to resume from
 
 
 class LeaseProtocol:
@@ -128,7 +130,14 @@ class LeaseProtocol:
                 kind = str(trial.user_attrs.get(TASK_ATTR, "trial"))
                 leases.append(
                     self._lease_answer(
-                        loaded, row.trial_id, trial.number, row.token, config, trial.params, kind
+                        loaded,
+                        row.trial_id,
+                        trial.number,
+                        row.token,
+                        config,
+                        trial.params,
+                        kind=kind,
+                        resume=resume_source(core, row.study_id, trial),
                     )
                 )
         return leases
@@ -184,7 +193,7 @@ class LeaseProtocol:
                 else:
                     trial_id, number, config = step
                     token = secrets.token_urlsafe(24)
-                    probe = _Granted(trial_id, number, token, config, {}, None, LR_RANGE_TEST)
+                    probe = _Granted(trial_id, number, token, config, {}, None, kind=LR_RANGE_TEST)
             for _ in range(0 if probe else count):
                 counted, running, _waiting, failures = tally(trials)
                 if failures >= budget.max_failed or counted >= budget.n_trials:
@@ -206,12 +215,15 @@ class LeaseProtocol:
                 attrs = {"worker_id": worker_id, "config": sample.config}
                 trial_id, number = self._write_leased_trial(study_id, sample, attrs)
                 leased: FrozenTrial | None = None
+                resume: ResumeFrom | None = None
                 if sample.view.pending is not None:  # the running trial as it stands
                     leased = copy.deepcopy(sample.view.pending)
                     leased._trial_id, leased.number = trial_id, number
                     trials = [*trials, leased]
                 else:  # a popped WAITING trial: read it as it now is
                     trials = core.cache.get_all_trials(study_id, deepcopy=False)
+                    # issue 14: a retry resumes from an earlier attempt's checkpoint
+                    resume = resume_source(core, study_id, core.cache.get_trial(trial_id))
                 granted.append(
                     _Granted(
                         trial_id,
@@ -220,6 +232,7 @@ class LeaseProtocol:
                         sample.config,
                         dict(sample.trial.params),
                         leased,
+                        resume=resume,
                     )
                 )
             if probe is not None:
@@ -263,7 +276,14 @@ class LeaseProtocol:
             )
             leases.append(
                 self._lease_answer(
-                    loaded, g.trial_id, g.number, g.token, g.config, g.params, g.kind
+                    loaded,
+                    g.trial_id,
+                    g.number,
+                    g.token,
+                    g.config,
+                    g.params,
+                    kind=g.kind,
+                    resume=g.resume,
                 )
             )
         return leases
@@ -322,6 +342,7 @@ class LeaseProtocol:
         config: dict[str, Any],
         params: Mapping[str, Any],
         kind: str = "trial",
+        resume: ResumeFrom | None = None,
     ) -> Lease:
         settings = self.core.settings
         task = None
@@ -340,4 +361,8 @@ class LeaseProtocol:
             report_metric=loaded.spec.pruning_metric,  # issue 10: multi-objective primary
             heartbeat_interval_s=settings.heartbeat_interval_s,
             lease_timeout_s=settings.lease_timeout_s,
+            # --- issue 14: checkpoints and resume
+            checkpoint_every_epochs=settings.checkpoint_every_epochs,
+            resume_from=resume,
+            keep_best_model=settings.best_models_kept > 0,
         )

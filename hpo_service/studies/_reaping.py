@@ -31,6 +31,7 @@ from hpo_service.logging_setup import trial_fields
 from hpo_service.lr_range import TASK_ATTR
 from hpo_service.models import LeaseRow, StudyRow
 from hpo_service.schemas import CompleteAnswer, FailAnswer
+from hpo_service.studies._checkpoints import lineage_ended
 from hpo_service.studies._checks import CLAIMED, REAPED
 from hpo_service.studies._core import LoadedStudy, StudyCore
 
@@ -187,8 +188,8 @@ class Reaper:
                     worker_id=worker_id,
                 ),
             )
-            if retry:
-                requeue(core, loaded, trial)
+            if not retry or requeue(core, loaded, trial) is None:
+                lineage_ended(core, loaded, trial)  # issue 14: no retry will resume from them
         return True
 
     def _settle(self, lease: LeaseRow) -> None:

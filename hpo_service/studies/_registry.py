@@ -83,6 +83,9 @@ def summary(trial: FrozenTrial, worker_id: str | None = None) -> TrialSummary:
             trial.datetime_complete.isoformat() if trial.datetime_complete else None
         ),
         duration_s=duration,
+        # issue 14: where a retry resumed (or why it could not)
+        resumed_from=trial.user_attrs.get("resumed_from"),
+        resume_fallback=trial.user_attrs.get("resume_fallback"),
     )
 
 

@@ -1,0 +1,132 @@
+"""Checkpoints of a training run (issue 14): a run resumed from epoch E ends where the
+uninterrupted run ends; bad bytes raise ``CheckpointError`` instead of training on garbage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from trainers.checkpoints import (
+    best_model_bytes,
+    digest,
+    from_bytes,
+    load_best_model,
+    to_bytes,
+)
+from trainers.errors import CheckpointError
+from trainers.train import Decision, EpochMetrics, train
+
+#: Tiny but not trivial: a cyclical LR schedule, KL warm-up across the checkpoint, patience
+#: state and an IS-NLL at the end, so a resume that lost any of them shows.
+RUN: dict[str, Any] = {
+    "dataset": "digits",
+    "model": "mlp",
+    "hidden_sizes": (32, 16),
+    "latent_dim": 4,
+    "epochs": 6,
+    "batch_size": 256,
+    "kl_warmup_epochs": 4.0,
+    "binarize": True,
+    "lr_policy": "one_cycle",
+    "max_lr": 0.01,
+    "amp": "off",
+    "final_is_samples": 20,
+    "final_is_examples": 100,
+    "active_unit_examples": 180,
+    "seed": 11,
+}
+#: Values that depend on wall time, not on the maths.
+TIMED = {"samples_per_sec", "epoch_seconds", "final_eval_seconds"}
+
+
+def _checkpoint_at(epoch: int, store: dict[int, bytes]) -> Any:
+    def on_epoch(metrics: EpochMetrics) -> Decision:
+        assert metrics.checkpoint is not None
+        if metrics.epoch == epoch:
+            store[epoch] = to_bytes(metrics.checkpoint())
+        return "continue"
+
+    return on_epoch
+
+
+def _untimed(values: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in values.items() if k not in TIMED}
+
+
+def test_a_run_resumed_from_epoch_4_equals_the_uninterrupted_run(train_device: str) -> None:
+    config = {**RUN, "device": train_device}
+    saved: dict[int, bytes] = {}
+    whole = train(config, _checkpoint_at(4, saved))
+    resumed_epochs: list[int] = []
+
+    def record(metrics: EpochMetrics) -> Decision:
+        resumed_epochs.append(metrics.epoch)
+        return "continue"
+
+    resumed = train(config, record, resume=from_bytes(saved[4], digest(saved[4])))
+    assert resumed_epochs == [5, 6]  # the epoch count continues
+    assert len(resumed.history) == 6 and resumed.epochs_run == 6
+    for a, b in zip(whole.history, resumed.history, strict=True):
+        assert _untimed(a.values) == pytest.approx(_untimed(b.values), rel=1e-6, abs=1e-9)
+    assert _untimed(resumed.metrics) == pytest.approx(_untimed(whole.metrics), rel=1e-6, abs=1e-9)
+    assert resumed.best_epoch == whole.best_epoch
+    assert "test_is_nll" in resumed.metrics
+
+
+def test_patience_counts_across_a_resume(train_device: str) -> None:
+    # With a patience the run may end early; the resumed run must end at the same epoch.
+    config = {**RUN, "device": train_device, "epochs": 12, "lr_policy": "constant", "base_lr": 0.05}
+    saved: dict[int, bytes] = {}
+    whole = train(config, _checkpoint_at(8, saved), patience=2)
+    assert whole.plateaued and whole.epochs_run < 12  # the test needs a run that plateaus
+    resumed = train(config, None, patience=2, resume=from_bytes(saved[8]))
+    assert resumed.epochs_run == whole.epochs_run
+    assert resumed.plateaued == whole.plateaued
+    assert resumed.metrics["val_neg_elbo"] == pytest.approx(whole.metrics["val_neg_elbo"], rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def epoch_1() -> bytes:
+    """A good checkpoint of epoch 1 of a 2-epoch run (trained once for the tests below)."""
+    saved: dict[int, bytes] = {}
+    train(
+        {**RUN, "epochs": 2, "kl_warmup_epochs": 1.0, "final_is_samples": 0},
+        _checkpoint_at(1, saved),
+    )
+    return saved[1]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [lambda b: b[: len(b) // 2], lambda b: b"not a checkpoint at all", lambda b: b[:-100]],
+    ids=["truncated", "garbage", "tail-cut"],
+)
+def test_damaged_bytes_raise_checkpoint_error(damage: Any, epoch_1: bytes) -> None:
+    good = epoch_1
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        from_bytes(damage(good), digest(good))
+    with pytest.raises(CheckpointError, match="unreadable"):  # no digest: the loader refuses
+        from_bytes(damage(good))
+
+
+def test_a_flipped_byte_is_caught_by_the_digest(epoch_1: bytes) -> None:
+    flipped = bytearray(epoch_1)
+    flipped[len(flipped) // 2] ^= 0xFF
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        from_bytes(bytes(flipped), digest(epoch_1))
+
+
+def test_a_checkpoint_of_another_architecture_does_not_fit(epoch_1: bytes) -> None:
+    with pytest.raises(CheckpointError, match="does not fit"):
+        train({**RUN, "hidden_sizes": (8,), "final_is_samples": 0}, resume=from_bytes(epoch_1))
+
+
+def test_the_best_model_round_trips() -> None:
+    result = train({**RUN, "epochs": 2, "kl_warmup_epochs": 1.0, "final_is_samples": 0})
+    assert result.best_state is not None
+    weights, epoch = load_best_model(best_model_bytes(result.best_state, result.best_epoch))
+    assert epoch == result.best_epoch
+    assert set(weights) == set(result.best_state)
+    assert all(torch.equal(weights[k], result.best_state[k].cpu()) for k in weights)
