@@ -18,6 +18,7 @@ from hpo_service.api.routes import (
     batch,
     checkpoints,
     docs,
+    final_eval,
     health,
     schedules,
     studies,
@@ -109,6 +110,7 @@ def create_app(settings: Settings, storage: optuna.storages.RDBStorage | None = 
     app.include_router(studies.router, prefix=API_PREFIX)
     app.include_router(workers.router, prefix=API_PREFIX)
     app.include_router(checkpoints.router, prefix=API_PREFIX)
+    app.include_router(final_eval.router, prefix=API_PREFIX)  # issue 14.4
     app.include_router(batch.router, prefix=API_PREFIX)
     app.include_router(schedules.router, prefix=API_PREFIX)
     app.include_router(docs.router_for(API_PREFIX, public=settings.public_docs))

@@ -33,6 +33,7 @@ from hpo_service.schemas import (
     EnqueueResponse,
     FailAnswer,
     FailItem,
+    FinalEvaluationAnswer,
     FiringInfo,
     HeartbeatAnswer,
     HeartbeatItem,
@@ -196,6 +197,20 @@ class HPOClient:
         body = {"lease_token": token, **result}
         response = self._call("POST", f"/trials/{trial_id}/lr-range-test", json=body, trial=True)
         return LRRangeTestAnswer.model_validate(response.json())
+
+    def final_evaluation(
+        self, trial_id: int, token: str, results: Sequence[Mapping[str, Any]]
+    ) -> FinalEvaluationAnswer:
+        """Finish a ``final_evaluation`` lease with its winners' results (``WinnerEvaluation``)."""
+        body = {"lease_token": token, "results": list(results)}
+        response = self._call("POST", f"/trials/{trial_id}/final-evaluation", json=body, trial=True)
+        return FinalEvaluationAnswer.model_validate(response.json())
+
+    def best_model(self, trial_id: int) -> tuple[bytes, str]:
+        """A finished trial's kept best model and its SHA-256 (``trainers.checkpoints.
+        load_best_model`` reads them). Raises ``APIError`` (``checkpoint_not_found``)."""
+        response = self._call("GET", f"/trials/{trial_id}/best-model")
+        return response.content, response.headers.get("X-Checkpoint-SHA256", "")
 
     def heartbeat(self, trial_id: int, token: str) -> HeartbeatAnswer:
         response = self._call(

@@ -128,6 +128,7 @@ def _night(studies: StudyService, run: FiringRow, metric: str, direction: Direct
         return night
     night.state, night.trials = info.state, info.counts
     night.lr_range_test = info.lr_range_test
+    night.final_evaluation = info.final_evaluation
     if info.metric_names[0] != metric or info.directions[0] != direction:
         night.note = (
             f"this run optimised {info.metric_names[0]} ({info.directions[0]}), not {metric}"

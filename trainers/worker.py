@@ -122,7 +122,7 @@ class Worker:
                     self.lease_identity(),
                     self.options.wait_s,
                     self.options.device,
-                    kinds=("trial", "lr_range_test"),
+                    kinds=("trial", "lr_range_test", "final_evaluation"),
                 ),
             )
             if lease is None:
@@ -135,6 +135,10 @@ class Worker:
                 from trainers.lr_task import run_lr_range_test  # it imports this module
 
                 run_lr_range_test(self, lease)
+            elif lease.kind == "final_evaluation":  # an ended study's winners (issue 14.4)
+                from trainers.final_eval_task import run_final_evaluation  # imports this module
+
+                run_final_evaluation(self, lease)
             elif self.options.population == 1:
                 self.run_trial(lease)
                 self.trials_done += 1

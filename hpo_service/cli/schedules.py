@@ -25,6 +25,7 @@ from hpo_service.cli._common import (
     load_yaml_model,
 )
 from hpo_service.client import ClientError
+from hpo_service.final_eval import summary_lines
 from hpo_service.schemas import (
     FiringInfo,
     NightReport,
@@ -246,6 +247,8 @@ def _night_details(night: NightReport) -> list[str]:
         lines.append(night.note)
     if night.lr_range_test is not None:
         lines.append(f"LR range test: {lr_range.summary(night.lr_range_test)}")
+    for line in summary_lines(night.final_evaluation):  # issue 14.4
+        lines.append(f"final evaluation: {line}")
     if night.importances:
         top = sorted(night.importances.items(), key=lambda kv: -kv[1])[:4]
         lines.append("importances: " + ", ".join(f"{k} {v:.2f}" for k, v in top))

@@ -23,6 +23,7 @@ from hpo_service.cli._common import (
     console,
 )
 from hpo_service.client import ClientError
+from hpo_service.final_eval import summary_lines
 from hpo_service.schemas import StudyInfo, TrialSummary
 
 
@@ -132,6 +133,10 @@ def best(
     if not info.best_trials:
         raise _fail(f"study {name} has no completed trial yet")
     console.print(_trial_table(f"{name}: best", info.best_trials, info.metric_names))
+    if info.final_evaluation is not None:  # issue 14.4: the winners' precise test IS-NLL
+        console.print("final evaluation (full test split):", markup=False)
+        for line in summary_lines(info.final_evaluation):
+            console.print(f"  {line}", markup=False)
 
 
 def stop(name: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None) -> None:

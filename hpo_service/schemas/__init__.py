@@ -49,6 +49,7 @@ from .errors import (
     ErrorBody,
     ErrorResponse,
 )
+from .final_eval import FinalEvaluationAnswer, FinalEvaluationResult, WinnerEvaluation
 from .schedules import (
     FiringInfo,
     FiringKind,
@@ -67,6 +68,7 @@ from .spec import (
     OBJECTIVE_METRICS,
     Budget,
     ConstraintSpec,
+    FinalEvaluationSpec,
     LRRangeTestSpec,
     Objective,
     ParamSpec,
@@ -163,6 +165,9 @@ __all__ = [
     "FailAnswer",
     "FailItem",
     "FailRequest",
+    "FinalEvaluationAnswer",
+    "FinalEvaluationResult",
+    "FinalEvaluationSpec",
     "FiringInfo",
     "FiringKind",
     "FiringStatus",
@@ -221,4 +226,5 @@ __all__ = [
     "TrialPage",
     "TrialReport",
     "TrialSummary",
+    "WinnerEvaluation",
 ]

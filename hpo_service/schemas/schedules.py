@@ -192,6 +192,9 @@ class NightReport(BaseModel):
     note: str | None = None  # why a value is missing (no complete trial, study deleted, ...)
     # The run's LR range test (``StudyInfo.lr_range_test``): status and ranges; None when off.
     lr_range_test: dict[str, Any] | None = None
+    # The run's final evaluation of its winners (``StudyInfo.final_evaluation``, issue 14.4):
+    # test IS-NLL by trial number; None when off.
+    final_evaluation: dict[str, Any] | None = None
 
 
 class ScheduleReport(BaseModel):

@@ -209,6 +209,24 @@ class LRRangeTestSpec(BaseModel):
         return self
 
 
+class FinalEvaluationSpec(BaseModel):
+    """The final evaluation of a study's winners (issue 14.4, ``hpo_service.final_eval``).
+
+    Enabled, once the study has ended (budget spent, no trial running) one
+    ``final_evaluation`` task re-evaluates its best ``top_k`` completed trials from their kept
+    best models: IS-NLL with ``k`` importance samples (Burda et al. 2016, Eq. 8) on the full
+    test split. Off by default: at k = 5000 it decodes 5000 samples per test example per
+    winner, minutes of CPU per winner on MNIST-sized data, which a short study should not pay
+    unasked. Only trials that kept a best model (``HPO_BEST_MODELS_KEPT``) can be evaluated.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    top_k: int = Field(3, ge=1, le=20, description="How many of the best trials to evaluate.")
+    k: int = Field(5000, ge=1, le=100_000, description="Importance samples per test example.")
+
+
 class StudySpec(BaseModel):
     """What a user submits: the data and model, the budget, the objective, and the search."""
 
@@ -260,6 +278,11 @@ class StudySpec(BaseModel):
         default_factory=LRRangeTestSpec,
         description="Run the LR range test first and set the `base_lr`/`max_lr_factor` ranges "
         "from its curve (off by default).",
+    )
+    final_evaluation: FinalEvaluationSpec = Field(
+        default_factory=FinalEvaluationSpec,
+        description="Re-evaluate the best trials once the study ends: IS-NLL with `k` samples "
+        "on the full test split (off by default).",
     )
 
     @model_validator(mode="after")

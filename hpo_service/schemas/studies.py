@@ -61,6 +61,12 @@ class StudyInfo(BaseModel):
         "(with the `ranges` set and the `suggested` LRs) or failed (with the `reason`); the "
         "curve is in the study's `lr_range_test` user attribute. Null when the test is off.",
     )
+    final_evaluation: dict[str, Any] | None = Field(
+        None,
+        description="The final evaluation of the winners (`spec.final_evaluation`): `status` "
+        "pending, complete (with `k` and the `results` by trial number: `test_is_nll`, "
+        "`n_examples`, `best_epoch`), skipped or failed (with the `reason`). Null when off.",
+    )
 
 
 class TrialPage(BaseModel):

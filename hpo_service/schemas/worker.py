@@ -17,10 +17,12 @@ OUTPUT_TAIL_CHARS = 4000
 
 #: What a lease asks a worker to do. ``trial``: train the config and report/complete it;
 #: ``lr_range_test``: run the LR range test on the config and send its curve
-#: (``POST /v1/trials/{trial_id}/lr-range-test``). A new kind is one more name here, one more
+#: (``POST /v1/trials/{trial_id}/lr-range-test``); ``final_evaluation``: re-evaluate the ended
+#: study's winners (``task``) from their kept best models and send the IS-NLLs
+#: (``POST /v1/trials/{trial_id}/final-evaluation``). A new kind is one more name here, one more
 #: ``task`` shape and one more result route; every kind keeps the lease, heartbeat and reaping
 #: rules of a trial.
-LeaseKind = Literal["trial", "lr_range_test"]
+LeaseKind = Literal["trial", "lr_range_test", "final_evaluation"]
 #: Points of an LR range test curve a worker may send (``lr_range_test.num_iter`` ≤ 5000).
 MAX_CURVE_POINTS = 5000
 
@@ -82,7 +84,9 @@ class Lease(BaseModel):
         "trial",
         description="`trial`: train `config`; `lr_range_test`: run the LR range test on "
         "`config` with the settings in `task` and send the curve to "
-        "`/v1/trials/{trial_id}/lr-range-test` (heartbeat and `fail` as for a trial).",
+        "`/v1/trials/{trial_id}/lr-range-test`; `final_evaluation`: evaluate the winners "
+        "listed in `task` and send the results to `/v1/trials/{trial_id}/final-evaluation` "
+        "(heartbeat and `fail` as for a trial).",
     )
     task: dict[str, Any] | None = Field(
         None, description="The task's settings for kinds other than `trial` (else null)."

@@ -12,6 +12,7 @@ memory of studies and running trials):
 - ``_finishing`` — complete and fail, each exactly once (``Finishing``);
 - ``_reaping``   — expired and lease-less trials, and the retry policy (``Reaper``);
 - ``_checkpoints`` — checkpoints, resuming a retry, and their retention (``Checkpoints``);
+- ``_final_eval`` — the final evaluation of an ended study's winners (``FinalEvaluations``);
 - ``_checks``, ``_budget`` — lease-token and trial-state checks; the budget tally.
 
 Budget and concurrency are enforced under a per-study lock that holds across server replicas: a
@@ -59,6 +60,7 @@ from hpo_service.schemas import (
 from hpo_service.storage import build_storage
 from hpo_service.studies._checkpoints import Checkpoints
 from hpo_service.studies._core import SNAPSHOT_MAX_AGE_S, SPEC_ATTR, StudyCore
+from hpo_service.studies._final_eval import FinalEvaluations
 from hpo_service.studies._finishing import Finishing, TrialFailure, TrialResult
 from hpo_service.studies._leasing import LeaseProtocol
 from hpo_service.studies._probes import ProbeResults
@@ -94,6 +96,7 @@ class StudyService:
         self.reaper = Reaper(self.core)
         self.probes = ProbeResults(self.core)
         self.checkpoints = Checkpoints(self.core)  # issue 14: checkpoints, resume, retention
+        self.final_evaluations = FinalEvaluations(self.core)  # issue 14.4: the winners
 
     # --- what other parts of the server read -------------------------------------------------
 

@@ -21,6 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import select
 
 from hpo_service.errors import InvalidSpec
+from hpo_service.final_eval import FINAL_EVALUATION
 from hpo_service.logging_setup import trial_fields
 from hpo_service.lr_range import LR_RANGE_TEST, TASK_ATTR
 from hpo_service.models import LeaseRow, StudyRow
@@ -30,6 +31,7 @@ from hpo_service.studies._budget import tally
 from hpo_service.studies._checkpoints import resume_source
 from hpo_service.studies._checks import stop_reason
 from hpo_service.studies._core import LoadedStudy, RunningTrial, StudyCore, aware, now
+from hpo_service.studies._final_eval import SETTINGS_ATTR, task_step
 from hpo_service.studies._probes import ProbeLeasing
 from hpo_service.study_view import StudyView
 
@@ -58,6 +60,7 @@ class _Granted:
     trial: FrozenTrial | None  # as just written (a new trial), to serve its first report
     kind: str = "trial"  # LeaseKind
     resume: ResumeFrom | None = None  # issue 14: a retry's checkpoint to resume from
+    task: dict[str, Any] | None = None  # a final_evaluation task's winners (issue 14.4)
 
 
 class LeaseProtocol:
@@ -138,6 +141,7 @@ class LeaseProtocol:
                         trial.params,
                         kind=kind,
                         resume=resume_source(core, row.study_id, trial),
+                        task=trial.user_attrs.get(SETTINGS_ATTR),
                     )
                 )
         return leases
@@ -237,6 +241,20 @@ class LeaseProtocol:
                 )
             if probe is not None:
                 granted.append(probe)
+            if not granted and probe is None:
+                counted, running, _waiting, failures = tally(trials)
+                ended = counted >= budget.n_trials and running == 0
+                if ended and failures < budget.max_failed:  # issue 14.4: evaluate the winners
+                    task = task_step(core, study_id, loaded, trials, worker_id, kinds)
+                    if task is not None:
+                        trial_id, number, settings = task
+                        token = secrets.token_urlsafe(24)
+                        granted.append(
+                            _Granted(
+                                trial_id, number, token, {}, {}, None,
+                                kind=FINAL_EVALUATION, task=settings,
+                            )
+                        )  # fmt: skip
             if not granted:
                 return []
             # The leases are written in the critical section that made their trials (our
@@ -284,6 +302,7 @@ class LeaseProtocol:
                     g.params,
                     kind=g.kind,
                     resume=g.resume,
+                    task=g.task,
                 )
             )
         return leases
@@ -343,9 +362,9 @@ class LeaseProtocol:
         params: Mapping[str, Any],
         kind: str = "trial",
         resume: ResumeFrom | None = None,
+        task: dict[str, Any] | None = None,
     ) -> Lease:
         settings = self.core.settings
-        task = None
         if kind == LR_RANGE_TEST:
             task = loaded.spec.lr_range_test.model_dump(mode="json", exclude={"enabled"})
         return Lease(

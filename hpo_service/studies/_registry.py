@@ -12,7 +12,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import select
 
-from hpo_service import lr_range
+from hpo_service import final_eval, lr_range
 from hpo_service.constraints import feasibility_of
 from hpo_service.curated_starts import SOURCE_ATTR, curated_starts
 from hpo_service.errors import InvalidSpec, StudyExists, StudyNotRunning
@@ -197,7 +197,16 @@ class StudyRegistry:
             spec=loaded.spec,
             created_at=aware(row.created_at).isoformat(),
             lr_range_test=self._lr_range_test(row.study_id, loaded),
+            final_evaluation=self._final_evaluation(row.study_id, loaded),
         )
+
+    def _final_evaluation(self, study_id: int, loaded: LoadedStudy) -> dict[str, Any] | None:
+        """The study's ``final_evaluation`` attribute (``hpo_service.final_eval``); None when
+        off, ``pending`` until the task has stored its results."""
+        if not loaded.spec.final_evaluation.enabled:
+            return None
+        attr = self.core.storage.get_study_user_attrs(study_id).get(final_eval.STUDY_ATTR)
+        return dict(attr) if attr else {"status": "pending"}
 
     def _lr_range_test(self, study_id: int, loaded: LoadedStudy) -> dict[str, Any] | None:
         """The LR range test's outcome without its curve (``lr_range``); None when off."""
