@@ -5,6 +5,7 @@ the study stores them and ``hpo best`` shows them. Bad settings are 422."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,68 @@ def test_the_ended_study_leases_one_evaluation_and_hpo_best_shows_it(
     for trial in ranked[:2]:
         line = f"trial {trial.number}: test IS-NLL {results[str(trial.number)]['test_is_nll']:.3f}"
         assert line in shown.output, shown.output
+
+
+KINDS = ["trial", "final_evaluation"]
+
+
+def _lease(client: TestClient, worker: str, kinds: list[str] = KINDS) -> dict[str, Any] | None:
+    response = client.post("/v1/leases", json={"worker_id": worker, "kinds": kinds}, headers=WORKER)
+    if response.status_code == 204:
+        return None
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _send(client: TestClient, task: dict[str, Any], results: list[dict[str, Any]]) -> Any:
+    return client.post(
+        f"/v1/trials/{task['trial_id']}/final-evaluation",
+        json={"lease_token": task["lease_token"], "results": results},
+        headers=WORKER,
+    )
+
+
+def test_a_reaped_evaluation_is_retried_with_the_same_winners(client: TestClient) -> None:
+    body = spec(
+        name="reaped",
+        epochs=1,
+        budget={"n_trials": 2, "max_concurrent": 1},
+        final_evaluation={"enabled": True, "top_k": 1, "k": 2},
+        max_retries=1,
+    )
+    assert client.post("/v1/studies", json=body, headers=ADMIN).status_code == 201
+    client.headers.update(WORKER)
+    options = WorkerOptions(worker_id="trainer", wait_s=0, idle_exit_s=0, max_trials=2)
+    assert Worker(HPOClient(client), options).run() == 2  # stops before leasing the task
+    assert _lease(client, "trials-only", ["trial"]) is None  # the study has ended
+    first = _lease(client, "dies")
+    assert first is not None and first["kind"] == "final_evaluation"
+    (winner,) = first["task"]["winners"]
+    assert first["task"]["k"] == 2
+    time.sleep(2.2)  # past the 1 s lease timeout, by the database clock
+    client.app.state.service.reap()  # type: ignore[attr-defined]
+    result = {"trial_number": winner["trial_number"], "test_is_nll": 50.0, "k": 2,
+              "n_examples": 10, "best_epoch": 1}  # fmt: skip
+    late = _send(client, first, [result])
+    assert late.status_code == 409 and late.json()["error"]["code"] == "trial_reaped"
+    retried = _lease(client, "w2")
+    assert retried is not None and retried["kind"] == "final_evaluation"
+    assert retried["trial_id"] != first["trial_id"] and retried["task"] == first["task"]
+    info = client.get("/v1/studies/reaped", headers=VIEWER).json()
+    assert info["final_evaluation"] == {"status": "pending"}
+
+    stranger = _send(client, retried, [{**result, "trial_number": 99}])
+    assert stranger.status_code == 422, stranger.text
+    assert "results.0.trial_number" in stranger.text
+    stored = _send(client, retried, [result])
+    assert stored.status_code == 200, stored.text
+    assert _send(client, retried, [result]).json() == stored.json()  # the same, once
+    info = client.get("/v1/studies/reaped", headers=VIEWER).json()
+    assert info["final_evaluation"]["results"] == {
+        str(winner["trial_number"]): {**result, "seconds": None}
+    }
+    assert info["state"] == "completed" and info["counts"]["fail"] == 0
+    assert _lease(client, "w3") is None  # one evaluation per study
 
 
 def _cpu() -> Any:
