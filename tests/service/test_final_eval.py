@@ -190,3 +190,33 @@ def test_bad_final_evaluation_settings_are_422_naming_the_field(
     fields = [d["field"] for d in error["details"]]
     assert any("final_evaluation" in f and f.endswith(needle) for f in fields), error
     assert client.get("/v1/studies", headers=VIEWER).json() == []
+
+
+def test_the_morning_report_lists_the_final_evaluation() -> None:
+    from hpo_service.cli.schedules import _night_details
+    from hpo_service.schemas import TrialCounts
+    from hpo_service.schemas.schedules import NightReport
+
+    outcome = {
+        "status": "complete",
+        "k": 5000,
+        "results": {
+            "4": {"trial_number": 4, "test_is_nll": 91.25, "k": 5000, "n_examples": 500,
+                  "best_epoch": 7},
+            "2": {"trial_number": 2, "test_is_nll": 90.5, "k": 5000, "n_examples": 500,
+                  "best_epoch": 9},
+        },
+    }  # fmt: skip
+    night = NightReport(
+        date="2026-12-01", local_time="2026-12-01T02:00", study="s", kind="scheduled",
+        state="completed", best_value=90.0, best_params={}, trials=TrialCounts(), drift=[],
+        importances={}, importance_note=None, change_vs_best=None, regression=False,
+        warm_started=0, seed=None, final_evaluation=outcome,
+    )  # fmt: skip
+    lines = [line for line in _night_details(night) if line.startswith("final evaluation")]
+    assert lines == [  # best first
+        "final evaluation: trial 2: test IS-NLL 90.500 nats (k=5000, 500 test examples, "
+        "best epoch 9)",
+        "final evaluation: trial 4: test IS-NLL 91.250 nats (k=5000, 500 test examples, "
+        "best epoch 7)",
+    ]
