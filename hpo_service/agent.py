@@ -405,12 +405,12 @@ class Agent:
         self.last_reason = status
         if run.sdk_outcome is not None:
             return f"settled by the program through the SDK; {status}"
+        if run.pruned_at is not None:  # first: the prune answer ended the trial PRUNED
+            reason = f"pruned at epoch {run.pruned_at}; {status}"
+            return self._fail(lease, reason, pruned=True, tail=_tail(run))
         if run.lost is not None:
             log.warning("trial %d: lease lost (%s)", lease.trial_number, run.lost)
             return "lost"
-        if run.pruned_at is not None:
-            reason = f"pruned at epoch {run.pruned_at}; {status}"
-            return self._fail(lease, reason, pruned=True, tail=_tail(run))
         if run.stop_reason is not None:
             return self._fail(lease, f"{run.stop_reason}; {status}", tail=_tail(run))
         if run.interrupted is not None:

@@ -14,6 +14,9 @@ from ._fields import StrictNumber
 
 #: Most characters of a program's last output a worker may store with its trial.
 OUTPUT_TAIL_CHARS = 4000
+#: The header of an empty lease answer (204): ``idle`` (no study can give work now: a worker
+#: may exit) or ``wait`` (a running study is at its caps or waits on its running trials).
+WORK_HEADER = "HPO-Work"
 
 
 class LeaseRequest(BaseModel):
@@ -136,7 +139,10 @@ class HeartbeatAnswer(BaseModel):
     )
 
     action: Literal["continue", "stop"] = Field(
-        ..., description="`stop`: the study was stopped or cancelled; end the trial with `fail`."
+        ...,
+        description="`stop`: the study was cancelled; stop training and send `fail` with "
+        "`retryable: false` (the trial ends FAIL, no retry). A stopped study (`/stop`) lets "
+        "running trials finish: they get `continue`.",
     )
     reason: str | None = None
 
@@ -181,8 +187,10 @@ class ReportAnswer(BaseModel):
 
     action: Literal["continue", "prune", "stop"] = Field(
         ...,
-        description="`prune`: stop training and send `fail` with `pruned: true`; `stop`: the "
-        "study was cancelled, send `fail`.",
+        description="`prune`: the trial has ended PRUNED with this answer; stop training "
+        "(a `complete` is refused with 409 `trial_finished`; a `fail` with `pruned: true` "
+        "answers 200 with the stored result). `stop`: the study was cancelled; stop "
+        "training and send `fail` with `retryable: false`.",
     )
     reason: str | None = None
 

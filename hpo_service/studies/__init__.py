@@ -54,6 +54,7 @@ from hpo_service.schemas import (
     TrialPage,
 )
 from hpo_service.storage import build_storage
+from hpo_service.studies._budget import work_may_come
 from hpo_service.studies._core import SNAPSHOT_MAX_AGE_S, SPEC_ATTR, StudyCore
 from hpo_service.studies._finishing import Finishing, TrialFailure, TrialResult
 from hpo_service.studies._leasing import LeaseProtocol
@@ -145,6 +146,11 @@ class StudyService:
     def lease(self, worker_id: str, wait_s: float = 0.0) -> Lease | None:
         return self.leasing.lease(worker_id, wait_s)
 
+    def work_may_come(self) -> bool:
+        """False when no study can give work now (a worker may exit: ``--exit-when-idle``);
+        True while some running study is waiting on its caps or its running trials."""
+        return work_may_come(self.core)
+
     def heartbeat(self, trial_id: int, token: str) -> HeartbeatAnswer:
         return self.reporting.heartbeat(trial_id, token)
 
@@ -156,7 +162,11 @@ class StudyService:
         value: float | None,
         metrics: Mapping[str, Any],
     ) -> ReportAnswer:
-        return self.reporting.report(trial_id, token, epoch, value, metrics)
+        item = EpochReport(trial_id, token, epoch, value, metrics)
+        answer = self.report_many([item])[0]
+        if isinstance(answer, HPOError):
+            raise answer
+        return answer
 
     def complete(
         self,
@@ -193,7 +203,8 @@ class StudyService:
         return self.reporting.heartbeat_many(leases)
 
     def report_many(self, reports: Sequence[EpochReport]) -> list[ReportAnswer | HPOError]:
-        return self.reporting.report_many(reports)
+        # A `prune` answer ends its trial PRUNED before it is sent (issue 16).
+        return self.finishing.settle_pruned(reports, self.reporting.report_many(reports))
 
     def complete_many(self, results: Sequence[TrialResult]) -> list[CompleteAnswer | HPOError]:
         return self.finishing.complete_many(results)
