@@ -4,6 +4,7 @@ says how it ended, and an empty lease answer says whether work may still come.""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -206,3 +207,37 @@ def test_hpo_worker_exit_when_idle_exits_0_once_the_study_is_done(tmp_path: Path
     assert code == 0, output
     assert info["state"] == "completed" and info["counts"]["complete"] == 1
     assert "no study can give work now" in output
+
+
+def test_the_batched_routes_follow_the_same_rules_per_item(client: TestClient) -> None:
+    create(client, name="bt", budget={"n_trials": 3, "max_concurrent": 2}, pruner=MEDIAN)
+    good = lease(client, "w0")
+    assert call(client, good, "report", epoch=1, value=100.0).json()["action"] == "continue"
+    assert call(client, good, "complete", values=[100.0]).status_code == 200
+    a, b = lease(client, "wa"), lease(client, "wb")
+
+    def item(granted: dict[str, Any], **body: Any) -> dict[str, Any]:
+        return {"trial_id": granted["trial_id"], "lease_token": granted["lease_token"], **body}
+
+    reports = [
+        item(a, epoch=1, value=500.0),
+        item(b, epoch=1, value=100.0),
+        item(b, epoch=1, value=101.0),
+        item(b, epoch=2, value=float("nan")),
+    ]
+    answer = client.post(
+        "/v1/batch/report",
+        content=json.dumps({"reports": reports}),  # NaN as JSON's NaN literal
+        headers={**WORKER, "content-type": "application/json"},
+    )
+    assert answer.status_code == 200, answer.text
+    items = answer.json()["items"]
+    assert items[0]["answer"]["action"] == "prune"
+    assert items[1]["answer"]["action"] == "continue"
+    assert items[2]["error"]["code"] == "report_conflict"
+    assert (items[3]["error"]["code"], items[3]["error"]["field"]) == ("invalid_value", "value")
+    assert trial_states(client, "bt") == ["complete", "pruned", "running"]
+    late = client.post(
+        "/v1/batch/complete", json={"results": [item(a, values=[1.0])]}, headers=WORKER
+    ).json()["items"][0]
+    assert (late["error"]["code"], late["error"]["state"]) == ("trial_finished", "pruned")
