@@ -87,6 +87,7 @@ from .studies import (
 from .train_config import (
     CYCLICAL_LR_POLICIES,
     TRAIN_CONFIG_FIELDS,
+    TRAIN_SPLIT_SIZES,
     Activation,
     DatasetName,
     FreeBitsMode,
@@ -98,6 +99,7 @@ from .train_config import (
     ModelKind,
     OptimizerName,
     TrainConfig,
+    train_split_size,
 )
 from .worker import (
     MAX_METRIC_LIST,
@@ -130,6 +132,7 @@ __all__ = [
     "OBJECTIVE_METRICS",
     "OUTPUT_TAIL_CHARS",
     "TRAIN_CONFIG_FIELDS",
+    "TRAIN_SPLIT_SIZES",
     "WORK_HEADER",
     "Activation",
     "BatchCompleteAnswer",
@@ -207,4 +210,5 @@ __all__ = [
     "TrialPage",
     "TrialReport",
     "TrialSummary",
+    "train_split_size",
 ]
