@@ -18,6 +18,7 @@ Raises ``pydantic.ValidationError`` (a ``ValueError``) naming the field and the 
 """
 
 from ._fields import (
+    MAX_TRIAL_ID,
     Direction,
     JSONScalar,
     ParamValue,
@@ -129,6 +130,7 @@ __all__ = [
     "MAX_METRICS",
     "MAX_METRIC_LIST",
     "MAX_METRIC_NAME",
+    "MAX_TRIAL_ID",
     "OBJECTIVE_METRICS",
     "OUTPUT_TAIL_CHARS",
     "TRAIN_CONFIG_FIELDS",

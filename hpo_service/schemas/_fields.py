@@ -3,18 +3,39 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, Strict
+from pydantic import BeforeValidator, Field, Strict
 
 Direction = Literal["minimize", "maximize"]
 JSONScalar = str | int | float | bool | None
 ParamValue = str | int | float | bool
 #: A number only: the string "1.0" and booleans are refused, ints are taken as floats.
 StrictNumber = Annotated[float, Strict()]
-#: A trial id as the databases store it (signed 64 bits; Optuna's ids start at 0): a larger one
-#: is a 422 naming the item's field, never an overflow in the storage.
-TrialIdField = Annotated[int, Field(ge=0, le=2**63 - 1, description="`trial_id` from the lease.")]
+
+
+def _refuse_bool(value: Any) -> Any:
+    """JSON's ``true``/``false`` are not numbers: pydantic's lax int would take them as 1/0."""
+    if isinstance(value, bool):
+        raise ValueError("must be an integer, not a boolean")
+    return value
+
+
+#: An integer from JSON: ``3`` or ``3.0`` (JSON Schema's integer), never ``true``/``false`` or
+#: ``"3"``.
+WholeNumber = Annotated[int, BeforeValidator(_refuse_bool)]
+#: The largest trial id accepted: below 2**63 (the databases' signed 64 bits; a larger one is a
+#: 422 naming the field, never an overflow in the storage) and exact as a double, so a client
+#: that reads the schema's `maximum` as a float (schemathesis does) sends a value that holds.
+MAX_TRIAL_ID = 2**63 - 1024
+#: A trial id as the lease gave it (Optuna's ids start at 0).
+TrialIdField = Annotated[
+    int,
+    # Field first: after a BeforeValidator pydantic writes its bounds as `ge`/`le`, not JSON
+    # Schema's `minimum`/`maximum`.
+    Field(ge=0, le=MAX_TRIAL_ID, description="`trial_id` from the lease."),
+    BeforeValidator(_refuse_bool),
+]
 
 
 def finite_number(value: float | None, field: str) -> None:

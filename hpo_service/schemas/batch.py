@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ._fields import TrialIdField
+from ._fields import TrialIdField, WholeNumber
 from .worker import (
     CompleteAnswer,
     CompleteRequest,
@@ -30,7 +30,7 @@ class BatchLeaseRequest(LeaseRequest):
         json_schema_extra={"examples": [{"worker_id": "gpu-box-1-pop", "count": 16, "wait_s": 5}]},
     )
 
-    count: int = Field(..., ge=1, le=MAX_BATCH, description="Lease up to this many trials.")
+    count: WholeNumber = Field(..., ge=1, le=MAX_BATCH, description="Lease up to this many trials.")
 
 
 class BatchLeases(BaseModel):

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ._fields import StrictNumber
+from ._fields import StrictNumber, WholeNumber
 
 #: Most characters of a program's last output a worker may store with its trial.
 OUTPUT_TAIL_CHARS = 4000
@@ -161,7 +161,7 @@ class ReportRequest(LeaseToken):
             ]
         },
     )
-    epoch: int = Field(
+    epoch: WholeNumber = Field(
         ...,
         ge=0,
         le=1_000_000,

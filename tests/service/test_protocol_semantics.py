@@ -241,3 +241,26 @@ def test_the_batched_routes_follow_the_same_rules_per_item(client: TestClient) -
         "/v1/batch/complete", json={"results": [item(a, values=[1.0])]}, headers=WORKER
     ).json()["items"][0]
     assert (late["error"]["code"], late["error"]["state"]) == ("trial_finished", "pruned")
+
+
+def test_integers_refuse_booleans_and_the_largest_trial_id_holds(client: TestClient) -> None:
+    # schemathesis (ST201): `"trial_id": false` was taken as trial 0; (ST202): the schema's
+    # maximum read as a double was refused.
+    def heartbeat(trial_id: Any) -> Any:
+        body = {"leases": [{"trial_id": trial_id, "lease_token": "t"}]}
+        return client.post("/v1/batch/heartbeat", json=body, headers=WORKER)
+
+    refused = heartbeat(False)
+    assert refused.status_code == 422
+    assert refused.json()["error"]["details"][0]["field"] == "body.leases.0.trial_id"
+    document = client.get("/v1/openapi.json", headers=VIEWER).json()
+    maximum = document["components"]["schemas"]["TrialLease"]["properties"]["trial_id"]["maximum"]
+    for accepted in (float(maximum), maximum, 7.0):
+        answer = heartbeat(accepted)
+        assert answer.status_code == 200, (accepted, answer.text)
+        assert answer.json()["items"][0]["error"]["code"] == "trial_not_found"
+    assert heartbeat(maximum + 1024).status_code == 422
+    create(client, name="ints", budget={"n_trials": 1, "max_concurrent": 1})
+    granted = lease(client)
+    epoch = call(client, granted, "report", epoch=True, value=1.0)
+    assert epoch.status_code == 422 and epoch.json()["error"]["details"][0]["field"] == "body.epoch"

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Path, Response, status
 
 from hpo_service.api.deps import ServiceDep, Worker
 from hpo_service.schemas import (
+    MAX_TRIAL_ID,
     WORK_HEADER,
     CompleteAnswer,
     CompleteRequest,
@@ -25,8 +26,8 @@ from hpo_service.schemas import (
 router = APIRouter(tags=["workers"], dependencies=[Worker])
 
 #: A trial id as the lease gave it; the databases store 64-bit ids, so anything larger is a 422
-#: naming `path.trial_id` rather than an overflow deep in the driver.
-TrialId = Annotated[int, Path(ge=0, le=2**63 - 1, description="`trial_id` from the lease.")]
+#: naming `path.trial_id` rather than an overflow deep in the driver (bound: ``MAX_TRIAL_ID``).
+TrialId = Annotated[int, Path(ge=0, le=MAX_TRIAL_ID, description="`trial_id` from the lease.")]
 
 _NO_LEASE = {"model": ErrorResponse, "description": "No trial with this id holds a lease."}
 
