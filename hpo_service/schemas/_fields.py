@@ -24,10 +24,12 @@ def _refuse_bool(value: Any) -> Any:
 #: An integer from JSON: ``3`` or ``3.0`` (JSON Schema's integer), never ``true``/``false`` or
 #: ``"3"``.
 WholeNumber = Annotated[int, BeforeValidator(_refuse_bool)]
-#: The largest trial id accepted: below 2**63 (the databases' signed 64 bits; a larger one is a
-#: 422 naming the field, never an overflow in the storage) and exact as a double, so a client
-#: that reads the schema's `maximum` as a float (schemathesis does) sends a value that holds.
-MAX_TRIAL_ID = 2**63 - 1024
+#: The largest trial id accepted: Optuna's ``trials.trial_id`` (and our ``hpo_leases``) is an
+#: SQL ``INTEGER``, 32 bits on PostgreSQL, so a larger one is a 422 naming the field, never an
+#: out-of-range error in the driver (a 500 on PostgreSQL up to 2**63 before). Exact as a double,
+#: so a client that reads the schema's `maximum` as a float (schemathesis does) sends one that
+#: holds.
+MAX_TRIAL_ID = 2**31 - 1
 #: A trial id as the lease gave it (Optuna's ids start at 0).
 TrialIdField = Annotated[
     int,
