@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from ._fields import Direction, JSONScalar
@@ -90,7 +90,7 @@ class ScheduleSpec(BaseModel):
         5, ge=0, le=1000, description="Enqueue the previous run's best k parameter sets first."
     )
     seed_policy: SeedPolicy = "per_night"
-    enabled: bool = True
+    enabled: StrictBool = True
     catchup_grace_s: float | None = Field(
         None,
         ge=60,
@@ -117,7 +117,7 @@ class ScheduleUpdate(BaseModel):
     template: StudyTemplate | None = None
     warm_start_top_k: int | None = Field(None, ge=0, le=1000)
     seed_policy: SeedPolicy | None = None
-    enabled: bool | None = None
+    enabled: StrictBool | None = None
     catchup_grace_s: float | None = Field(None, ge=60, le=7 * 24 * 3600)  # null: the default
     regression_threshold: float | None = Field(None, ge=0, le=100)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from ._fields import Direction, ParamValue, finite_number
 from .train_config import TRAIN_CONFIG_FIELDS, DatasetName, ModelKind
@@ -43,7 +43,7 @@ class ParamSpec(BaseModel):
     type: Literal["float", "int", "categorical"] | None = None
     low: float | None = None
     high: float | None = None
-    log: bool | None = None
+    log: StrictBool | None = None
     step: float | None = None
     choices: list[ParamValue] | None = None
 
@@ -113,8 +113,8 @@ class SamplerSpec(BaseModel):
     name: SamplerName = "tpe"
     seed: int | None = 0
     n_startup_trials: int = Field(10, ge=0, le=10_000)
-    multivariate: bool = True  # Optuna 5's TPE default, pinned explicitly
-    constant_liar: bool = True  # keeps concurrent workers from sampling the same point
+    multivariate: StrictBool = True  # Optuna 5's TPE default, pinned explicitly
+    constant_liar: StrictBool = True  # keeps concurrent workers from sampling the same point
     population_size: int = Field(20, ge=2, le=10_000)  # nsga2
     # grid: every combination of the searched values (choices, or ranges with a `step`); the
     # study's `n_trials` is capped at the number of combinations, so it ends with the grid.
@@ -131,7 +131,7 @@ class PrunerSpec(BaseModel):
     reduction_factor: int = Field(3, ge=2)
     patience: int | None = Field(None, ge=0, description="Wrap in PatientPruner when set.")
     min_delta: float = Field(0.0, ge=0)
-    phase_aware: bool = Field(
+    phase_aware: StrictBool = Field(
         True,
         description="Decide only at epochs where the trial's KL weight is at its target and its "
         "LR warm-up is over, against other trials at such epochs (hpo_service.phase_pruning).",
@@ -153,7 +153,7 @@ class ConstraintSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    active_units: bool = Field(True, description="Require at least `min_active_units` units.")
+    active_units: StrictBool = Field(True, description="Require at least `min_active_units` units.")
     min_active_units: int | None = Field(
         None,
         ge=1,
@@ -162,11 +162,11 @@ class ConstraintSpec(BaseModel):
         "`min_active_fraction` of the latent size, rounded up, at least 1.",
     )
     min_active_fraction: float = Field(0.1, gt=0, le=1)
-    kl: bool = Field(True, description="Require the validation KL to reach `min_kl`.")
+    kl: StrictBool = Field(True, description="Require the validation KL to reach `min_kl`.")
     min_kl: float = Field(
         0.1, gt=0, le=1e6, description="Nats per example; below it the posterior collapsed."
     )
-    finite: bool = Field(
+    finite: StrictBool = Field(
         True,
         description="A diverged trial (non-finite loss) completes as infeasible with the worst "
         "value seen in the study, instead of failing unseen by the sampler.",
@@ -215,7 +215,7 @@ class StudySpec(BaseModel):
     constraints: ConstraintSpec = Field(
         default_factory=ConstraintSpec, description="Collapse and divergence constraints."
     )
-    curated_starts: bool = Field(
+    curated_starts: StrictBool = Field(
         False,
         description="Enqueue known-good VAE configurations first (hpo_service.curated_starts), "
         "adapted to the study's epochs and space.",

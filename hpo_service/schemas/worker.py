@@ -8,7 +8,7 @@ import math
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from ._fields import StrictNumber, WholeNumber
 
@@ -247,12 +247,12 @@ class FailRequest(LeaseToken):
         },
     )
     reason: str = Field(..., max_length=4000)
-    retryable: bool = False
-    pruned: bool = False  # the worker stopped because the server said prune
+    retryable: StrictBool = False
+    pruned: StrictBool = False  # the worker stopped because the server said prune
     output_tail: str | None = Field(None, max_length=OUTPUT_TAIL_CHARS)  # as in CompleteRequest
     # The loss or the objective became non-finite: the server completes the trial as infeasible
     # (``constraints.finite``) instead of failing it.
-    diverged: bool = False
+    diverged: StrictBool = False
 
 
 class FailAnswer(BaseModel):

@@ -271,3 +271,12 @@ def test_integers_refuse_booleans_and_the_largest_trial_id_holds(client: TestCli
     granted = lease(client)
     epoch = call(client, granted, "report", epoch=True, value=1.0)
     assert epoch.status_code == 422 and epoch.json()["error"]["details"][0]["field"] == "body.epoch"
+    # And booleans refuse numbers (ST201: `"diverged": 0` was taken as false).
+    flag = call(client, granted, "fail", reason="x", diverged=0)
+    assert (
+        flag.status_code == 422 and flag.json()["error"]["details"][0]["field"] == "body.diverged"
+    )
+    bad_spec = client.post("/v1/studies", json=spec(name="b", curated_starts=1), headers=ADMIN)
+    assert bad_spec.status_code == 422
+    assert bad_spec.json()["error"]["details"][0]["field"] == "body.curated_starts"
+    assert trial_states(client, "ints") == ["running"]
