@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
-from ._fields import Direction, JSONScalar
+from ._fields import Direction, JSONScalar, StrictNumber, WholeNumber
 from .spec import StudySpec
 from .studies import TrialCounts
 
@@ -50,6 +50,11 @@ class StudyTemplate(StudySpec):
         return data
 
 
+#: The shape of a five-field cron expression, stated in the document; ``update`` and ``create``
+#: check the expression itself (and name the field with their own reason).
+CRON_FIELDS = r"^\s*\S+(\s+\S+){4}\s*$"
+
+
 class ScheduleSpec(BaseModel):
     """A nightly (or any cron) sweep: when it fires and the study it creates each time."""
 
@@ -81,24 +86,25 @@ class ScheduleSpec(BaseModel):
         ...,
         min_length=1,
         max_length=100,
+        json_schema_extra={"pattern": CRON_FIELDS},
         description="Five-field cron (minute hour day-of-month month day-of-week) read on the "
         "wall clock of `timezone`.",
     )
     timezone: str = Field("UTC", min_length=1, max_length=64, description="IANA zone name.")
     template: StudyTemplate
-    warm_start_top_k: int = Field(
+    warm_start_top_k: WholeNumber = Field(
         5, ge=0, le=1000, description="Enqueue the previous run's best k parameter sets first."
     )
     seed_policy: SeedPolicy = "per_night"
     enabled: StrictBool = True
-    catchup_grace_s: float | None = Field(
+    catchup_grace_s: StrictNumber | None = Field(
         None,
         ge=60,
         le=7 * 24 * 3600,
         description="Run one missed fire time if it is at most this late; default: the server's "
         "HPO_SCHEDULE_CATCHUP_GRACE_S.",
     )
-    regression_threshold: float = Field(
+    regression_threshold: StrictNumber = Field(
         0.05,
         ge=0,
         le=100,
@@ -107,19 +113,32 @@ class ScheduleSpec(BaseModel):
     )
 
 
+def _given_means_not_null(schema: dict[str, Any]) -> None:
+    """The document says what ``update`` enforces: a field given is not null (left out, it
+    keeps its value), except ``catchup_grace_s``, whose null restores the server's default."""
+    for name, prop in schema.get("properties", {}).items():
+        kept = [o for o in prop.get("anyOf", []) if o.get("type") != "null"]
+        if name != "catchup_grace_s" and len(kept) == 1:
+            del prop["anyOf"]
+            prop.pop("default", None)
+            prop.update(kept[0])
+
+
 class ScheduleUpdate(BaseModel):
     """A partial update; fields left out keep their value. A schedule cannot be renamed."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_given_means_not_null)
 
-    cron: str | None = Field(None, min_length=1, max_length=100)
+    cron: str | None = Field(
+        None, min_length=1, max_length=100, json_schema_extra={"pattern": CRON_FIELDS}
+    )
     timezone: str | None = Field(None, min_length=1, max_length=64)
     template: StudyTemplate | None = None
     warm_start_top_k: int | None = Field(None, ge=0, le=1000)
     seed_policy: SeedPolicy | None = None
     enabled: StrictBool | None = None
-    catchup_grace_s: float | None = Field(None, ge=60, le=7 * 24 * 3600)  # null: the default
-    regression_threshold: float | None = Field(None, ge=0, le=100)
+    catchup_grace_s: StrictNumber | None = Field(None, ge=60, le=7 * 24 * 3600)  # null: the default
+    regression_threshold: StrictNumber | None = Field(None, ge=0, le=100)
 
 
 class FiringInfo(BaseModel):

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
-from ._fields import Direction, ParamValue, finite_number
+from ._fields import Direction, ParamValue, StrictNumber, WholeNumber, finite_number
 from .train_config import TRAIN_CONFIG_FIELDS, DatasetName, ModelKind
 
 #: Reparameterised search dimensions that are not config fields themselves.
@@ -41,10 +41,10 @@ class ParamSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["float", "int", "categorical"] | None = None
-    low: float | None = None
-    high: float | None = None
+    low: StrictNumber | None = None
+    high: StrictNumber | None = None
     log: StrictBool | None = None
-    step: float | None = None
+    step: StrictNumber | None = None
     choices: list[ParamValue] | None = None
 
     @model_validator(mode="after")
@@ -69,12 +69,12 @@ class Budget(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    n_trials: int = Field(20, ge=1, le=100_000, description="Trials to finish in total.")
-    timeout_s: float | None = Field(
+    n_trials: WholeNumber = Field(20, ge=1, le=100_000, description="Trials to finish in total.")
+    timeout_s: StrictNumber | None = Field(
         None, gt=0, le=30 * 24 * 3600, description="No new trials after this many seconds."
     )
-    max_concurrent: int = Field(4, ge=1, le=1024, description="Trials running at once.")
-    max_failed: int = Field(
+    max_concurrent: WholeNumber = Field(4, ge=1, le=1024, description="Trials running at once.")
+    max_failed: WholeNumber = Field(
         10, ge=1, le=100_000, description="Stop the study after this many final failures."
     )
 
@@ -112,10 +112,10 @@ class SamplerSpec(BaseModel):
 
     name: SamplerName = "tpe"
     seed: int | None = 0
-    n_startup_trials: int = Field(10, ge=0, le=10_000)
+    n_startup_trials: WholeNumber = Field(10, ge=0, le=10_000)
     multivariate: StrictBool = True  # Optuna 5's TPE default, pinned explicitly
     constant_liar: StrictBool = True  # keeps concurrent workers from sampling the same point
-    population_size: int = Field(20, ge=2, le=10_000)  # nsga2
+    population_size: WholeNumber = Field(20, ge=2, le=10_000)  # nsga2
     # grid: every combination of the searched values (choices, or ranges with a `step`); the
     # study's `n_trials` is capped at the number of combinations, so it ends with the grid.
 
@@ -124,13 +124,13 @@ class PrunerSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: PrunerName = "median"
-    n_startup_trials: int = Field(5, ge=0, le=10_000)
-    n_warmup_steps: int = Field(2, ge=0, le=100_000, description="Epochs before pruning.")
-    percentile: float = Field(25.0, gt=0, lt=100)
-    min_resource: int = Field(1, ge=1)
-    reduction_factor: int = Field(3, ge=2)
+    n_startup_trials: WholeNumber = Field(5, ge=0, le=10_000)
+    n_warmup_steps: WholeNumber = Field(2, ge=0, le=100_000, description="Epochs before pruning.")
+    percentile: StrictNumber = Field(25.0, gt=0, lt=100)
+    min_resource: WholeNumber = Field(1, ge=1)
+    reduction_factor: WholeNumber = Field(3, ge=2)
     patience: int | None = Field(None, ge=0, description="Wrap in PatientPruner when set.")
-    min_delta: float = Field(0.0, ge=0)
+    min_delta: StrictNumber = Field(0.0, ge=0)
     phase_aware: StrictBool = Field(
         True,
         description="Decide only at epochs where the trial's KL weight is at its target and its "
@@ -161,9 +161,9 @@ class ConstraintSpec(BaseModel):
         description="Active units (Burda et al. 2016) a feasible trial needs; default: "
         "`min_active_fraction` of the latent size, rounded up, at least 1.",
     )
-    min_active_fraction: float = Field(0.1, gt=0, le=1)
+    min_active_fraction: StrictNumber = Field(0.1, gt=0, le=1)
     kl: StrictBool = Field(True, description="Require the validation KL to reach `min_kl`.")
-    min_kl: float = Field(
+    min_kl: StrictNumber = Field(
         0.1, gt=0, le=1e6, description="Nats per example; below it the posterior collapsed."
     )
     finite: StrictBool = Field(
@@ -199,7 +199,7 @@ class StudySpec(BaseModel):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,119}$")
     dataset: DatasetName = "mnist5k"
     model: ModelKind = "mlp"
-    epochs: int = Field(10, ge=1, le=10_000, description="Epochs per trial.")
+    epochs: WholeNumber = Field(10, ge=1, le=10_000, description="Epochs per trial.")
     budget: Budget = Field(default_factory=Budget)
     objectives: list[Objective] = Field(
         default_factory=lambda: [Objective()], min_length=1, max_length=3
@@ -211,7 +211,9 @@ class StudySpec(BaseModel):
     )
     fixed: dict[str, Any] = Field(default_factory=dict, description="Config values not searched.")
     drop: list[str] = Field(default_factory=list, description="Default params not to search.")
-    max_retries: int = Field(2, ge=0, le=100, description="Retries of a trial whose lease expired.")
+    max_retries: WholeNumber = Field(
+        2, ge=0, le=100, description="Retries of a trial whose lease expired."
+    )
     constraints: ConstraintSpec = Field(
         default_factory=ConstraintSpec, description="Collapse and divergence constraints."
     )
