@@ -14,16 +14,19 @@ ParamValue = str | int | float | bool
 StrictNumber = Annotated[float, Strict()]
 
 
-def _refuse_bool(value: Any) -> Any:
+def refuse_bool(value: Any) -> Any:
     """JSON's ``true``/``false`` are not numbers: pydantic's lax int would take them as 1/0."""
     if isinstance(value, bool):
         raise ValueError("must be an integer, not a boolean")
     return value
 
 
-#: An integer from JSON: ``3`` or ``3.0`` (JSON Schema's integer), never ``true``/``false`` or
-#: ``"3"``.
-WholeNumber = Annotated[int, BeforeValidator(_refuse_bool)]
+#: An integer from JSON: ``3`` or ``3.0`` (JSON Schema's integer), never ``true``/``false``.
+WholeNumber = Annotated[int, BeforeValidator(refuse_bool)]
+#: A number in a study or schedule spec: never ``true``/``false``, but a numeric string stays
+#: accepted there, because YAML 1.1 (PyYAML, which `hpo submit` reads specs with) keeps ``1e-4``
+#: a string.
+SpecNumber = Annotated[float, BeforeValidator(refuse_bool)]
 #: The largest trial id accepted: Optuna's ``trials.trial_id`` (and our ``hpo_leases``) is an
 #: SQL ``INTEGER``, 32 bits on PostgreSQL, so a larger one is a 422 naming the field, never an
 #: out-of-range error in the driver (a 500 on PostgreSQL up to 2**63 before). Exact as a double,
@@ -36,7 +39,7 @@ TrialIdField = Annotated[
     # Field first: after a BeforeValidator pydantic writes its bounds as `ge`/`le`, not JSON
     # Schema's `minimum`/`maximum`.
     Field(ge=0, le=MAX_TRIAL_ID, description="`trial_id` from the lease."),
-    BeforeValidator(_refuse_bool),
+    BeforeValidator(refuse_bool),
 ]
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
-from ._fields import Direction, JSONScalar, StrictNumber, WholeNumber
+from ._fields import Direction, JSONScalar, SpecNumber, WholeNumber, refuse_bool
 from .spec import StudySpec
 from .studies import TrialCounts
 
@@ -97,20 +97,21 @@ class ScheduleSpec(BaseModel):
     )
     seed_policy: SeedPolicy = "per_night"
     enabled: StrictBool = True
-    catchup_grace_s: StrictNumber | None = Field(
+    catchup_grace_s: float | None = Field(
         None,
         ge=60,
         le=7 * 24 * 3600,
         description="Run one missed fire time if it is at most this late; default: the server's "
         "HPO_SCHEDULE_CATCHUP_GRACE_S.",
     )
-    regression_threshold: StrictNumber = Field(
+    regression_threshold: SpecNumber = Field(
         0.05,
         ge=0,
         le=100,
         description="Flag a run whose best is worse than the best earlier run by more than this "
         "fraction (0.05 = 5 %).",
     )
+    _grace_not_bool = field_validator("catchup_grace_s", mode="before")(refuse_bool)
 
 
 def _given_means_not_null(schema: dict[str, Any]) -> None:
@@ -135,10 +136,13 @@ class ScheduleUpdate(BaseModel):
     timezone: str | None = Field(None, min_length=1, max_length=64)
     template: StudyTemplate | None = None
     warm_start_top_k: int | None = Field(None, ge=0, le=1000)
+    _not_bool = field_validator(
+        "warm_start_top_k", "catchup_grace_s", "regression_threshold", mode="before"
+    )(refuse_bool)
     seed_policy: SeedPolicy | None = None
     enabled: StrictBool | None = None
-    catchup_grace_s: StrictNumber | None = Field(None, ge=60, le=7 * 24 * 3600)  # null: the default
-    regression_threshold: StrictNumber | None = Field(None, ge=0, le=100)
+    catchup_grace_s: float | None = Field(None, ge=60, le=7 * 24 * 3600)  # null: the default
+    regression_threshold: float | None = Field(None, ge=0, le=100)
 
 
 class FiringInfo(BaseModel):

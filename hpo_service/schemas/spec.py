@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
-from ._fields import Direction, ParamValue, StrictNumber, WholeNumber, finite_number
+from ._fields import Direction, ParamValue, SpecNumber, WholeNumber, finite_number, refuse_bool
 from .train_config import TRAIN_CONFIG_FIELDS, DatasetName, ModelKind
 
 #: Reparameterised search dimensions that are not config fields themselves.
@@ -41,11 +41,13 @@ class ParamSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["float", "int", "categorical"] | None = None
-    low: StrictNumber | None = None
-    high: StrictNumber | None = None
+    low: float | None = None
+    high: float | None = None
     log: StrictBool | None = None
-    step: StrictNumber | None = None
+    step: float | None = None
     choices: list[ParamValue] | None = None
+
+    _bounds_not_bool = field_validator("low", "high", "step", mode="before")(refuse_bool)
 
     @model_validator(mode="after")
     def _shape(self) -> ParamSpec:
@@ -70,13 +72,15 @@ class Budget(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     n_trials: WholeNumber = Field(20, ge=1, le=100_000, description="Trials to finish in total.")
-    timeout_s: StrictNumber | None = Field(
+    timeout_s: float | None = Field(
         None, gt=0, le=30 * 24 * 3600, description="No new trials after this many seconds."
     )
     max_concurrent: WholeNumber = Field(4, ge=1, le=1024, description="Trials running at once.")
     max_failed: WholeNumber = Field(
         10, ge=1, le=100_000, description="Stop the study after this many final failures."
     )
+
+    _timeout_not_bool = field_validator("timeout_s", mode="before")(refuse_bool)
 
     @field_validator("timeout_s")
     @classmethod
@@ -112,6 +116,8 @@ class SamplerSpec(BaseModel):
 
     name: SamplerName = "tpe"
     seed: int | None = 0
+    # An optional integer refuses JSON booleans too (WholeNumber cannot carry bounds in a union).
+    _seed_not_bool = field_validator("seed", mode="before")(refuse_bool)
     n_startup_trials: WholeNumber = Field(10, ge=0, le=10_000)
     multivariate: StrictBool = True  # Optuna 5's TPE default, pinned explicitly
     constant_liar: StrictBool = True  # keeps concurrent workers from sampling the same point
@@ -126,11 +132,12 @@ class PrunerSpec(BaseModel):
     name: PrunerName = "median"
     n_startup_trials: WholeNumber = Field(5, ge=0, le=10_000)
     n_warmup_steps: WholeNumber = Field(2, ge=0, le=100_000, description="Epochs before pruning.")
-    percentile: StrictNumber = Field(25.0, gt=0, lt=100)
+    percentile: SpecNumber = Field(25.0, gt=0, lt=100)
     min_resource: WholeNumber = Field(1, ge=1)
     reduction_factor: WholeNumber = Field(3, ge=2)
     patience: int | None = Field(None, ge=0, description="Wrap in PatientPruner when set.")
-    min_delta: StrictNumber = Field(0.0, ge=0)
+    _patience_not_bool = field_validator("patience", mode="before")(refuse_bool)
+    min_delta: SpecNumber = Field(0.0, ge=0)
     phase_aware: StrictBool = Field(
         True,
         description="Decide only at epochs where the trial's KL weight is at its target and its "
@@ -161,9 +168,10 @@ class ConstraintSpec(BaseModel):
         description="Active units (Burda et al. 2016) a feasible trial needs; default: "
         "`min_active_fraction` of the latent size, rounded up, at least 1.",
     )
-    min_active_fraction: StrictNumber = Field(0.1, gt=0, le=1)
+    _units_not_bool = field_validator("min_active_units", mode="before")(refuse_bool)
+    min_active_fraction: SpecNumber = Field(0.1, gt=0, le=1)
     kl: StrictBool = Field(True, description="Require the validation KL to reach `min_kl`.")
-    min_kl: StrictNumber = Field(
+    min_kl: SpecNumber = Field(
         0.1, gt=0, le=1e6, description="Nats per example; below it the posterior collapsed."
     )
     finite: StrictBool = Field(

@@ -280,3 +280,18 @@ def test_integers_refuse_booleans_and_the_largest_trial_id_holds(client: TestCli
     assert bad_spec.status_code == 422
     assert bad_spec.json()["error"]["details"][0]["field"] == "body.curated_starts"
     assert trial_states(client, "ints") == ["running"]
+
+
+def test_spec_numbers_refuse_booleans_but_keep_yaml_exponents(client: TestClient) -> None:
+    # YAML 1.1 (PyYAML, `hpo submit`) reads `low: 1e-4` as the string "1e-4": still a number.
+    space = {"base_lr": {"low": "1e-4", "high": 3e-3, "log": True}}
+    created = client.post("/v1/studies", json=spec(name="y", search_space=space), headers=ADMIN)
+    assert created.status_code == 201, created.text
+    for body, field in (
+        ({"search_space": {"base_lr": {"low": True, "high": 3e-3}}}, "base_lr.low"),
+        ({"budget": {"n_trials": True}}, "budget.n_trials"),
+        ({"pruner": {"name": "median", "patience": False}}, "pruner.patience"),
+    ):
+        refused = client.post("/v1/studies", json=spec(name="n", **body), headers=ADMIN)
+        assert refused.status_code == 422, body
+        assert field in refused.json()["error"]["details"][0]["field"], refused.text
