@@ -25,7 +25,8 @@ from live import LiveServer
 
 from hpo_service.config import Settings
 
-pytestmark = pytest.mark.slow
+# Generous: one scope's run took 220-240 s at load 15-18 on two cores, near the old 280 s cap.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 ST = Path(sys.executable).parent / "st"
 ASSERTED = re.compile(r"^ST(1(0[1-9]|10)|201|202)$")
@@ -87,7 +88,7 @@ def test_schemathesis_finds_no_server_error_or_undocumented_answer(
             ],
             capture_output=True,
             text=True,
-            timeout=280,
+            timeout=900,
             cwd=tmp_path,  # its cache and reports stay out of the repository
         )  # fmt: skip
     output = run.stdout + run.stderr
