@@ -15,6 +15,7 @@ from hpo_service.api.errors import InternalErrorGuard, install_error_handlers
 from hpo_service.api.limits import BodyLimit
 from hpo_service.api.openapi import install_openapi
 from hpo_service.api.routes import batch, docs, health, schedules, studies, workers
+from hpo_service.artifacts import build_artifact_store
 from hpo_service.config import Settings
 from hpo_service.dashboard import mount_dashboard
 from hpo_service.metrics import RequestTimer, ServiceMetrics
@@ -81,6 +82,8 @@ def create_app(settings: Settings, storage: optuna.storages.RDBStorage | None = 
         redoc_url=None,
     )
     app.state.service = service
+    # Checkpoints and diagnostics plots (artifacts.py); the dashboard serves them too.
+    app.state.artifact_store = build_artifact_store(settings)
     app.state.schedules = ScheduleService(service, settings)
     app.state.scheduler = scheduler
     app.state.settings = settings
@@ -105,6 +108,6 @@ def create_app(settings: Settings, storage: optuna.storages.RDBStorage | None = 
         return {"status": "ok"}
 
     # The dashboard answers only what no route above (or added later) matched: see dashboard.py.
-    mount_dashboard(app, service.storage)
+    mount_dashboard(app, service.storage, app.state.artifact_store)
     install_openapi(app)  # scopes and error answers of every route, however it was added
     return app

@@ -108,6 +108,18 @@ class Settings(BaseSettings):
     )
     # Once tokens are set, /v1/docs and /v1/openapi.json need a token (any scope) unless true.
     public_docs: bool = False
+    # --- Artifacts (checkpoints, diagnostics plots): Optuna's artifact stores -----------------
+    # Workers never hold bucket credentials: they send artifacts to the server over HTTP and the
+    # server writes them here. A directory by default; an S3-compatible bucket once a bucket is set.
+    artifact_dir: Path = Field(
+        default_factory=lambda: Path.cwd() / "hpo-artifacts",
+        description="Directory of the file-system artifact store (used when no bucket is set).",
+    )
+    artifact_s3_bucket: str = Field("", description="S3 bucket for artifacts (needs boto3).")
+    artifact_s3_prefix: str = Field("", description="Key prefix inside the bucket.")
+    # For S3-compatible stores (MinIO, Ceph, R2); empty: AWS. Credentials come from boto3's usual
+    # chain (AWS_ACCESS_KEY_ID…, a profile, an instance role), never from this service's settings.
+    artifact_s3_endpoint_url: str = Field("", description="S3 endpoint URL; empty for AWS.")
 
     @classmethod
     def settings_customise_sources(

@@ -26,6 +26,7 @@ from urllib.parse import quote
 import optuna_dashboard
 from a2wsgi import WSGIMiddleware
 from fastapi import FastAPI
+from optuna.artifacts._protocol import ArtifactStore
 from optuna.storages import BaseStorage
 from starlette.requests import Request
 from starlette.responses import RedirectResponse
@@ -90,10 +91,16 @@ class DashboardGate:
             )
 
 
-def mount_dashboard(app: FastAPI, storage: BaseStorage) -> None:
-    """Serve the dashboard over ``storage`` (read-only) at ``/``, and the login pages."""
+def mount_dashboard(
+    app: FastAPI, storage: BaseStorage, artifact_store: ArtifactStore | None = None
+) -> None:
+    """Serve the dashboard over ``storage`` (read-only) at ``/``, and the login pages.
+
+    With ``artifact_store`` the dashboard lists each trial's artifacts (checkpoints, diagnostics
+    plots) on its page and serves them by GET; uploads stay refused like every other write.
+    """
     app.include_router(login.router)
-    wsgi_app = optuna_dashboard.wsgi(ReadOnlyView(storage))
+    wsgi_app = optuna_dashboard.wsgi(ReadOnlyView(storage), artifact_store=artifact_store)
     # reliability branch: let errors out of bottle (which would answer its own HTML 500), so
     # a database failure under /api/* is the service's 503 (api/errors.py).
     wsgi_app.config["catchall"] = False

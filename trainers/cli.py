@@ -37,7 +37,15 @@ if TYPE_CHECKING:
     from trainers.schedules import KLSchedule
     from trainers.train import EpochMetrics
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+# What `hpo-train --help` shows: plain words (click's formatting reflows paragraphs; the module
+# docstring's reST markup would show as literal backquotes).
+APP_HELP = (
+    "hpo-train: one training run, the LR range test, or a preview of β(t) and LR(t).\n\n"
+    "The config file is a YAML mapping of TrainConfig fields; --set values are parsed as YAML "
+    "(--set hidden_sizes=[64,32]). Exit codes: 0 success, 1 the run diverged (NaN/Inf loss), "
+    "2 the config or the command line is invalid (the message names the field and the reason)."
+)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=APP_HELP, rich_markup_mode=None)
 console = Console()
 err_console = Console(stderr=True)
 
@@ -138,7 +146,7 @@ def _progress_text(m: EpochMetrics) -> str:
     )
 
 
-@app.command()
+@app.command(short_help="Train once: per-epoch JSON lines, curves PNG, final metrics.")
 def run(
     config: ConfigOpt,
     set_: SetOpt = None,
@@ -246,7 +254,7 @@ def plot_curves(history: list[EpochMetrics], path: Path) -> None:
 # --- lr-find --------------------------------------------------------------------------------------
 
 
-@app.command("lr-find")
+@app.command("lr-find", short_help="LR range test (Smith 2017): suggested base and max LR.")
 def lr_find(
     config: ConfigOpt,
     set_: SetOpt = None,
@@ -287,7 +295,7 @@ def lr_find(
 # --- schedules ------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(short_help="Plot β(t) and LR(t) for a config, without training.")
 def schedules(
     config: ConfigOpt,
     plot: Annotated[Path, typer.Option("--plot", help="PNG to write.")],

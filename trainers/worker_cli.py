@@ -16,8 +16,11 @@ from hpo_service.client import HPOClient, make_http_client
 from trainers.logs import LogFormat, configure_logging
 from trainers.worker import Worker, WorkerOptions
 
-# Click's own help formatting (as `hpo`): flags without typer's "<bool>" metavar.
-app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
+app = typer.Typer(
+    add_completion=False,
+    help="hpo-worker: pull trials from the service and train them on this machine's device.",
+    rich_markup_mode=None,
+)
 
 
 @app.command()

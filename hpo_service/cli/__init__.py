@@ -33,22 +33,42 @@ APP_HELP = (
 )
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=APP_HELP, rich_markup_mode=None)
 
-# `hpo --help` lists the commands in the order they are registered here.
-app.command()(server.serve)
-app.command()(server.migrate)
-app.command()(submit.submit)
-app.command()(studies.studies)
-app.command()(studies.trials)
-app.command()(studies.best)
-app.command()(studies.stop)
-app.command()(studies.cancel)
-app.command()(studies.enqueue)
-app.command()(studies.delete)
-app.command()(demo.demo)
-app.add_typer(schedules.schedule_app, name="schedule")
-app.command()(server.scheduler)
+# `hpo --help` lists the commands in the order they are registered here, each with its summary
+# below: click would cut a docstring's first sentence at the terminal width with "…".
+SUMMARIES = {
+    "serve": "Run the API server, the lease reaper and the dashboard.",
+    "migrate": "Upgrade the database's schemas (Optuna's and the service's).",
+    "submit": "Create a study from a spec file or a W&B sweep config.",
+    "studies": "List studies.",
+    "trials": "List a study's trials.",
+    "best": "The best trial, or the Pareto front of a multi-objective study.",
+    "stop": "No new trials; running ones finish.",
+    "cancel": "No new trials; running ones are told to stop.",
+    "enqueue": "Queue trials with given parameters, ahead of the sampler.",
+    "delete": "Delete a study and all its trials.",
+    "demo": "Tune a VAE on bundled MNIST: a local server and workers.",
+    "schedule": "Recurring sweeps: a cron in a time zone and a study template.",
+    "scheduler": "Run the scheduler as its own process, beside the servers.",
+    "agent": "Run COMMAND once per trial: your own training code as a worker.",
+}
+for command in (
+    server.serve,
+    server.migrate,
+    submit.submit,
+    studies.studies,
+    studies.trials,
+    studies.best,
+    studies.stop,
+    studies.cancel,
+    studies.enqueue,
+    studies.delete,
+    demo.demo,
+):
+    app.command(short_help=SUMMARIES[command.__name__])(command)
+app.add_typer(schedules.schedule_app, name="schedule", short_help=SUMMARIES["schedule"])
+app.command(short_help=SUMMARIES["scheduler"])(server.scheduler)
 # `hpo agent -- COMMAND …`: any program as a worker (hpo_service/agent.py).
-app.command("agent", no_args_is_help=True)(agent_command)
+app.command("agent", no_args_is_help=True, short_help=SUMMARIES["agent"])(agent_command)
 
 
 def main() -> None:

@@ -56,7 +56,7 @@ def _firing_line(firing: FiringInfo) -> str:
     return f"{firing.local_time} {firing.kind} {firing.status}{study}{detail}"
 
 
-@schedule_app.command("create")
+@schedule_app.command("create", short_help="Create a schedule from a spec file.")
 def schedule_create(
     spec_file: Annotated[Path, typer.Argument(help="Schedule spec (YAML or JSON).")],
     server: ServerOpt = DEFAULT_SERVER,
@@ -99,7 +99,7 @@ def schedule_list(
     console.print(table)
 
 
-@schedule_app.command("show")
+@schedule_app.command("show", short_help="A schedule's settings and its recent firings.")
 def schedule_show(
     name: str,
     server: ServerOpt = DEFAULT_SERVER,
@@ -181,7 +181,9 @@ def schedule_pause(name: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOp
         raise _api_error(error, server) from error
 
 
-@schedule_app.command("resume")
+@schedule_app.command(
+    "resume", short_help="Fire again from now on (missed times are not caught up)."
+)
 def schedule_resume(name: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None) -> None:
     """Fire again from now on; fire times missed while paused are not caught up."""
     try:
@@ -257,7 +259,7 @@ def _night_details(night: NightReport) -> list[str]:
     return lines
 
 
-@schedule_app.command("report")
+@schedule_app.command("report", short_help="The morning report: best per run, drift, regressions.")
 def schedule_report(
     name: str,
     server: ServerOpt = DEFAULT_SERVER,

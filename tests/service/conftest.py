@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -11,9 +12,10 @@ from hpo_service.config import Settings
 
 
 @pytest.fixture
-def settings(database_url: str) -> Settings:
+def settings(database_url: str, tmp_path: Path) -> Settings:
     return Settings(
         database_url=database_url,
+        artifact_dir=tmp_path / "artifacts",
         tokens=TOKENS,  # type: ignore[arg-type]
         heartbeat_interval_s=0.2,
         lease_timeout_s=1,

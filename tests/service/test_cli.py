@@ -192,3 +192,23 @@ def test_help_texts_are_plain_words(command: list[str]) -> None:
         continues = after.strip() and after[indent : indent + 1].islower()
         if line.strip() and continues and len(after) - len(after.lstrip()) == indent:
             assert len(line.rstrip()) >= 60, (line, after)
+
+
+@pytest.mark.parametrize("cli", ["hpo", "hpo schedule", "hpo-train", "hpo-worker"])
+def test_command_listings_show_whole_summaries(cli: str) -> None:
+    """click cuts a first sentence that does not fit with "..."; every listed summary is whole,
+    and the trainer's CLIs are plain words too (no reST backquotes, no "<bool>")."""
+    from trainers.cli import app as train_app
+    from trainers.worker_cli import app as worker_app
+
+    apps = {"hpo": (app, []), "hpo schedule": (app, ["schedule"]), "hpo-train": (train_app, [])}
+    apps["hpo-worker"] = (worker_app, [])
+    target, prefix = apps[cli]
+    result = runner.invoke(target, [*prefix, "--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    body = result.output.split("\n", 1)[1]  # after "Usage: … [ARGS]..."
+    assert "..." not in body and "…" not in body, body
+    assert "``" not in body and "<bool>" not in body, body
+    if cli != "hpo-worker":
+        listing = body.split("Commands:")[1].strip().splitlines()
+        assert len(listing) >= 3 and all(len(line.split()) >= 3 for line in listing), listing
