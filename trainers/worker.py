@@ -2,8 +2,10 @@
 
 A heartbeat thread keeps the lease alive while an epoch runs. Failure mapping:
 
-* the server says *prune* at a report → the run stops and the trial is told PRUNED;
-* the study is cancelled (heartbeat/report says *stop*) → the run stops, the trial fails for good;
+* the server says *prune* at a report → the run stops; that answer ended the trial PRUNED and
+  the worker's ``fail`` with ``pruned`` reads the stored answer;
+* the study is cancelled (heartbeat/report says *stop*) → the run stops and the worker sends
+  ``fail`` (not retryable): the trial fails for good;
 * SIGTERM / ``request_shutdown()`` → the run stops at the end of the epoch and the trial is handed
   back for a retry with the same parameters;
 * ``ConfigError`` / ``NonFiniteLossError`` → the trial fails for good (the configuration, not the
@@ -24,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from hpo_service.client import HPOClient, LeaseLost, ServerUnavailable
+from hpo_service.client import HPOClient, LeaseLost, NoWork, ServerUnavailable
 from hpo_service.schemas import Lease
 from trainers.checkpoint_sync import send_best_model, train_resumable
 from trainers.errors import ConfigError, NonFiniteLossError
@@ -43,6 +45,7 @@ class WorkerOptions:
     wait_s: float = 20.0  # long-poll length of each lease request
     max_trials: int | None = None  # exit after this many trials
     idle_exit_s: float | None = None  # exit after this long without work (None: never)
+    exit_when_idle: bool = False  # exit once the server says no study can give work now
     backoff_max_s: float = 30.0
     # Trials trained at once on the device (trainers.population_worker); "auto" measures it.
     population: int | Literal["auto"] = 1
@@ -111,21 +114,25 @@ class Worker:
     # --- the loop -----------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Lease and train until shutdown, ``max_trials`` or ``idle_exit_s``. Returns trials."""
+        """Lease and train until shutdown, ``max_trials``, ``idle_exit_s`` or, with
+        ``exit_when_idle``, until the server says no study can give work. Returns trials."""
         idle_since = time.monotonic()
         while not self._shutdown.is_set():
             if self.options.max_trials is not None and self.trials_done >= self.options.max_trials:
                 break
             lease = self._retrying(
                 "lease",
-                lambda: self.client.lease(
+                lambda: self.client.next_lease(
                     self.lease_identity(),
                     self.options.wait_s,
                     self.options.device,
                     kinds=("trial", "lr_range_test"),
                 ),
             )
-            if lease is None:
+            if isinstance(lease, NoWork):
+                if lease.idle and self.options.exit_when_idle:
+                    log.info("no study can give work now; exiting")
+                    break
                 idle = time.monotonic() - idle_since
                 if self.options.idle_exit_s is not None and idle >= self.options.idle_exit_s:
                     log.info("no work for %.0fs; exiting", idle)
@@ -310,13 +317,15 @@ class Worker:
     # --- settling with the server ------------------------------------------------------------
 
     def _settle(self, lease: Lease, state: _TrialState, result: TrainResult) -> str:
+        # First: the prune answer already ended the trial PRUNED, so a heartbeat after it was
+        # refused (`trial_finished`); the fail below reads the stored answer.
+        if state.pruned:
+            return self._send_fail(lease, "pruned by the study's pruner", False, pruned=True)
         if state.lost:
             log.warning(
                 "trial %d: lease lost (%s); result dropped", lease.trial_number, state.stop_reason
             )
             return "lost"
-        if state.pruned:
-            return self._send_fail(lease, "pruned by the study's pruner", False, pruned=True)
         if state.stop_reason is not None:
             return self._send_fail(lease, state.stop_reason, False)
         if result.stopped_early and self._shutdown.is_set():

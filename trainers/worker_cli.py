@@ -52,6 +52,14 @@ def run(
     idle_exit: Annotated[
         float | None, typer.Option(help="Exit after this many seconds without work.")
     ] = None,
+    exit_when_idle: Annotated[
+        bool,
+        typer.Option(
+            "--exit-when-idle",
+            help="Exit (status 0) once the server says no study can give work now: every "
+            "study is stopped, cancelled, completed or failed, or there is none.",
+        ),
+    ] = False,
     wait: Annotated[float, typer.Option(help="Long-poll seconds per lease request.")] = 20.0,
     population: Annotated[
         str,
@@ -85,6 +93,7 @@ def run(
             wait_s=wait,
             max_trials=max_trials,
             idle_exit_s=idle_exit,
+            exit_when_idle=exit_when_idle,
             population=members,
         ),
     )

@@ -18,6 +18,7 @@ Raises ``pydantic.ValidationError`` (a ``ValueError``) naming the field and the 
 """
 
 from ._fields import (
+    MAX_TRIAL_ID,
     Direction,
     JSONScalar,
     ParamValue,
@@ -88,6 +89,7 @@ from .studies import (
 from .train_config import (
     CYCLICAL_LR_POLICIES,
     TRAIN_CONFIG_FIELDS,
+    TRAIN_SPLIT_SIZES,
     Activation,
     DatasetName,
     FreeBitsMode,
@@ -99,12 +101,14 @@ from .train_config import (
     ModelKind,
     OptimizerName,
     TrainConfig,
+    train_split_size,
 )
 from .worker import (
     MAX_METRIC_LIST,
     MAX_METRIC_NAME,
     MAX_METRICS,
     OUTPUT_TAIL_CHARS,
+    WORK_HEADER,
     CheckpointAnswer,
     CompleteAnswer,
     CompleteRequest,
@@ -134,9 +138,12 @@ __all__ = [
     "MAX_METRICS",
     "MAX_METRIC_LIST",
     "MAX_METRIC_NAME",
+    "MAX_TRIAL_ID",
     "OBJECTIVE_METRICS",
     "OUTPUT_TAIL_CHARS",
     "TRAIN_CONFIG_FIELDS",
+    "TRAIN_SPLIT_SIZES",
+    "WORK_HEADER",
     "Activation",
     "BatchCompleteAnswer",
     "BatchCompleteRequest",
@@ -221,4 +228,5 @@ __all__ = [
     "TrialPage",
     "TrialReport",
     "TrialSummary",
+    "train_split_size",
 ]

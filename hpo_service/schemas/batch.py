@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ._fields import TrialIdField
+from ._fields import TrialIdField, WholeNumber
 from .worker import (
     CompleteAnswer,
     CompleteRequest,
@@ -30,7 +30,7 @@ class BatchLeaseRequest(LeaseRequest):
         json_schema_extra={"examples": [{"worker_id": "gpu-box-1-pop", "count": 16, "wait_s": 5}]},
     )
 
-    count: int = Field(..., ge=1, le=MAX_BATCH, description="Lease up to this many trials.")
+    count: WholeNumber = Field(..., ge=1, le=MAX_BATCH, description="Lease up to this many trials.")
 
 
 class BatchLeases(BaseModel):
@@ -38,6 +38,13 @@ class BatchLeases(BaseModel):
     out; none after ``wait_s``). A worker's own running trials come back first."""
 
     leases: list[Lease]
+    idle: bool = Field(
+        False,
+        description="With an empty `leases` only. `true`: no study can give work now (every "
+        "study is stopped, cancelled, completed or failed, or there is none), so a worker may "
+        "exit. `false`: some running study is at its concurrency cap or waits on its running "
+        "trials (which may fail and be retried); ask again.",
+    )
 
 
 class TrialLease(LeaseToken):
@@ -109,12 +116,14 @@ class BatchFailRequest(BaseModel):
 
 class ItemError(BaseModel):
     """Why one trial of a batch was refused: the ``code`` and ``message`` the single-trial route
-    would have answered with (``trial_reaped``, ``result_conflict``, ``lease_mismatch``,
-    ``trial_not_found``, ``invalid_spec`` with its ``field``)."""
+    would have answered with (``trial_finished`` and ``trial_reaped`` with the trial's
+    ``state``, ``result_conflict``, ``report_conflict``, ``lease_mismatch``, ``trial_not_found``,
+    ``invalid_spec`` or ``invalid_value`` with its ``field``)."""
 
     code: str
     message: str
     field: str | None = None
+    state: str | None = None  # trial_finished / trial_reaped: how the trial ended
 
 
 class HeartbeatItem(BaseModel):

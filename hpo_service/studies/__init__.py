@@ -57,6 +57,7 @@ from hpo_service.schemas import (
     TrialPage,
 )
 from hpo_service.storage import build_storage
+from hpo_service.studies._budget import work_may_come
 from hpo_service.studies._checkpoints import Checkpoints
 from hpo_service.studies._core import SNAPSHOT_MAX_AGE_S, SPEC_ATTR, StudyCore
 from hpo_service.studies._finishing import Finishing, TrialFailure, TrialResult
@@ -160,6 +161,11 @@ class StudyService:
         """An ``lr_range_test`` lease's curve: sets the study's LR ranges (``_probes``)."""
         return self.probes.lr_range_test(trial_id, token, result)
 
+    def work_may_come(self) -> bool:
+        """False when no study can give work now (a worker may exit: ``--exit-when-idle``);
+        True while some running study is waiting on its caps or its running trials."""
+        return work_may_come(self.core)
+
     def heartbeat(self, trial_id: int, token: str) -> HeartbeatAnswer:
         return self.reporting.heartbeat(trial_id, token)
 
@@ -171,7 +177,11 @@ class StudyService:
         value: float | None,
         metrics: Mapping[str, Any],
     ) -> ReportAnswer:
-        return self.reporting.report(trial_id, token, epoch, value, metrics)
+        item = EpochReport(trial_id, token, epoch, value, metrics)
+        answer = self.report_many([item])[0]
+        if isinstance(answer, HPOError):
+            raise answer
+        return answer
 
     def complete(
         self,
@@ -208,7 +218,8 @@ class StudyService:
         return self.reporting.heartbeat_many(leases)
 
     def report_many(self, reports: Sequence[EpochReport]) -> list[ReportAnswer | HPOError]:
-        return self.reporting.report_many(reports)
+        # A `prune` answer ends its trial PRUNED before it is sent (issue 16).
+        return self.finishing.settle_pruned(reports, self.reporting.report_many(reports))
 
     def complete_many(self, results: Sequence[TrialResult]) -> list[CompleteAnswer | HPOError]:
         return self.finishing.complete_many(results)

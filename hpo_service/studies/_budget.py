@@ -1,14 +1,20 @@
-"""A study's budget: what counts toward ``n_trials``, and when a running study is done."""
+"""A study's budget: what counts toward ``n_trials``, when a running study is done, and
+whether any study can still give a worker work."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import select
 
 from hpo_service.lr_range import is_task
 from hpo_service.models import StudyRow
 from hpo_service.schemas import StudySpec
+
+if TYPE_CHECKING:
+    from hpo_service.studies._core import StudyCore
 
 
 def tally(trials: Sequence[FrozenTrial]) -> tuple[int, int, int, int]:
@@ -44,3 +50,19 @@ def effective_state(row: StudyRow, trials: Sequence[FrozenTrial], spec: StudySpe
     if counted >= spec.budget.n_trials and running == 0:
         return "completed"
     return "running"
+
+
+def work_may_come(core: StudyCore) -> bool:
+    """Whether some study could still hand out a trial: a ``running`` study that is neither
+    spent nor failed (``effective_state``). One at its concurrency cap, or whose running
+    trials may fail and be retried, counts: work may come. False (*idle*) when every study
+    is stopped, cancelled, completed or failed, or there is none; a study submitted, resumed
+    or fired by a schedule later makes work again.
+    """
+    with core.db.session() as session:
+        rows = list(session.scalars(select(StudyRow).where(StudyRow.state == "running")))
+    for row in rows:
+        trials = core.cache.get_all_trials(row.study_id, deepcopy=False)
+        if effective_state(row, trials, core.load(row.study_id).spec) == "running":
+            return True
+    return False

@@ -17,7 +17,7 @@ from typing import Any
 
 from optuna.exceptions import UpdateFinishedTrialError
 
-from hpo_service.errors import HPOError, InvalidSpec
+from hpo_service.errors import HPOError, InvalidValue, ReportConflict
 from hpo_service.models import LeaseRow
 from hpo_service.schemas import HeartbeatAnswer, ReportAnswer
 from hpo_service.studies._checks import (
@@ -71,7 +71,7 @@ class Reporting:
     def heartbeat_many(self, leases: Sequence[tuple[int, str]]) -> list[HeartbeatAnswer | HPOError]:
         """Record a beat for each (trial id, lease token): the leases and their studies read in
         one query, the beats written in one statement. Per lease an answer, or the error the
-        single route raises (``TrialNotFound``, ``LeaseMismatch``, ``TrialReaped``)."""
+        single route raises (``TrialNotFound``, ``LeaseMismatch``, ``TrialFinished``)."""
         core = self.core
         found = leases_and_study_states(core, [trial_id for trial_id, _ in leases])
         answers: list[HeartbeatAnswer | HPOError] = []
@@ -101,11 +101,13 @@ class Reporting:
         metrics: Mapping[str, Any],
     ) -> ReportAnswer:
         """Store the epoch's objective value as an intermediate value and its metrics as a user
-        attribute, then ask the study's pruner. A repeated report of an epoch is not re-stored.
+        attribute, then ask the study's pruner. A repeated report of an epoch with the same value is
+        not re-stored.
         A report counts as a heartbeat.
 
-        Raises ``TrialNotFound``, ``LeaseMismatch``, ``TrialReaped`` (the trial is no longer
-        running) or ``InvalidSpec`` (a non-finite value).
+        Raises ``TrialNotFound``, ``LeaseMismatch``, ``TrialFinished`` / ``TrialReaped`` (the
+        trial is no longer running), ``ReportConflict`` (the epoch was reported with another
+        value) or ``InvalidValue`` (a non-finite value).
         """
         item = EpochReport(trial_id, token, epoch, value, metrics)
         answer = self.report_many([item])[0]
@@ -139,10 +141,21 @@ class Reporting:
         core = self.core
         trial_id, epoch, value = item.trial_id, item.epoch, item.value
         if value is not None and not math.isfinite(value):
-            raise InvalidSpec("value", f"must be a finite number (got {value})")
+            raise InvalidValue(
+                "value",
+                f"must be a finite number (got {value}); a run that diverged sends `fail` with "
+                "`diverged: true`",
+            )
         row, study_state = checked_lease(found, trial_id, item.token)
         loaded = core.load(row.study_id)
         running = self._current_running(row, epoch)
+        stored = running.trial.intermediate_values.get(epoch)
+        if value is not None and stored is not None and stored != value:
+            # Checked before anything is written: the refused report changes nothing.
+            raise ReportConflict(
+                f"epoch {epoch} of trial {row.trial_number} was already reported with value "
+                f"{stored}; the first value stands (the same value again is a repeat)"
+            )
         try:
             # Optuna refuses writes to a finished trial: this is the running check.
             core.storage.set_trial_user_attr(
@@ -172,7 +185,7 @@ class Reporting:
 
     def _current_running(self, row: LeaseRow, epoch: int) -> RunningTrial:
         """The running trial for a report of ``epoch``: remembered if this process handled the
-        report of ``epoch - 1`` (see ``RunningTrial``), else read. Raises ``TrialReaped``."""
+        report of ``epoch - 1`` (see ``RunningTrial``), else read. Raises ``TrialFinished``."""
         core = self.core
         known = core.known_running(row.trial_id)
         if known is not None and known.last_epoch is not None and epoch == known.last_epoch + 1:
