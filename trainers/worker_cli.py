@@ -57,6 +57,14 @@ def run(
             "size), or 'auto': as many as free memory allows while samples/s still rises.",
         ),
     ] = "1",
+    patience: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="End a trial once its validation -ELBO has not improved for this many epochs "
+            "(alone or inside a population); default: every epoch runs.",
+        ),
+    ] = None,
     log_format: Annotated[
         str, typer.Option(envvar="HPO_LOG_FORMAT", help="text or json (one object per line).")
     ] = "text",
@@ -82,6 +90,7 @@ def run(
             max_trials=max_trials,
             idle_exit_s=idle_exit,
             population=members,
+            patience=patience,
         ),
     )
 

@@ -186,8 +186,14 @@ class StudyService:
 
     # --- the batched worker protocol: many trials per request, per-trial answers ------------
 
-    def lease_many(self, worker_id: str, count: int, wait_s: float = 0.0) -> list[Lease]:
-        return self.leasing.lease_many(worker_id, count, wait_s)
+    def lease_many(
+        self,
+        worker_id: str,
+        count: int,
+        wait_s: float = 0.0,
+        slots: Sequence[str] | None = None,
+    ) -> list[Lease]:
+        return self.leasing.lease_many(worker_id, count, wait_s, slots)
 
     def heartbeat_many(self, leases: Sequence[tuple[int, str]]) -> list[HeartbeatAnswer | HPOError]:
         return self.reporting.heartbeat_many(leases)

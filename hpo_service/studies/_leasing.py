@@ -12,7 +12,7 @@ import copy
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +53,7 @@ class _Granted:
     config: dict[str, Any]
     params: dict[str, Any]  # as sampled, beside the resolved config
     trial: FrozenTrial | None  # as just written (a new trial), to serve its first report
+    worker_id: str  # the lease identity holding it
 
 
 class LeaseProtocol:
@@ -69,19 +70,31 @@ class LeaseProtocol:
         leases = self.lease_many(worker_id, 1, wait_s)
         return leases[0] if leases else None
 
-    def lease_many(self, worker_id: str, count: int, wait_s: float = 0.0) -> list[Lease]:
+    def lease_many(
+        self,
+        worker_id: str,
+        count: int,
+        wait_s: float = 0.0,
+        slots: Sequence[str] | None = None,
+    ) -> list[Lease]:
         """Up to ``count`` trials for one worker, long-polling up to ``wait_s`` seconds for the
         first; empty if no work. The worker's own running trials come back first.
+
+        ``slots`` (``count`` distinct ids): each lease is held by one slot instead of by
+        ``worker_id``, and a slot that still holds a running trial gets that one back — so a
+        population worker keeps one lease identity per slot and refills some slots while the
+        others train.
 
         A study's share is sampled and written under one hold of its lock, each trial sampled
         with the ones before it running (Optuna's constant liar), so a batch is diverse and
         the budget and concurrency caps hold exactly, across replicas.
         """
+        holders = list(slots) if slots is not None else [worker_id] * count
         deadline = time.monotonic() + wait_s
         while True:
-            leases = self._own_running_trials(worker_id, count)
-            if len(leases) < count:
-                leases += self._try_lease(worker_id, count - len(leases))
+            leases, free = self._own_running_trials(holders)
+            if free:
+                leases += self._try_lease(free)
             if leases:
                 return leases
             remaining = deadline - time.monotonic()
@@ -89,20 +102,23 @@ class LeaseProtocol:
                 return []
             time.sleep(min(self.core.settings.long_poll_step_s, remaining))
 
-    def _own_running_trials(self, worker_id: str, count: int) -> list[Lease]:
+    def _own_running_trials(self, holders: list[str]) -> tuple[list[Lease], list[str]]:
+        """The running trials ``holders`` already hold (one per entry of ``holders``), and the
+        entries left without one, in order."""
         core = self.core
         with core.db.session() as session:
             rows = list(
                 session.scalars(
-                    select(LeaseRow).where(
-                        LeaseRow.worker_id == worker_id, LeaseRow.outcome.is_(None)
-                    )
+                    select(LeaseRow)
+                    .where(LeaseRow.worker_id.in_(set(holders)), LeaseRow.outcome.is_(None))
+                    .order_by(LeaseRow.trial_id)
                 )
             )
+        free = list(holders)
         leases: list[Lease] = []
         for row in rows:
-            if len(leases) == count:
-                break
+            if row.worker_id not in free:
+                continue
             try:
                 trial = core.storage.get_trial(row.trial_id)
             except KeyError:
@@ -111,14 +127,21 @@ class LeaseProtocol:
                 core.record_beat(row.trial_id)
                 loaded = core.load(row.study_id)
                 config = trial.user_attrs.get("config") or resolve_config(loaded.spec, trial.params)
+                free.remove(row.worker_id)
                 leases.append(
                     self._lease_answer(
-                        loaded, row.trial_id, trial.number, row.token, config, trial.params
+                        loaded,
+                        row.trial_id,
+                        trial.number,
+                        row.token,
+                        config,
+                        trial.params,
+                        row.worker_id,
                     )
                 )
-        return leases
+        return leases, free
 
-    def _try_lease(self, worker_id: str, count: int) -> list[Lease]:
+    def _try_lease(self, holders: list[str]) -> list[Lease]:
         with self.core.db.session() as session:
             # Fairness: the running study served longest ago goes first.
             candidates = list(
@@ -129,13 +152,18 @@ class LeaseProtocol:
                 ).scalars()
             )
         leases: list[Lease] = []
+        free = list(holders)
         for study_id in candidates:
-            leases += self._lease_from(study_id, worker_id, count - len(leases))
-            if len(leases) == count:
+            granted = self._lease_from(study_id, free)
+            for lease in granted:
+                free.remove(str(lease.worker_id))
+            leases += granted
+            if not free:
                 break
         return leases
 
-    def _lease_from(self, study_id: int, worker_id: str, count: int) -> list[Lease]:
+    def _lease_from(self, study_id: int, holders: list[str]) -> list[Lease]:
+        """Up to ``len(holders)`` new trials of one study, the i-th held by ``holders[i]``."""
         core = self.core
         loaded = core.load(study_id)
         budget = loaded.spec.budget
@@ -155,7 +183,7 @@ class LeaseProtocol:
             # enqueues, retries), so no trial can appear behind the cache's back.
             trials = core.cache.get_all_trials(study_id, deepcopy=False)
             core.remember_snapshot(loaded, trials)
-            for _ in range(count):
+            for worker_id in holders:
                 counted, running, _waiting, failures = tally(trials)
                 if failures >= budget.max_failed or counted >= budget.n_trials:
                     break
@@ -190,6 +218,7 @@ class LeaseProtocol:
                         sample.config,
                         dict(sample.trial.params),
                         leased,
+                        worker_id,
                     )
                 )
             if not granted:
@@ -205,7 +234,7 @@ class LeaseProtocol:
                     study_id=study_id,
                     trial_number=g.number,
                     token=g.token,
-                    worker_id=worker_id,
+                    worker_id=g.worker_id,
                     beat_at_s=core.database_clock_s(),
                 )
                 for g in granted
@@ -219,18 +248,20 @@ class LeaseProtocol:
                 "leased trial %d of %s to %s",
                 g.number,
                 row.name,
-                worker_id,
+                g.worker_id,
                 extra=trial_fields(
                     "lease_granted",
                     study=row.name,
                     study_id=study_id,
                     trial_id=g.trial_id,
                     trial_number=g.number,
-                    worker_id=worker_id,
+                    worker_id=g.worker_id,
                 ),
             )
             leases.append(
-                self._lease_answer(loaded, g.trial_id, g.number, g.token, g.config, g.params)
+                self._lease_answer(
+                    loaded, g.trial_id, g.number, g.token, g.config, g.params, g.worker_id
+                )
             )
         return leases
 
@@ -287,6 +318,7 @@ class LeaseProtocol:
         token: str,
         config: dict[str, Any],
         params: Mapping[str, Any],
+        worker_id: str,
     ) -> Lease:
         settings = self.core.settings
         return Lease(
@@ -299,5 +331,6 @@ class LeaseProtocol:
             objective_metrics=loaded.spec.metric_names,
             report_metric=loaded.spec.pruning_metric,  # issue 10: multi-objective primary
             heartbeat_interval_s=settings.heartbeat_interval_s,
+            worker_id=worker_id,
             lease_timeout_s=settings.lease_timeout_s,
         )

@@ -143,26 +143,29 @@ class Reporting:
         row, study_state = checked_lease(found, trial_id, item.token)
         loaded = core.load(row.study_id)
         running = self._current_running(row, epoch)
+        reason = reason_to_stop(study_state)
+        # issue 10: only the primary metric is pruned on; a stopping study prunes nothing.
+        prunes = reason is None and value is not None and loaded.spec.pruning_metric is not None
+        new_value = prunes and epoch not in running.trial.intermediate_values
         try:
-            # Optuna refuses writes to a finished trial: this is the running check.
-            core.storage.set_trial_user_attr(
-                trial_id, "metrics", finite_metrics({"epoch": epoch, **item.metrics})
+            # One transaction for the metrics and the intermediate value (issue 12); Optuna
+            # refuses writes to a finished trial: this is the running check.
+            core.write_report(
+                trial_id,
+                finite_metrics({"epoch": epoch, **item.metrics}),
+                (epoch, value) if new_value and value is not None else None,
             )
-            if self._beat_due(running):
-                due.append(trial_id)
-            reason = reason_to_stop(study_state)
-            if reason is not None:
-                running.last_epoch = epoch
-                return ReportAnswer(action="stop", reason=reason)
-            if value is None or loaded.spec.pruning_metric is None:  # issue 10: primary metric
-                running.last_epoch = epoch
-                return ReportAnswer(action="continue")
-            if epoch not in running.trial.intermediate_values:
-                core.storage.set_trial_intermediate_value(trial_id, epoch, value)
-                running.trial.intermediate_values[epoch] = value
         except UpdateFinishedTrialError as error:
             raise finished_meanwhile(core, row, error) from error
+        if new_value and value is not None:
+            running.trial.intermediate_values[epoch] = value
+        if self._beat_due(running):
+            due.append(trial_id)
         running.last_epoch = epoch
+        if reason is not None:
+            return ReportAnswer(action="stop", reason=reason)
+        if not prunes:
+            return ReportAnswer(action="continue")
         # Trial.should_prune() without re-reading anything: the pruner gets the trial as just
         # written and the study's trials from the snapshot.
         study = core.view(loaded, core.pruning_snapshot(loaded), running.trial)

@@ -61,8 +61,9 @@ def _items(item: Callable[..., T], requests: Sequence[Any], answers: Sequence[An
 def lease_many(service: ServiceDep, body: BatchLeaseRequest) -> BatchLeases:
     """Up to `count` trials, long-polling up to `wait_s` for the first; an empty list if none.
     Budget and concurrency caps hold exactly; the batch is sampled with Optuna's constant
-    liar, so its parameter sets differ."""
-    return BatchLeases(leases=service.lease_many(body.worker_id, body.count, body.wait_s))
+    liar, so its parameter sets differ. With `slots`, each lease is held by one slot."""
+    leases = service.lease_many(body.worker_id, body.count, body.wait_s, body.slots)
+    return BatchLeases(leases=leases)
 
 
 @router.post("/heartbeat", response_model=BatchHeartbeatAnswer)
