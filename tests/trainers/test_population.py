@@ -243,7 +243,7 @@ def test_two_groups_train_side_by_side_each_equal_to_alone(train_device: str) ->
 def test_patience_ends_a_plateaued_member_alone_and_the_others_go_on(
     train_device: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """"flat" stops improving after epoch 2 and leaves at epoch 4 (patience 2), evaluated on the
+    """ "flat" stops improving after epoch 2 and leaves at epoch 4 (patience 2), evaluated on the
     test set as ``train(patience=2)`` alone; "better" improves every epoch and runs all 6."""
     import trainers.population as population
     import trainers.train as single
