@@ -235,7 +235,12 @@ class HPOClient:
     def report(
         self, trial_id: int, token: str, epoch: int, value: float | None, metrics: dict[str, Any]
     ) -> ReportAnswer:
-        body = {"lease_token": token, "epoch": epoch, "value": value, "metrics": _finite(metrics)}
+        body = {
+            "lease_token": token,
+            "epoch": epoch,
+            "value": value,
+            "metrics": finite_metrics(metrics),
+        }
         response = self._call("POST", f"/trials/{trial_id}/report", json=body, trial=True)
         return ReportAnswer.model_validate(response.json())
 
@@ -247,7 +252,7 @@ class HPOClient:
         metrics: dict[str, Any],
         output_tail: str | None = None,
     ) -> CompleteAnswer:
-        body = {"lease_token": token, "values": values, "metrics": _finite(metrics)}
+        body = {"lease_token": token, "values": values, "metrics": finite_metrics(metrics)}
         if output_tail:
             body["output_tail"] = output_tail
         response = self._call("POST", f"/trials/{trial_id}/complete", json=body, trial=True)
@@ -343,12 +348,35 @@ class HPOClient:
         return ResumedAnswer.model_validate(response.json())
 
     def lease_many(
-        self, worker_id: str, count: int, wait_s: float = 0.0, device: str | None = None
+        self,
+        worker_id: str,
+        count: int,
+        wait_s: float = 0.0,
+        device: str | None = None,
+        slots: list[str] | None = None,
     ) -> list[Lease]:
-        """Up to ``count`` leases (the worker's own running trials first); [] if no work."""
-        body = {"worker_id": worker_id, "count": count, "wait_s": wait_s, "device": device}
+        """Up to ``count`` leases (the worker's own running trials first); [] if no work.
+        ``slots``: ``count`` distinct lease identities, one per lease (``Lease.worker_id``)."""
+        granted = self.next_leases(worker_id, count, wait_s, device, slots)
+        return granted if isinstance(granted, list) else []
+
+    def next_leases(
+        self,
+        worker_id: str,
+        count: int,
+        wait_s: float = 0.0,
+        device: str | None = None,
+        slots: list[str] | None = None,
+    ) -> list[Lease] | NoWork:
+        """``lease_many``, or ``NoWork`` saying whether work may still come."""
+        body: dict[str, Any] = {
+            "worker_id": worker_id, "count": count, "wait_s": wait_s, "device": device,
+        }  # fmt: skip
+        if slots is not None:
+            body["slots"] = slots
         response = self._call("POST", "/batch/leases", json=body)
-        return BatchLeases.model_validate(response.json()).leases
+        answer = BatchLeases.model_validate(response.json())
+        return answer.leases or NoWork(idle=answer.idle)
 
     def heartbeat_many(self, leases: list[tuple[int, str]]) -> list[HeartbeatItem]:
         """One beat for many leases, given as (trial id, lease token); an item per lease."""
@@ -414,7 +442,7 @@ class HPOClient:
 
 
 # --- reliability branch: the server refuses NaN/Infinity in metrics (422 naming the key) -------
-def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
+def finite_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """Metrics with each non-finite number sent as null, the wire's "could not be computed"."""
 
     def clean(value: Any) -> Any:

@@ -69,6 +69,14 @@ def run(
             "size), or 'auto': as many as free memory allows while samples/s still rises.",
         ),
     ] = "1",
+    patience: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="End a trial once its validation -ELBO has not improved for this many epochs "
+            "(alone or inside a population); default: every epoch runs.",
+        ),
+    ] = None,
     log_format: Annotated[
         str, typer.Option(envvar="HPO_LOG_FORMAT", help="text or json (one object per line).")
     ] = "text",
@@ -95,6 +103,7 @@ def run(
             idle_exit_s=idle_exit,
             exit_when_idle=exit_when_idle,
             population=members,
+            patience=patience,
         ),
     )
 

@@ -4,7 +4,9 @@ fails many trials in one request; each item is answered or refused on its own (p
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ._fields import TrialIdField, WholeNumber
 from .worker import (
@@ -22,6 +24,7 @@ from .worker import (
 
 #: The most trials one batched request may carry.
 MAX_BATCH = 256
+SlotId = Annotated[str, Field(min_length=1, max_length=200)]
 
 
 class BatchLeaseRequest(LeaseRequest):
@@ -31,6 +34,25 @@ class BatchLeaseRequest(LeaseRequest):
     )
 
     count: WholeNumber = Field(..., ge=1, le=MAX_BATCH, description="Lease up to this many trials.")
+    slots: list[SlotId] | None = Field(
+        None,
+        max_length=MAX_BATCH,
+        description="One lease identity per lease wanted (`count` of them, distinct), e.g. a "
+        "population worker's `box/0` … `box/15`: each lease is held by one slot (its "
+        "`worker_id`), and a slot's own running trial comes back first. Without it every "
+        "lease is held by `worker_id`.",
+    )
+
+    @model_validator(mode="after")
+    def _one_slot_per_lease(self) -> BatchLeaseRequest:
+        if self.slots is not None:
+            if len(self.slots) != self.count:
+                raise ValueError(
+                    f"`slots` must hold `count` ids (got {len(self.slots)} for count {self.count})"
+                )
+            if len(set(self.slots)) != len(self.slots):
+                raise ValueError("`slots` must be distinct (one lease identity per slot)")
+        return self
 
 
 class BatchLeases(BaseModel):

@@ -114,6 +114,11 @@ class Lease(BaseModel):
         "(`pruner.metric`) or null when it has none (no pruning: report `metrics` only).",
     )
     heartbeat_interval_s: float = Field(..., description="Send a heartbeat this often.")
+    worker_id: str | None = Field(
+        None,
+        description="The lease identity holding it: the request's `worker_id`, or one of the "
+        "batched request's `slots`.",
+    )
     lease_timeout_s: float = Field(
         ..., description="Without a heartbeat or report for this long the trial is failed."
     )

@@ -28,9 +28,10 @@ The per-trial path does as few database round trips as it can (``docs/benchmarks
   ``suggest_*``;
 - a report writes its metrics and its intermediate value and decides pruning from the running
   trial this process already holds, re-reading it only when this process did not handle the
-  trial's previous report; the study's finished trials for the pruner come from a snapshot at
-  most ``SNAPSHOT_MAX_AGE_S`` old, refreshed whenever this process leases a trial of the study
-  and re-read after it finished one.
+  trial's previous report; the study's finished trials for the pruner come from a snapshot
+  refreshed whenever this process leases a trial of the study and re-read after it finished
+  one — and, on PostgreSQL (other replicas write too), once it is older than
+  ``SNAPSHOT_MAX_AGE_S`` and than ``SNAPSHOT_READ_SHARE`` times its own last read.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from hpo_service.schemas import (
 from hpo_service.storage import build_storage
 from hpo_service.studies._budget import work_may_come
 from hpo_service.studies._checkpoints import Checkpoints
-from hpo_service.studies._core import SNAPSHOT_MAX_AGE_S, SPEC_ATTR, StudyCore
+from hpo_service.studies._core import SNAPSHOT_MAX_AGE_S, SNAPSHOT_READ_SHARE, SPEC_ATTR, StudyCore
 from hpo_service.studies._finishing import Finishing, TrialFailure, TrialResult
 from hpo_service.studies._leasing import LeaseProtocol
 from hpo_service.studies._probes import ProbeResults
@@ -69,6 +70,7 @@ from hpo_service.studies._reporting import EpochReport, Reporting
 
 __all__ = [
     "SNAPSHOT_MAX_AGE_S",
+    "SNAPSHOT_READ_SHARE",
     "SPEC_ATTR",
     "EpochReport",
     "StudyCore",
@@ -211,8 +213,14 @@ class StudyService:
 
     # --- the batched worker protocol: many trials per request, per-trial answers ------------
 
-    def lease_many(self, worker_id: str, count: int, wait_s: float = 0.0) -> list[Lease]:
-        return self.leasing.lease_many(worker_id, count, wait_s)
+    def lease_many(
+        self,
+        worker_id: str,
+        count: int,
+        wait_s: float = 0.0,
+        slots: Sequence[str] | None = None,
+    ) -> list[Lease]:
+        return self.leasing.lease_many(worker_id, count, wait_s, slots=slots)
 
     def heartbeat_many(self, leases: Sequence[tuple[int, str]]) -> list[HeartbeatAnswer | HPOError]:
         return self.reporting.heartbeat_many(leases)

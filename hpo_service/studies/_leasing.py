@@ -56,6 +56,7 @@ class _Granted:
     config: dict[str, Any]
     params: dict[str, Any]  # as sampled, beside the resolved config
     trial: FrozenTrial | None  # as just written (a new trial), to serve its first report
+    worker_id: str  # the lease identity holding it
     kind: str = "trial"  # LeaseKind
     resume: ResumeFrom | None = None  # issue 14: a retry's checkpoint to resume from
 
@@ -85,19 +86,26 @@ class LeaseProtocol:
         count: int,
         wait_s: float = 0.0,
         kinds: Sequence[str] = ("trial",),
+        slots: Sequence[str] | None = None,
     ) -> list[Lease]:
         """Up to ``count`` trials for one worker, long-polling up to ``wait_s`` seconds for the
         first; empty if no work. The worker's own running trials come back first.
+
+        ``slots`` (``count`` distinct ids): each lease is held by one slot instead of by
+        ``worker_id``, and a slot that still holds a running trial gets that one back — so a
+        population worker keeps one lease identity per slot and refills some slots while the
+        others train.
 
         A study's share is sampled and written under one hold of its lock, each trial sampled
         with the ones before it running (Optuna's constant liar), so a batch is diverse and
         the budget and concurrency caps hold exactly, across replicas.
         """
+        holders = list(slots) if slots is not None else [worker_id] * count
         deadline = time.monotonic() + wait_s
         while True:
-            leases = self._own_running_trials(worker_id, count)
-            if len(leases) < count:
-                leases += self._try_lease(worker_id, count - len(leases), kinds)
+            leases, free = self._own_running_trials(holders)
+            if free:
+                leases += self._try_lease(free, kinds)
             if leases:
                 return leases
             remaining = deadline - time.monotonic()
@@ -105,20 +113,23 @@ class LeaseProtocol:
                 return []
             time.sleep(min(self.core.settings.long_poll_step_s, remaining))
 
-    def _own_running_trials(self, worker_id: str, count: int) -> list[Lease]:
+    def _own_running_trials(self, holders: list[str]) -> tuple[list[Lease], list[str]]:
+        """The running trials ``holders`` already hold (one per entry of ``holders``), and the
+        entries left without one, in order."""
         core = self.core
         with core.db.session() as session:
             rows = list(
                 session.scalars(
-                    select(LeaseRow).where(
-                        LeaseRow.worker_id == worker_id, LeaseRow.outcome.is_(None)
-                    )
+                    select(LeaseRow)
+                    .where(LeaseRow.worker_id.in_(set(holders)), LeaseRow.outcome.is_(None))
+                    .order_by(LeaseRow.trial_id)
                 )
             )
+        free = list(holders)
         leases: list[Lease] = []
         for row in rows:
-            if len(leases) == count:
-                break
+            if row.worker_id not in free:
+                continue
             try:
                 trial = core.storage.get_trial(row.trial_id)
             except KeyError:
@@ -128,6 +139,7 @@ class LeaseProtocol:
                 loaded = core.load(row.study_id)
                 config = trial.user_attrs.get("config") or resolve_config(loaded.spec, trial.params)
                 kind = str(trial.user_attrs.get(TASK_ATTR, "trial"))
+                free.remove(row.worker_id)
                 leases.append(
                     self._lease_answer(
                         loaded,
@@ -136,13 +148,14 @@ class LeaseProtocol:
                         row.token,
                         config,
                         trial.params,
+                        row.worker_id,
                         kind=kind,
                         resume=resume_source(core, row.study_id, trial),
                     )
                 )
-        return leases
+        return leases, free
 
-    def _try_lease(self, worker_id: str, count: int, kinds: Sequence[str]) -> list[Lease]:
+    def _try_lease(self, holders: list[str], kinds: Sequence[str]) -> list[Lease]:
         with self.core.db.session() as session:
             # Fairness: the running study served longest ago goes first.
             candidates = list(
@@ -153,15 +166,18 @@ class LeaseProtocol:
                 ).scalars()
             )
         leases: list[Lease] = []
+        free = list(holders)
         for study_id in candidates:
-            leases += self._lease_from(study_id, worker_id, count - len(leases), kinds)
-            if len(leases) == count:
+            granted = self._lease_from(study_id, free, kinds)
+            for lease in granted:
+                free.remove(str(lease.worker_id))
+            leases += granted
+            if not free:
                 break
         return leases
 
-    def _lease_from(
-        self, study_id: int, worker_id: str, count: int, kinds: Sequence[str]
-    ) -> list[Lease]:
+    def _lease_from(self, study_id: int, holders: list[str], kinds: Sequence[str]) -> list[Lease]:
+        """Up to ``len(holders)`` new trials of one study, the i-th held by ``holders[i]``."""
         core = self.core
         loaded = core.load(study_id)
         budget = loaded.spec.budget
@@ -183,7 +199,8 @@ class LeaseProtocol:
             core.remember_snapshot(loaded, trials)
             probe: _Granted | None = None
             if loaded.spec.lr_range_test.enabled and loaded.lr_range_test is None:
-                step = self.probes.step(study_id, loaded, trials, worker_id, kinds)
+                # The probe goes first and alone, to the first holder.
+                step = self.probes.step(study_id, loaded, trials, holders[0], kinds)
                 if step == "wait":
                     return []
                 if step == "settled":  # reload: the space now holds the test's ranges
@@ -193,8 +210,10 @@ class LeaseProtocol:
                 else:
                     trial_id, number, config = step
                     token = secrets.token_urlsafe(24)
-                    probe = _Granted(trial_id, number, token, config, {}, None, kind=LR_RANGE_TEST)
-            for _ in range(0 if probe else count):
+                    probe = _Granted(
+                        trial_id, number, token, config, {}, None, holders[0], kind=LR_RANGE_TEST
+                    )
+            for worker_id in [] if probe else holders:
                 counted, running, _waiting, failures = tally(trials)
                 if failures >= budget.max_failed or counted >= budget.n_trials:
                     break
@@ -232,6 +251,7 @@ class LeaseProtocol:
                         sample.config,
                         dict(sample.trial.params),
                         leased,
+                        worker_id,
                         resume=resume,
                     )
                 )
@@ -250,7 +270,7 @@ class LeaseProtocol:
                     study_id=study_id,
                     trial_number=g.number,
                     token=g.token,
-                    worker_id=worker_id,
+                    worker_id=g.worker_id,
                     beat_at_s=core.database_clock_s(),
                 )
                 for g in granted
@@ -264,14 +284,14 @@ class LeaseProtocol:
                 "leased trial %d of %s to %s",
                 g.number,
                 row.name,
-                worker_id,
+                g.worker_id,
                 extra=trial_fields(
                     "lease_granted",
                     study=row.name,
                     study_id=study_id,
                     trial_id=g.trial_id,
                     trial_number=g.number,
-                    worker_id=worker_id,
+                    worker_id=g.worker_id,
                 ),
             )
             leases.append(
@@ -282,6 +302,7 @@ class LeaseProtocol:
                     g.token,
                     g.config,
                     g.params,
+                    g.worker_id,
                     kind=g.kind,
                     resume=g.resume,
                 )
@@ -341,6 +362,7 @@ class LeaseProtocol:
         token: str,
         config: dict[str, Any],
         params: Mapping[str, Any],
+        worker_id: str,
         kind: str = "trial",
         resume: ResumeFrom | None = None,
     ) -> Lease:
@@ -360,6 +382,7 @@ class LeaseProtocol:
             objective_metrics=loaded.spec.metric_names,
             report_metric=loaded.spec.pruning_metric,  # issue 10: multi-objective primary
             heartbeat_interval_s=settings.heartbeat_interval_s,
+            worker_id=worker_id,
             lease_timeout_s=settings.lease_timeout_s,
             # --- issue 14: checkpoints and resume
             checkpoint_every_epochs=settings.checkpoint_every_epochs,

@@ -62,9 +62,10 @@ def _items(item: Callable[..., T], requests: Sequence[Any], answers: Sequence[An
 def lease_many(service: ServiceDep, body: BatchLeaseRequest) -> BatchLeases:
     """Up to `count` trials, long-polling up to `wait_s` for the first; an empty list if none.
     Budget and concurrency caps hold exactly; the batch is sampled with Optuna's constant
-    liar, so its parameter sets differ. With none, `idle` tells "no study can give work now"
-    (`true`: a worker may exit) from "wait and ask again" (`false`)."""
-    leases = service.lease_many(body.worker_id, body.count, body.wait_s)
+    liar, so its parameter sets differ. With `slots`, each lease is held by one slot. With
+    none, `idle` tells "no study can give work now" (`true`: a worker may exit) from "wait and
+    ask again" (`false`)."""
+    leases = service.lease_many(body.worker_id, body.count, body.wait_s, body.slots)
     return BatchLeases(leases=leases, idle=not leases and not service.work_may_come())
 
 
