@@ -120,6 +120,11 @@ class Settings(BaseSettings):
     # For S3-compatible stores (MinIO, Ceph, R2); empty: AWS. Credentials come from boto3's usual
     # chain (AWS_ACCESS_KEY_ID…, a profile, an instance role), never from this service's settings.
     artifact_s3_endpoint_url: str = Field("", description="S3 endpoint URL; empty for AWS.")
+    # Redraw a running trial's diagnostics plot every this many epochs, on a background thread
+    # (and once more before it finishes); 0: no plots (the per-epoch history is kept anyway).
+    diagnostics_plot_every: int = Field(
+        5, ge=0, le=10_000, description="Epochs between redraws of a trial's diagnostics plot."
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -6,6 +6,7 @@ HTTP status codes in one place.
     ├── NotFound               (404)
     │   ├── StudyNotFound
     │   ├── TrialNotFound
+    │   ├── TrialNumberNotFound
     │   └── ScheduleNotFound
     ├── Conflict               the request contradicts the current state (409)
     │   ├── StudyExists
@@ -61,6 +62,13 @@ class TrialNotFound(NotFound):
 
     def __init__(self, trial_id: int) -> None:
         super().__init__(f"no leased trial with id {trial_id}")
+
+
+class TrialNumberNotFound(NotFound):
+    code = "trial_not_found"
+
+    def __init__(self, study: str, number: int) -> None:
+        super().__init__(f"study {study!r} has no trial number {number}")
 
 
 class Conflict(HPOError):

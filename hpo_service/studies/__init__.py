@@ -11,6 +11,8 @@ memory of studies and running trials):
 - ``_reporting`` — heartbeats, per-epoch reports and pruning (``Reporting``);
 - ``_finishing`` — complete and fail, each exactly once (``Finishing``);
 - ``_reaping``   — expired and lease-less trials, and the retry policy (``Reaper``);
+- ``_diagnostics`` — every epoch's record kept, the diagnostics plot redrawn (``Diagnostics``);
+- ``_trials``    — a trial's history, resolved config and reproducibility record;
 - ``_checks``, ``_budget`` — lease-token and trial-state checks; the budget tally.
 
 Budget and concurrency are enforced under a per-study lock that holds across server replicas: a
@@ -38,6 +40,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import optuna
+from optuna.artifacts._protocol import ArtifactStore
 
 from hpo_service.config import Settings
 from hpo_service.db import Database
@@ -48,13 +51,18 @@ from hpo_service.schemas import (
     HeartbeatAnswer,
     Lease,
     ReportAnswer,
+    ReproRecord,
     StudyInfo,
     StudySpec,
     StudyState,
+    TrialConfig,
+    TrialHistory,
     TrialPage,
 )
 from hpo_service.storage import build_storage
+from hpo_service.studies import _trials
 from hpo_service.studies._core import SNAPSHOT_MAX_AGE_S, SPEC_ATTR, StudyCore
+from hpo_service.studies._diagnostics import Diagnostics
 from hpo_service.studies._finishing import Finishing, TrialFailure, TrialResult
 from hpo_service.studies._leasing import LeaseProtocol
 from hpo_service.studies._reaping import Reaper
@@ -76,16 +84,21 @@ class StudyService:
     """The domain layer. One per process; thread-safe. A thin facade over the jobs above."""
 
     def __init__(
-        self, settings: Settings, storage: optuna.storages.RDBStorage | None = None
+        self,
+        settings: Settings,
+        storage: optuna.storages.RDBStorage | None = None,
+        artifact_store: ArtifactStore | None = None,
     ) -> None:
         # The service keeps each lease's liveness itself (``hpo_leases.beat_at_s``); Optuna's
         # heartbeat table is not written, so Optuna's own stale-trial check finds nothing.
         storage = storage or build_storage(settings)
         self.core = StudyCore(settings, storage)
+        # issue 14: per-epoch history, and diagnostics plots when there is an artifact store
+        self.diagnostics = Diagnostics(self.core, artifact_store)
         self.registry = StudyRegistry(self.core)
         self.leasing = LeaseProtocol(self.core)
-        self.reporting = Reporting(self.core)
-        self.finishing = Finishing(self.core)
+        self.reporting = Reporting(self.core, self.diagnostics)
+        self.finishing = Finishing(self.core, self.diagnostics)
         self.reaper = Reaper(self.core)
 
     # --- what other parts of the server read -------------------------------------------------
@@ -142,8 +155,8 @@ class StudyService:
 
     # --- the worker protocol ------------------------------------------------------------------
 
-    def lease(self, worker_id: str, wait_s: float = 0.0) -> Lease | None:
-        return self.leasing.lease(worker_id, wait_s)
+    def lease(self, worker_id: str, wait_s: float = 0.0, device: str | None = None) -> Lease | None:
+        return self.leasing.lease(worker_id, wait_s, device)
 
     def heartbeat(self, trial_id: int, token: str) -> HeartbeatAnswer:
         return self.reporting.heartbeat(trial_id, token)
@@ -186,8 +199,10 @@ class StudyService:
 
     # --- the batched worker protocol: many trials per request, per-trial answers ------------
 
-    def lease_many(self, worker_id: str, count: int, wait_s: float = 0.0) -> list[Lease]:
-        return self.leasing.lease_many(worker_id, count, wait_s)
+    def lease_many(
+        self, worker_id: str, count: int, wait_s: float = 0.0, device: str | None = None
+    ) -> list[Lease]:
+        return self.leasing.lease_many(worker_id, count, wait_s, device)
 
     def heartbeat_many(self, leases: Sequence[tuple[int, str]]) -> list[HeartbeatAnswer | HPOError]:
         return self.reporting.heartbeat_many(leases)
@@ -200,6 +215,17 @@ class StudyService:
 
     def fail_many(self, failures: Sequence[TrialFailure]) -> list[FailAnswer | HPOError]:
         return self.finishing.fail_many(failures)
+
+    # --- a trial's own records (issue 14) ---------------------------------------------------
+
+    def trial_history(self, name: str, number: int) -> TrialHistory:
+        return _trials.trial_history(self.core, self.diagnostics, name, number)
+
+    def trial_config(self, name: str, number: int) -> TrialConfig:
+        return _trials.trial_config(self.core, name, number)
+
+    def record_repro(self, trial_id: int, token: str, record: ReproRecord) -> None:
+        _trials.record_repro(self.core, trial_id, token, record)
 
     # --- reaping ------------------------------------------------------------------------------
 

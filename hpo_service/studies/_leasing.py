@@ -61,15 +61,18 @@ class LeaseProtocol:
     def __init__(self, core: StudyCore) -> None:
         self.core = core
 
-    def lease(self, worker_id: str, wait_s: float = 0.0) -> Lease | None:
+    def lease(self, worker_id: str, wait_s: float = 0.0, device: str | None = None) -> Lease | None:
         """Hand a trial to a worker, long-polling up to ``wait_s`` seconds; None if no work.
 
-        A worker that comes back with the same id gets its own running trial back.
+        A worker that comes back with the same id gets its own running trial back. ``device``
+        (the worker's, as it asked) is kept as the trial's ``worker_device`` attribute.
         """
-        leases = self.lease_many(worker_id, 1, wait_s)
+        leases = self.lease_many(worker_id, 1, wait_s, device)
         return leases[0] if leases else None
 
-    def lease_many(self, worker_id: str, count: int, wait_s: float = 0.0) -> list[Lease]:
+    def lease_many(
+        self, worker_id: str, count: int, wait_s: float = 0.0, device: str | None = None
+    ) -> list[Lease]:
         """Up to ``count`` trials for one worker, long-polling up to ``wait_s`` seconds for the
         first; empty if no work. The worker's own running trials come back first.
 
@@ -81,7 +84,7 @@ class LeaseProtocol:
         while True:
             leases = self._own_running_trials(worker_id, count)
             if len(leases) < count:
-                leases += self._try_lease(worker_id, count - len(leases))
+                leases += self._try_lease(worker_id, count - len(leases), device)
             if leases:
                 return leases
             remaining = deadline - time.monotonic()
@@ -118,7 +121,7 @@ class LeaseProtocol:
                 )
         return leases
 
-    def _try_lease(self, worker_id: str, count: int) -> list[Lease]:
+    def _try_lease(self, worker_id: str, count: int, device: str | None) -> list[Lease]:
         with self.core.db.session() as session:
             # Fairness: the running study served longest ago goes first.
             candidates = list(
@@ -130,12 +133,14 @@ class LeaseProtocol:
             )
         leases: list[Lease] = []
         for study_id in candidates:
-            leases += self._lease_from(study_id, worker_id, count - len(leases))
+            leases += self._lease_from(study_id, worker_id, count - len(leases), device)
             if len(leases) == count:
                 break
         return leases
 
-    def _lease_from(self, study_id: int, worker_id: str, count: int) -> list[Lease]:
+    def _lease_from(
+        self, study_id: int, worker_id: str, count: int, device: str | None = None
+    ) -> list[Lease]:
         core = self.core
         loaded = core.load(study_id)
         budget = loaded.spec.budget
@@ -174,6 +179,8 @@ class LeaseProtocol:
                     trials = core.cache.get_all_trials(study_id, deepcopy=False)
                     continue
                 attrs = {"worker_id": worker_id, "config": sample.config}
+                if device is not None:  # issue 14: the device the worker asked to train on
+                    attrs["worker_device"] = device
                 trial_id, number = self._write_leased_trial(study_id, sample, attrs)
                 leased: FrozenTrial | None = None
                 if sample.view.pending is not None:  # the running trial as it stands

@@ -62,7 +62,9 @@ def lease_many(service: ServiceDep, body: BatchLeaseRequest) -> BatchLeases:
     """Up to `count` trials, long-polling up to `wait_s` for the first; an empty list if none.
     Budget and concurrency caps hold exactly; the batch is sampled with Optuna's constant
     liar, so its parameter sets differ."""
-    return BatchLeases(leases=service.lease_many(body.worker_id, body.count, body.wait_s))
+    return BatchLeases(
+        leases=service.lease_many(body.worker_id, body.count, body.wait_s, body.device)
+    )
 
 
 @router.post("/heartbeat", response_model=BatchHeartbeatAnswer)

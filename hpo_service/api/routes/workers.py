@@ -81,7 +81,7 @@ def lease(service: ServiceDep, body: LeaseRequest) -> Lease | Response:
     trial back (a restarted worker resumes). Train `config`, heartbeat every
     `heartbeat_interval_s`, report each epoch, then `complete` or `fail`.
     """
-    granted = service.lease(body.worker_id, body.wait_s)
+    granted = service.lease(body.worker_id, body.wait_s, body.device)
     if granted is None:
         return Response(status_code=status.HTTP_204_NO_CONTENT)
     return granted
