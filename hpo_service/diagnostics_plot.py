@@ -86,14 +86,19 @@ def _diagnosis(data: PlotData) -> list[str]:
     notes: list[str] = []
     collapse = data.series["posterior_collapse"]
     kl = data.series["val_kl"]
-    for index, epoch in enumerate(data.epochs):
-        flagged = collapse[index] is not None and (collapse[index] or 0) >= 1
-        flat = kl[index] is not None and (kl[index] or 0.0) <= COLLAPSED_KL * max(
-            1, len(data.kl_per_dim)
-        )
-        if flagged or flat:
-            notes.append(f"posterior collapse from epoch {epoch}")
-            break
+    floor = COLLAPSED_KL * max(1, len(data.kl_per_dim))  # every dimension at the prior
+
+    def collapsed(index: int) -> bool:
+        flagged = (collapse[index] or 0) >= 1  # the trainer's own verdict (KL and AU)
+        return flagged or (kl[index] is not None and (kl[index] or 0.0) <= floor)
+
+    # A collapse that lasts to the last epoch (an early dip the model recovers from is not one):
+    # the first epoch of the collapsed run at the end.
+    start = len(data.epochs)
+    while start > 0 and collapsed(start - 1):
+        start -= 1
+    if start < len(data.epochs):
+        notes.append(f"posterior collapse from epoch {data.epochs[start]}")
     lrs = [(lr, e) for lr, e in zip(data.series["lr"], data.epochs, strict=True) if lr is not None]
     if len(lrs) > 1 and max(lr for lr, _ in lrs) > min(lr for lr, _ in lrs):
         peak = max(lr for lr, _ in lrs)
