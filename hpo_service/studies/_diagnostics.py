@@ -4,9 +4,11 @@ Each accepted report's metrics go to ``hpo_epoch_records`` (``hpo_service.histor
 request's in one statement. At a trial's first epoch and every ``HPO_DIAGNOSTICS_PLOT_EVERY``
 epochs its curves are redrawn (``hpo_service.diagnostics_plot``) and attached to it as
 ``diagnostics.png`` under a stable artifact id, so the dashboard's trial page shows the latest.
-Drawing takes 0.3–4 s depending on the load (``benchmarks/diagnostics_plot.py``), so it never
-runs on the report request: a background thread draws, one trial at a time, and a trial already
-waiting for a redraw is not queued twice (the redraw reads the newest records when it runs).
+Drawing takes seconds (1.4–9 s at load 15–21 on two cores, ``benchmarks/diagnostics_plot.py``),
+so it never runs on the report request: a background thread has a child process draw (drawing
+holds the GIL, so in a thread of the server it would slow every request), one trial at a time,
+and a trial already waiting for a redraw is not queued twice (the redraw reads the newest
+records when it runs).
 
 Optuna lists artifacts in system attributes, which it refuses once a trial has finished. The
 first epoch's redraw lists the plot; the last redraw, queued by ``complete`` and ``fail``
@@ -26,7 +28,9 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import get_context
 from typing import Any, Protocol
 
 from optuna.artifacts._protocol import ArtifactStore
@@ -56,9 +60,14 @@ class Diagnostics:
         self.store = store
         self.every = core.settings.diagnostics_plot_every
         self._executor: ThreadPoolExecutor | None = None
+        # Drawing holds the GIL for its whole length: in a thread of this process it slowed
+        # every report by 2.7× while a drawing ran (benchmarks/diagnostics_plot.py), so it runs
+        # in a child process; the waiting thread here releases the GIL.
+        self._renderer: ProcessPoolExecutor | None = None
         self._guard = threading.Lock()
         self._pending: set[int] = set()  # a refresh is queued
-        self._listed: set[int] = set()  # this process listed the trial's plot on it
+        # Trials whose plot this process listed (a reaped trial's stays until pushed out).
+        self._listed: OrderedDict[int, None] = OrderedDict()
         self._final: OrderedDict[int, None] = OrderedDict()  # the last plot is queued or drawn
         self._locks: dict[int, threading.Lock] = {}
         self.last_render_s: float | None = None  # how long the last drawing took
@@ -123,7 +132,7 @@ class Diagnostics:
         finally:
             if last:
                 with self._guard:
-                    self._listed.discard(row.trial_id)
+                    self._listed.pop(row.trial_id, None)
                     self._locks.pop(row.trial_id, None)
 
     # --- on complete / fail, before Optuna's tell ----------------------------------------------
@@ -133,7 +142,7 @@ class Diagnostics:
         case: the first epoch's refresh listed it); else drawn and listed here, while Optuna
         still lets it be listed, with the lease's clock restarted first so the drawing cannot
         run it out."""
-        if self.store is None:
+        if not self.plotting:
             return
         try:
             if self._is_listed(row):
@@ -171,7 +180,7 @@ class Diagnostics:
                 return
             started = time.perf_counter()
             name = self.core.load(row.study_id).spec.name
-            png = render_diagnostics(records, f"{name} · trial {row.trial_number}")
+            png = self._render(records, f"{name} · trial {row.trial_number}")
             self.last_render_s = time.perf_counter() - started
             artifact_id = artifact_id_for(row.study_id, row.trial_id, PLOT_KIND)
             if not list_it:
@@ -189,7 +198,9 @@ class Diagnostics:
                         mimetype="image/png",
                     )
                     with self._guard:
-                        self._listed.add(row.trial_id)
+                        self._listed[row.trial_id] = None
+                        while len(self._listed) > FINISHED_MEMORY:
+                            self._listed.popitem(last=False)
             log.debug(
                 "drew diagnostics of trial %d (%d epochs) in %.3fs",
                 row.trial_id,
@@ -197,12 +208,31 @@ class Diagnostics:
                 self.last_render_s,
             )
 
+    def _render(self, records: list[dict[str, Any]], title: str) -> bytes:
+        """``render_diagnostics`` in the child process (started on first use; a new one if it
+        died). Spawned, not forked: forking a process with running threads is unsafe."""
+        with self._guard:
+            if self._renderer is None:
+                self._renderer = ProcessPoolExecutor(1, mp_context=get_context("spawn"))
+            renderer = self._renderer
+        try:
+            return renderer.submit(render_diagnostics, records, title).result()
+        except BrokenProcessPool:
+            with self._guard:
+                if self._renderer is renderer:
+                    self._renderer = None
+            raise
+
     def shutdown(self) -> None:
-        """Let the queued drawings finish; the server is stopping."""
+        """Let the queued drawings finish, then stop the drawing process; the server stops."""
         with self._guard:
             executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=True)
+        with self._guard:
+            renderer, self._renderer = self._renderer, None
+        if renderer is not None:
+            renderer.shutdown(wait=True)
 
 
 class EpochReportLike(Protocol):
