@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -213,7 +214,9 @@ class Diagnostics:
         died). Spawned, not forked: forking a process with running threads is unsafe."""
         with self._guard:
             if self._renderer is None:
-                self._renderer = ProcessPoolExecutor(1, mp_context=get_context("spawn"))
+                self._renderer = ProcessPoolExecutor(
+                    1, mp_context=get_context("spawn"), initializer=_yield_to_the_server
+                )
             renderer = self._renderer
         try:
             return renderer.submit(render_diagnostics, records, title).result()
@@ -233,6 +236,13 @@ class Diagnostics:
             renderer, self._renderer = self._renderer, None
         if renderer is not None:
             renderer.shutdown(wait=True)
+
+
+def _yield_to_the_server() -> None:
+    """In the drawing process: the lowest CPU priority, so on a small host the server's
+    requests get the CPU first and the plot waits (it is not urgent)."""
+    with contextlib.suppress(OSError):
+        os.nice(19)
 
 
 class EpochReportLike(Protocol):
