@@ -149,10 +149,9 @@ class Diagnostics:
             if self._is_listed(row):
                 self._queue(row, last=True)
                 return
-            self.core.record_beat(row.trial_id)
             with self._guard:
                 self._remember_final(row.trial_id)
-            self._draw(row, list_it=True)
+            self._draw(row, list_it=True, keep_alive=True)
         except Exception:
             log.exception("drawing the last diagnostics of trial %d failed", row.trial_id)
 
@@ -169,7 +168,7 @@ class Diagnostics:
         while len(self._final) > FINISHED_MEMORY:
             self._final.popitem(last=False)
 
-    def _draw(self, row: LeaseRow, *, list_it: bool) -> None:
+    def _draw(self, row: LeaseRow, *, list_it: bool, keep_alive: bool = False) -> None:
         """Draw the trial's records; list the plot on the trial (``list_it``), or only replace
         the bytes of the listed file."""
         assert self.store is not None
@@ -181,7 +180,8 @@ class Diagnostics:
                 return
             started = time.perf_counter()
             name = self.core.load(row.study_id).spec.name
-            png = self._render(records, f"{name} · trial {row.trial_number}")
+            beat = row.trial_id if keep_alive else None
+            png = self._render(records, f"{name} · trial {row.trial_number}", beat)
             self.last_render_s = time.perf_counter() - started
             artifact_id = artifact_id_for(row.study_id, row.trial_id, PLOT_KIND)
             if not list_it:
@@ -209,9 +209,13 @@ class Diagnostics:
                 self.last_render_s,
             )
 
-    def _render(self, records: list[dict[str, Any]], title: str) -> bytes:
+    def _render(self, records: list[dict[str, Any]], title: str, beat: int | None = None) -> bytes:
         """``render_diagnostics`` in the child process (started on first use; a new one if it
-        died). Spawned, not forked: forking a process with running threads is unsafe."""
+        died). Spawned, not forked: forking a process with running threads is unsafe.
+
+        ``beat``: a trial whose lease this waits on (``complete`` drawing before its tell): its
+        lease is kept alive every heartbeat interval meanwhile, so a drawing slower than the
+        lease timeout on a loaded host cannot get the trial reaped under its result."""
         with self._guard:
             if self._renderer is None:
                 self._renderer = ProcessPoolExecutor(
@@ -219,7 +223,14 @@ class Diagnostics:
                 )
             renderer = self._renderer
         try:
-            return renderer.submit(render_diagnostics, records, title).result()
+            future = renderer.submit(render_diagnostics, records, title)
+            while True:
+                if beat is not None:
+                    self.core.record_beat(beat)
+                try:
+                    return future.result(timeout=self.core.settings.heartbeat_interval_s)
+                except TimeoutError:
+                    continue
         except BrokenProcessPool:
             with self._guard:
                 if self._renderer is renderer:
@@ -227,11 +238,13 @@ class Diagnostics:
             raise
 
     def shutdown(self) -> None:
-        """Let the queued drawings finish, then stop the drawing process; the server stops."""
+        """The server stops: finish the drawing under way, drop the queued ones (a trial keeps
+        its last drawn plot; waiting for every queued one could hold a shutdown for minutes),
+        then stop the drawing process."""
         with self._guard:
             executor, self._executor = self._executor, None
         if executor is not None:
-            executor.shutdown(wait=True)
+            executor.shutdown(wait=True, cancel_futures=True)
         with self._guard:
             renderer, self._renderer = self._renderer, None
         if renderer is not None:
