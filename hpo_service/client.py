@@ -43,6 +43,7 @@ from hpo_service.schemas import (
     LRRangeTestAnswer,
     ReportAnswer,
     ReportItem,
+    ReproRecord,
     ResumedAnswer,
     ScheduleInfo,
     ScheduleReport,
@@ -50,7 +51,9 @@ from hpo_service.schemas import (
     StudyInfo,
     StudySpec,
     TrialComplete,
+    TrialConfig,
     TrialFail,
+    TrialHistory,
     TrialPage,
     TrialReport,
 )
@@ -281,6 +284,28 @@ class HPOClient:
             body["output_tail"] = output_tail
         response = self._call("POST", f"/trials/{trial_id}/fail", json=body, trial=True)
         return FailAnswer.model_validate(response.json())
+
+    # --- a trial's own records (issue 14) ---------------------------------------------------
+
+    def record(self, trial_id: int, token: str, record: ReproRecord | dict[str, Any]) -> None:
+        """Store how the trial is being trained (``ReproRecord``) on it; send once at start."""
+        body = record.model_dump(mode="json") if isinstance(record, ReproRecord) else record
+        self._call(
+            "POST",
+            f"/trials/{trial_id}/record",
+            json={"lease_token": token, "record": body},
+            trial=True,
+        )
+
+    def trial_config(self, study: str, number: int) -> TrialConfig:
+        """Trial ``number``'s resolved config, seed and reproducibility record."""
+        data = self._call("GET", f"/studies/{study}/trials/{number}/config").json()
+        return TrialConfig.model_validate(data)
+
+    def trial_history(self, study: str, number: int) -> TrialHistory:
+        """Every epoch trial ``number`` reported, oldest first."""
+        data = self._call("GET", f"/studies/{study}/trials/{number}/history").json()
+        return TrialHistory.model_validate(data)
 
     # --- the batched worker protocol: many trials per request, an answer or error per trial --
 

@@ -8,6 +8,7 @@ HTTP status codes in one place.
     │   ├── StudyNotFound
     │   ├── TrialNotFound
     │   ├── CheckpointNotFound no checkpoint to resume a retry from (the worker starts fresh)
+    │   ├── TrialNumberNotFound
     │   └── ScheduleNotFound
     ├── Conflict               the request contradicts the current state (409)
     │   ├── StudyExists
@@ -80,6 +81,13 @@ class CheckpointNotFound(NotFound):
     stored, deleted, or missing from the artifact store): the worker starts fresh."""
 
     code = "checkpoint_not_found"
+
+
+class TrialNumberNotFound(NotFound):
+    code = "trial_not_found"
+
+    def __init__(self, study: str, number: int) -> None:
+        super().__init__(f"study {study!r} has no trial number {number}")
 
 
 class Conflict(HPOError):

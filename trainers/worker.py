@@ -27,10 +27,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from hpo_service.client import HPOClient, LeaseLost, NoWork, ServerUnavailable, finite_metrics
+from hpo_service.client import (
+    APIError,
+    HPOClient,
+    LeaseLost,
+    NoWork,
+    ServerUnavailable,
+    finite_metrics,
+)
 from hpo_service.schemas import Lease, ReportAnswer, TrialReport
 from trainers.checkpoint_sync import send_best_model, train_resumable
 from trainers.errors import ConfigError, NonFiniteLossError
+from trainers.repro import reproducibility_record
 from trainers.train import EpochMetrics, TrainResult, train
 
 log = logging.getLogger("hpo.worker")
@@ -279,7 +287,22 @@ class Worker:
                 name=f"heartbeat-{lease.trial_id}",
             )
             thread.start()
+        self._send_record(lease, config)  # issue 14: how this trial is trained
         return ActiveTrial(lease, config, state, thread, time.monotonic())
+
+    def _send_record(self, lease: Lease, config: dict[str, Any]) -> None:
+        """Send the trial's reproducibility record (``trainers.repro``). Never fails the trial:
+        a config the trainer refuses fails in ``train`` itself, naming the field."""
+        try:
+            record = reproducibility_record(config)
+        except ConfigError:
+            return
+        try:
+            self._retrying(
+                "record", lambda: self.client.record(lease.trial_id, lease.lease_token, record)
+            )
+        except APIError as error:  # a lost lease shows at the next report too
+            log.warning("trial %d: record not stored: %s", lease.trial_number, error)
 
     def finish_trial(self, active: ActiveTrial, outcome: TrainResult | Exception) -> str:
         """Stop the heartbeat and settle the trial: complete, pruned, failed or handed back.

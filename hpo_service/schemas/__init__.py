@@ -10,6 +10,7 @@ and any client validate against the same models. Import from the package
 - ``studies`` — what the API answers about studies and trials, and ``EnqueueRequest``;
 - ``worker`` — the one-trial worker protocol: lease, heartbeat, report, complete, fail;
 - ``batch`` — the same protocol for many trials per request (population workers);
+- ``trials`` — a trial's per-epoch history, resolved config and reproducibility record;
 - ``schedules`` — recurring sweeps, their firings and the morning report;
 - ``errors`` — the error body of every 4xx/5xx answer;
 - ``_fields`` — field types and checks shared by several of the above.
@@ -102,6 +103,13 @@ from .train_config import (
     OptimizerName,
     TrainConfig,
     train_split_size,
+)
+from .trials import (
+    Precision,
+    RecordRequest,
+    ReproRecord,
+    TrialConfig,
+    TrialHistory,
 )
 from .worker import (
     MAX_METRIC_LIST,
@@ -200,11 +208,14 @@ __all__ = [
     "ParamDrift",
     "ParamSpec",
     "ParamValue",
+    "Precision",
     "PrunerName",
     "PrunerSpec",
+    "RecordRequest",
     "ReportAnswer",
     "ReportItem",
     "ReportRequest",
+    "ReproRecord",
     "ResumeFrom",
     "ResumedAnswer",
     "ResumedRequest",
@@ -222,8 +233,10 @@ __all__ = [
     "StudyTemplate",
     "TrainConfig",
     "TrialComplete",
+    "TrialConfig",
     "TrialCounts",
     "TrialFail",
+    "TrialHistory",
     "TrialLease",
     "TrialPage",
     "TrialReport",

@@ -12,6 +12,8 @@ memory of studies and running trials):
 - ``_finishing`` — complete and fail, each exactly once (``Finishing``);
 - ``_reaping``   — expired and lease-less trials, and the retry policy (``Reaper``);
 - ``_checkpoints`` — checkpoints, resuming a retry, and their retention (``Checkpoints``);
+- ``_diagnostics`` — every epoch's record kept, the diagnostics plot redrawn (``Diagnostics``);
+- ``_trials``    — a trial's history, resolved config and reproducibility record;
 - ``_checks``, ``_budget`` — lease-token and trial-state checks; the budget tally.
 
 Budget and concurrency are enforced under a per-study lock that holds across server replicas: a
@@ -40,6 +42,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import optuna
+from optuna.artifacts._protocol import ArtifactStore
 
 from hpo_service.config import Settings
 from hpo_service.db import Database
@@ -52,15 +55,20 @@ from hpo_service.schemas import (
     LRRangeTestAnswer,
     LRRangeTestResult,
     ReportAnswer,
+    ReproRecord,
     StudyInfo,
     StudySpec,
     StudyState,
+    TrialConfig,
+    TrialHistory,
     TrialPage,
 )
 from hpo_service.storage import build_storage
+from hpo_service.studies import _trials
 from hpo_service.studies._budget import work_may_come
 from hpo_service.studies._checkpoints import Checkpoints
 from hpo_service.studies._core import SNAPSHOT_MAX_AGE_S, SNAPSHOT_READ_SHARE, SPEC_ATTR, StudyCore
+from hpo_service.studies._diagnostics import Diagnostics
 from hpo_service.studies._finishing import Finishing, TrialFailure, TrialResult
 from hpo_service.studies._leasing import LeaseProtocol
 from hpo_service.studies._probes import ProbeResults
@@ -84,16 +92,23 @@ class StudyService:
     """The domain layer. One per process; thread-safe. A thin facade over the jobs above."""
 
     def __init__(
-        self, settings: Settings, storage: optuna.storages.RDBStorage | None = None
+        self,
+        settings: Settings,
+        storage: optuna.storages.RDBStorage | None = None,
+        artifact_store: ArtifactStore | None = None,
     ) -> None:
         # The service keeps each lease's liveness itself (``hpo_leases.beat_at_s``); Optuna's
         # heartbeat table is not written, so Optuna's own stale-trial check finds nothing.
         storage = storage or build_storage(settings)
-        self.core = StudyCore(settings, storage)
+        # One artifact store (checkpoints, kept models, plots): the app's, else one from settings.
+        self.core = StudyCore(settings, storage, artifact_store)
+        # issue 14: per-epoch history, and diagnostics plots when the caller gave a store (the
+        # app does; a bare service in a script or test draws none)
+        self.diagnostics = Diagnostics(self.core, artifact_store)
         self.registry = StudyRegistry(self.core)
         self.leasing = LeaseProtocol(self.core)
-        self.reporting = Reporting(self.core)
-        self.finishing = Finishing(self.core)
+        self.reporting = Reporting(self.core, self.diagnostics)
+        self.finishing = Finishing(self.core, self.diagnostics)
         self.reaper = Reaper(self.core)
         self.probes = ProbeResults(self.core)
         self.checkpoints = Checkpoints(self.core)  # issue 14: checkpoints, resume, retention
@@ -153,9 +168,13 @@ class StudyService:
     # --- the worker protocol ------------------------------------------------------------------
 
     def lease(
-        self, worker_id: str, wait_s: float = 0.0, kinds: Sequence[str] = ("trial",)
+        self,
+        worker_id: str,
+        wait_s: float = 0.0,
+        kinds: Sequence[str] = ("trial",),
+        device: str | None = None,
     ) -> Lease | None:
-        return self.leasing.lease(worker_id, wait_s, kinds)
+        return self.leasing.lease(worker_id, wait_s, kinds, device=device)
 
     def lr_range_test(
         self, trial_id: int, token: str, result: LRRangeTestResult
@@ -219,8 +238,9 @@ class StudyService:
         count: int,
         wait_s: float = 0.0,
         slots: Sequence[str] | None = None,
+        device: str | None = None,
     ) -> list[Lease]:
-        return self.leasing.lease_many(worker_id, count, wait_s, slots=slots)
+        return self.leasing.lease_many(worker_id, count, wait_s, slots=slots, device=device)
 
     def heartbeat_many(self, leases: Sequence[tuple[int, str]]) -> list[HeartbeatAnswer | HPOError]:
         return self.reporting.heartbeat_many(leases)
@@ -234,6 +254,17 @@ class StudyService:
 
     def fail_many(self, failures: Sequence[TrialFailure]) -> list[FailAnswer | HPOError]:
         return self.finishing.fail_many(failures)
+
+    # --- a trial's own records (issue 14) ---------------------------------------------------
+
+    def trial_history(self, name: str, number: int) -> TrialHistory:
+        return _trials.trial_history(self.core, self.diagnostics, name, number)
+
+    def trial_config(self, name: str, number: int) -> TrialConfig:
+        return _trials.trial_config(self.core, name, number)
+
+    def record_repro(self, trial_id: int, token: str, record: ReproRecord) -> None:
+        _trials.record_repro(self.core, trial_id, token, record)
 
     # --- reaping ------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import optuna
+from optuna.artifacts._protocol import ArtifactStore
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages._rdb.models import TrialUserAttributeModel
 from optuna.storages._rdb.storage import _create_scoped_session
@@ -93,14 +94,19 @@ def aware(moment: datetime) -> datetime:
 class StudyCore:
     """The storage, the per-study lock and this process's memory of studies. Thread-safe."""
 
-    def __init__(self, settings: Settings, storage: optuna.storages.RDBStorage) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        storage: optuna.storages.RDBStorage,
+        artifacts: ArtifactStore | None = None,
+    ) -> None:
         self.settings = settings
         self.storage = storage
         # Optuna's own cache over the storage, shared by every study of this process: finished
         # trials are read once, later reads fetch only running and new trials.
         self.cache = optuna.storages.get_storage(self.storage)
         # Checkpoints and plots (issue 14): written only by this server, never by workers.
-        self.artifacts = build_artifact_store(settings)
+        self.artifacts = artifacts if artifacts is not None else build_artifact_store(settings)
         self.db = Database(self.storage.engine)
         prepare_service_schema(self.storage.engine)  # creates on an empty DB, never migrates
         self.is_postgres = self.storage.engine.dialect.name == "postgresql"

@@ -48,6 +48,7 @@ from hpo_service.studies._checks import (
     not_running,
 )
 from hpo_service.studies._core import LoadedStudy, StudyCore
+from hpo_service.studies._diagnostics import Diagnostics
 from hpo_service.studies._reaping import requeue
 from hpo_service.studies._reporting import EpochReport, finite_metrics
 
@@ -112,8 +113,9 @@ class TrialFailure:
 class Finishing:
     """``complete`` and ``fail`` over one ``StudyCore``, one trial or many at a time."""
 
-    def __init__(self, core: StudyCore) -> None:
+    def __init__(self, core: StudyCore, diagnostics: Diagnostics | None = None) -> None:
         self.core = core
+        self.diagnostics = diagnostics or Diagnostics(core, None)
 
     def complete_many(self, results: Sequence[TrialResult]) -> list[CompleteAnswer | HPOError]:
         """``complete`` for each result, in order, each with its own idempotency and conflict
@@ -291,6 +293,8 @@ class Finishing:
             )
         previous = previous_answer(row, "complete", fingerprint)
         if previous is None:
+            # issue 14: the last plot, before the claim (a lease-timeout clock) and the tell
+            self.diagnostics.before_finish(row)
             previous = self._claim(row, "complete", fingerprint, same=fingerprint)
         if previous is not None:
             return CompleteAnswer.model_validate(previous)
@@ -367,6 +371,7 @@ class Finishing:
         # A repeated fail gets the first answer, whichever state it asked for.
         previous = previous_answer(row, "fail", None)
         if previous is None:
+            self.diagnostics.before_finish(row)  # issue 14: the last plot, before the tell
             previous = self._claim(row, "fail", state, same=None)
         if previous is not None:
             return FailAnswer.model_validate(previous)

@@ -69,15 +69,20 @@ class LeaseProtocol:
         self.probes = ProbeLeasing(core)
 
     def lease(
-        self, worker_id: str, wait_s: float = 0.0, kinds: Sequence[str] = ("trial",)
+        self,
+        worker_id: str,
+        wait_s: float = 0.0,
+        kinds: Sequence[str] = ("trial",),
+        device: str | None = None,
     ) -> Lease | None:
         """Hand a trial to a worker, long-polling up to ``wait_s`` seconds; None if no work.
 
         A worker that comes back with the same id gets its own running trial back. ``kinds``:
         the lease kinds the worker runs (``LeaseKind``); a study whose LR range test is pending
-        hands out nothing to a worker that cannot run it.
+        hands out nothing to a worker that cannot run it. ``device`` (the worker's, as it
+        asked) is kept as the trial's ``worker_device`` attribute.
         """
-        leases = self.lease_many(worker_id, 1, wait_s, kinds)
+        leases = self.lease_many(worker_id, 1, wait_s, kinds, device=device)
         return leases[0] if leases else None
 
     def lease_many(
@@ -87,6 +92,7 @@ class LeaseProtocol:
         wait_s: float = 0.0,
         kinds: Sequence[str] = ("trial",),
         slots: Sequence[str] | None = None,
+        device: str | None = None,
     ) -> list[Lease]:
         """Up to ``count`` trials for one worker, long-polling up to ``wait_s`` seconds for the
         first; empty if no work. The worker's own running trials come back first.
@@ -105,7 +111,7 @@ class LeaseProtocol:
         while True:
             leases, free = self._own_running_trials(holders)
             if free:
-                leases += self._try_lease(free, kinds)
+                leases += self._try_lease(free, kinds, device)
             if leases:
                 return leases
             remaining = deadline - time.monotonic()
@@ -155,7 +161,9 @@ class LeaseProtocol:
                 )
         return leases, free
 
-    def _try_lease(self, holders: list[str], kinds: Sequence[str]) -> list[Lease]:
+    def _try_lease(
+        self, holders: list[str], kinds: Sequence[str], device: str | None
+    ) -> list[Lease]:
         with self.core.db.session() as session:
             # Fairness: the running study served longest ago goes first.
             candidates = list(
@@ -168,7 +176,7 @@ class LeaseProtocol:
         leases: list[Lease] = []
         free = list(holders)
         for study_id in candidates:
-            granted = self._lease_from(study_id, free, kinds)
+            granted = self._lease_from(study_id, free, kinds, device)
             for lease in granted:
                 free.remove(str(lease.worker_id))
             leases += granted
@@ -176,7 +184,9 @@ class LeaseProtocol:
                 break
         return leases
 
-    def _lease_from(self, study_id: int, holders: list[str], kinds: Sequence[str]) -> list[Lease]:
+    def _lease_from(
+        self, study_id: int, holders: list[str], kinds: Sequence[str], device: str | None = None
+    ) -> list[Lease]:
         """Up to ``len(holders)`` new trials of one study, the i-th held by ``holders[i]``."""
         core = self.core
         loaded = core.load(study_id)
@@ -232,6 +242,8 @@ class LeaseProtocol:
                     trials = core.cache.get_all_trials(study_id, deepcopy=False)
                     continue
                 attrs = {"worker_id": worker_id, "config": sample.config}
+                if device is not None:  # issue 14: the device the worker asked to train on
+                    attrs["worker_device"] = device
                 trial_id, number = self._write_leased_trial(study_id, sample, attrs)
                 leased: FrozenTrial | None = None
                 resume: ResumeFrom | None = None

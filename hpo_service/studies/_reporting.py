@@ -31,6 +31,7 @@ from hpo_service.studies._checks import (
     running_trial,
 )
 from hpo_service.studies._core import LoadedStudy, RunningTrial, StudyCore
+from hpo_service.studies._diagnostics import Diagnostics
 
 
 def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -89,8 +90,9 @@ def _pruner_copy(trial: FrozenTrial) -> FrozenTrial:
 class Reporting:
     """Heartbeats and per-epoch reports over one ``StudyCore``, one trial or many at a time."""
 
-    def __init__(self, core: StudyCore) -> None:
+    def __init__(self, core: StudyCore, diagnostics: Diagnostics | None = None) -> None:
         self.core = core
+        self.diagnostics = diagnostics or Diagnostics(core, None)
 
     def heartbeat(self, trial_id: int, token: str) -> HeartbeatAnswer:
         answer = self.heartbeat_many([(trial_id, token)])[0]
@@ -158,6 +160,9 @@ class Reporting:
             return [answer for item in reports for answer in self._handle(found, [item], due)]
         answers = self._handle(found, reports, due)
         self._beat(due)
+        # --- issue 14: every epoch's diagnostics kept (one statement), plots redrawn off the
+        # request every few epochs (studies/_diagnostics.py)
+        self.diagnostics.epochs_reported(found, reports, answers)
         return answers
 
     def _handle(

@@ -65,7 +65,9 @@ def lease_many(service: ServiceDep, body: BatchLeaseRequest) -> BatchLeases:
     liar, so its parameter sets differ. With `slots`, each lease is held by one slot. With
     none, `idle` tells "no study can give work now" (`true`: a worker may exit) from "wait and
     ask again" (`false`)."""
-    leases = service.lease_many(body.worker_id, body.count, body.wait_s, body.slots)
+    leases = service.lease_many(
+        body.worker_id, body.count, body.wait_s, body.slots, device=body.device
+    )
     return BatchLeases(leases=leases, idle=not leases and not service.work_may_come())
 
 

@@ -105,7 +105,7 @@ def lease(service: ServiceDep, body: LeaseRequest) -> Lease | Response:
     lists it in `kinds`): the study's LR range test, before its first trial; heartbeat as for a
     trial and send the curve to `/v1/trials/{trial_id}/lr-range-test` (or `fail`).
     """
-    granted = service.lease(body.worker_id, body.wait_s, body.kinds)
+    granted = service.lease(body.worker_id, body.wait_s, body.kinds, body.device)
     if granted is None:
         work = "wait" if service.work_may_come() else "idle"
         return Response(status_code=status.HTTP_204_NO_CONTENT, headers={WORK_HEADER: work})
