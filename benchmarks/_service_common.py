@@ -142,7 +142,7 @@ def hpo_serve_process(database_url: str, **settings: Any) -> Iterator[tuple[str,
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300  # generous: a loaded machine imports slowly
         while True:
             if process.poll() is not None:
                 raise RuntimeError(f"hpo serve exited: {Path(log.name).read_text()[-2000:]}")
@@ -150,7 +150,7 @@ def hpo_serve_process(database_url: str, **settings: Any) -> Iterator[tuple[str,
                 if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
                     break
             if time.monotonic() > deadline:
-                raise RuntimeError("hpo serve did not become healthy in 60 s")
+                raise RuntimeError("hpo serve did not become healthy in 300 s")
             time.sleep(0.2)
         yield url, process.pid
     finally:

@@ -56,7 +56,7 @@ from typing import IO, Annotated, Any
 
 import typer
 
-from hpo_service.client import HPOClient, LeaseLost, make_http_client
+from hpo_service.client import HPOClient, LeaseLost, NoWork, make_http_client
 from hpo_service.schemas import OUTPUT_TAIL_CHARS, Lease
 from hpo_service.sdk import REASON_CHARS, WorkerShutdown, _number, _retrying
 
@@ -74,6 +74,7 @@ class AgentOptions:
     wait_s: float = 20.0
     max_trials: int | None = None
     idle_exit_s: float | None = None
+    exit_when_idle: bool = False  # exit once the server says no study can give work now
     grace_s: float = 10.0  # after the prune/cancel signal, before SIGKILL
     prune_signal: signal.Signals = signal.SIGTERM
     tail_lines: int = 40
@@ -146,7 +147,8 @@ class Agent:
         self._shutdown = why
 
     def run(self) -> int:
-        """Lease and run until shutdown, ``max_trials`` or ``idle_exit_s``; returns trials run.
+        """Lease and run until shutdown, ``max_trials``, ``idle_exit_s`` or (``exit_when_idle``)
+        no study can give work; returns trials run.
 
         SIGINT and SIGTERM (main thread only) hand the running trial back and end the loop.
         """
@@ -170,10 +172,15 @@ class Agent:
             if opts.max_trials is not None and self.trials_done >= opts.max_trials:
                 break
             try:
-                lease = _retrying("lease", lambda: self.client.lease(opts.worker_id, opts.wait_s))
+                lease = _retrying(
+                    "lease", lambda: self.client.next_lease(opts.worker_id, opts.wait_s)
+                )
             except (KeyboardInterrupt, WorkerShutdown):
                 break
-            if lease is None:
+            if isinstance(lease, NoWork):
+                if lease.idle and opts.exit_when_idle:
+                    log.info("no study can give work now; exiting")
+                    break
                 if (
                     opts.idle_exit_s is not None
                     and time.monotonic() - idle_since >= opts.idle_exit_s
@@ -405,12 +412,12 @@ class Agent:
         self.last_reason = status
         if run.sdk_outcome is not None:
             return f"settled by the program through the SDK; {status}"
+        if run.pruned_at is not None:  # first: the prune answer ended the trial PRUNED
+            reason = f"pruned at epoch {run.pruned_at}; {status}"
+            return self._fail(lease, reason, pruned=True, tail=_tail(run))
         if run.lost is not None:
             log.warning("trial %d: lease lost (%s)", lease.trial_number, run.lost)
             return "lost"
-        if run.pruned_at is not None:
-            reason = f"pruned at epoch {run.pruned_at}; {status}"
-            return self._fail(lease, reason, pruned=True, tail=_tail(run))
         if run.stop_reason is not None:
             return self._fail(lease, f"{run.stop_reason}; {status}", tail=_tail(run))
         if run.interrupted is not None:
@@ -503,6 +510,14 @@ def agent_command(
     idle_exit_s: Annotated[
         float | None, typer.Option("--idle-exit", help="Exit after this long without work (s).")
     ] = None,
+    exit_when_idle: Annotated[
+        bool,
+        typer.Option(
+            "--exit-when-idle",
+            help="Exit once the server says no study can give work now (every study stopped, "
+            "cancelled, completed or failed, or none).",
+        ),
+    ] = False,
     grace_s: Annotated[
         float, typer.Option("--grace", help="Seconds from the prune/cancel signal to SIGKILL.")
     ] = 10.0,
@@ -531,6 +546,7 @@ def agent_command(
         wait_s=wait_s,
         max_trials=max_trials,
         idle_exit_s=idle_exit_s,
+        exit_when_idle=exit_when_idle,
         grace_s=grace_s,
         prune_signal=sig,
         tail_lines=tail_lines,

@@ -22,8 +22,10 @@ from hpo_service.api.routes import (
     health,
     schedules,
     studies,
+    trials,
     workers,
 )
+from hpo_service.artifacts import build_artifact_store
 from hpo_service.config import Settings
 from hpo_service.dashboard import mount_dashboard
 from hpo_service.metrics import RequestTimer, ServiceMetrics
@@ -47,7 +49,9 @@ def _reaper(service: StudyService, interval_s: float, stop: threading.Event) -> 
 def create_app(settings: Settings, storage: optuna.storages.RDBStorage | None = None) -> FastAPI:
     """Build the app. Raises ValueError if the settings are unsafe (open non-loopback bind)."""
     settings.check_safe_to_serve()
-    service = StudyService(settings, storage)
+    # Checkpoints and diagnostics plots (artifacts.py); the dashboard serves them too.
+    artifact_store = build_artifact_store(settings)
+    service = StudyService(settings, storage, artifact_store)
     scheduler = Scheduler(service, settings)
 
     @asynccontextmanager
@@ -78,6 +82,7 @@ def create_app(settings: Settings, storage: optuna.storages.RDBStorage | None = 
             reaper.join(timeout=5)
         if ticker.is_alive():
             ticker.join(timeout=30)
+        service.diagnostics.shutdown()
 
     app = FastAPI(
         title="VAE HPO service",
@@ -90,8 +95,7 @@ def create_app(settings: Settings, storage: optuna.storages.RDBStorage | None = 
         redoc_url=None,
     )
     app.state.service = service
-    # Checkpoints and diagnostics plots (artifacts.py); the dashboard serves them too.
-    app.state.artifact_store = service.core.artifacts
+    app.state.artifact_store = artifact_store
     app.state.schedules = ScheduleService(service, settings)
     app.state.scheduler = scheduler
     app.state.settings = settings
@@ -112,6 +116,7 @@ def create_app(settings: Settings, storage: optuna.storages.RDBStorage | None = 
     app.include_router(checkpoints.router, prefix=API_PREFIX)
     app.include_router(final_eval.router, prefix=API_PREFIX)  # issue 14.4
     app.include_router(batch.router, prefix=API_PREFIX)
+    app.include_router(trials.router, prefix=API_PREFIX)  # issue 14: history, config, record
     app.include_router(schedules.router, prefix=API_PREFIX)
     app.include_router(docs.router_for(API_PREFIX, public=settings.public_docs))
 

@@ -8,7 +8,8 @@ Exceptions::
     ClientError                 any failed call
     ├── ServerUnavailable       connection refused / timed out / 502-504: worth retrying
     └── APIError                the server answered with an error body (``status``, ``code``)
-        ├── LeaseLost           409/404 on a trial: the lease is gone (reaped, mismatch, deleted)
+        ├── LeaseLost           409/404 on a trial: the lease is gone (reaped, finished,
+        │                       mismatch, deleted); ``state`` says how a finished trial ended
         └── RequestRejected     422: the request is invalid (``details`` name the fields)
 """
 
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 from pydantic import BaseModel
 
 from hpo_service.schemas import (
+    WORK_HEADER,
     BatchCompleteAnswer,
     BatchFailAnswer,
     BatchHeartbeatAnswer,
@@ -41,6 +44,7 @@ from hpo_service.schemas import (
     LRRangeTestAnswer,
     ReportAnswer,
     ReportItem,
+    ReproRecord,
     ResumedAnswer,
     ScheduleInfo,
     ScheduleReport,
@@ -48,7 +52,9 @@ from hpo_service.schemas import (
     StudyInfo,
     StudySpec,
     TrialComplete,
+    TrialConfig,
     TrialFail,
+    TrialHistory,
     TrialPage,
     TrialReport,
 )
@@ -66,13 +72,19 @@ class ServerUnavailable(ClientError):
 
 class APIError(ClientError):
     def __init__(
-        self, status: int, code: str, message: str, details: list[dict[str, Any]] | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: list[dict[str, Any]] | None = None,
+        state: str | None = None,
     ) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
         self.details = details or []
+        self.state = state  # trial_finished / trial_reaped: how the trial ended
 
 
 class LeaseLost(APIError):
@@ -81,6 +93,14 @@ class LeaseLost(APIError):
 
 class RequestRejected(APIError):
     pass
+
+
+@dataclass(frozen=True)
+class NoWork:
+    """``POST /v1/leases`` gave no trial. ``idle``: no study can give work now (the server's
+    ``HPO-Work: idle``), so a worker may exit; otherwise wait and ask again."""
+
+    idle: bool
 
 
 def make_http_client(
@@ -124,14 +144,15 @@ class HPOClient:
             try:
                 body = response.json()["error"]
                 code, message, details = body["code"], body["message"], body.get("details", [])
-            except (ValueError, KeyError, TypeError):
-                code, message, details = "http_error", response.text[:500], []
+                state = body.get("state")
+            except (ValueError, KeyError, TypeError, AttributeError):
+                code, message, details, state = "http_error", response.text[:500], [], None
             kind: type[APIError] = APIError
             if response.status_code == 422:
                 kind = RequestRejected
             elif trial and response.status_code in (404, 409):
                 kind = LeaseLost
-            raise kind(response.status_code, code, message, details)
+            raise kind(response.status_code, code, message, details, state)
         return response
 
     @staticmethod
@@ -182,12 +203,23 @@ class HPOClient:
     ) -> Lease | None:
         """A lease, or None if no work within ``wait_s``. ``kinds``: the lease kinds this
         worker runs (``LeaseKind``; None: the server's default, trials only)."""
+        granted = self.next_lease(worker_id, wait_s, device, kinds)
+        return granted if isinstance(granted, Lease) else None
+
+    def next_lease(
+        self,
+        worker_id: str,
+        wait_s: float = 0.0,
+        device: str | None = None,
+        kinds: Sequence[str] | None = None,
+    ) -> Lease | NoWork:
+        """A lease, or ``NoWork`` saying whether work may still come."""
         body: dict[str, Any] = {"worker_id": worker_id, "wait_s": wait_s, "device": device}
         if kinds is not None:
             body["kinds"] = list(kinds)
         response = self._call("POST", "/leases", json=body)
         if response.status_code == 204:
-            return None
+            return NoWork(idle=response.headers.get(WORK_HEADER) == "idle")
         return Lease.model_validate(response.json())
 
     def lr_range_test(
@@ -221,7 +253,12 @@ class HPOClient:
     def report(
         self, trial_id: int, token: str, epoch: int, value: float | None, metrics: dict[str, Any]
     ) -> ReportAnswer:
-        body = {"lease_token": token, "epoch": epoch, "value": value, "metrics": _finite(metrics)}
+        body = {
+            "lease_token": token,
+            "epoch": epoch,
+            "value": value,
+            "metrics": finite_metrics(metrics),
+        }
         response = self._call("POST", f"/trials/{trial_id}/report", json=body, trial=True)
         return ReportAnswer.model_validate(response.json())
 
@@ -233,7 +270,7 @@ class HPOClient:
         metrics: dict[str, Any],
         output_tail: str | None = None,
     ) -> CompleteAnswer:
-        body = {"lease_token": token, "values": values, "metrics": _finite(metrics)}
+        body = {"lease_token": token, "values": values, "metrics": finite_metrics(metrics)}
         if output_tail:
             body["output_tail"] = output_tail
         response = self._call("POST", f"/trials/{trial_id}/complete", json=body, trial=True)
@@ -262,6 +299,28 @@ class HPOClient:
             body["output_tail"] = output_tail
         response = self._call("POST", f"/trials/{trial_id}/fail", json=body, trial=True)
         return FailAnswer.model_validate(response.json())
+
+    # --- a trial's own records (issue 14) ---------------------------------------------------
+
+    def record(self, trial_id: int, token: str, record: ReproRecord | dict[str, Any]) -> None:
+        """Store how the trial is being trained (``ReproRecord``) on it; send once at start."""
+        body = record.model_dump(mode="json") if isinstance(record, ReproRecord) else record
+        self._call(
+            "POST",
+            f"/trials/{trial_id}/record",
+            json={"lease_token": token, "record": body},
+            trial=True,
+        )
+
+    def trial_config(self, study: str, number: int) -> TrialConfig:
+        """Trial ``number``'s resolved config, seed and reproducibility record."""
+        data = self._call("GET", f"/studies/{study}/trials/{number}/config").json()
+        return TrialConfig.model_validate(data)
+
+    def trial_history(self, study: str, number: int) -> TrialHistory:
+        """Every epoch trial ``number`` reported, oldest first."""
+        data = self._call("GET", f"/studies/{study}/trials/{number}/history").json()
+        return TrialHistory.model_validate(data)
 
     # --- the batched worker protocol: many trials per request, an answer or error per trial --
 
@@ -329,12 +388,35 @@ class HPOClient:
         return ResumedAnswer.model_validate(response.json())
 
     def lease_many(
-        self, worker_id: str, count: int, wait_s: float = 0.0, device: str | None = None
+        self,
+        worker_id: str,
+        count: int,
+        wait_s: float = 0.0,
+        device: str | None = None,
+        slots: list[str] | None = None,
     ) -> list[Lease]:
-        """Up to ``count`` leases (the worker's own running trials first); [] if no work."""
-        body = {"worker_id": worker_id, "count": count, "wait_s": wait_s, "device": device}
+        """Up to ``count`` leases (the worker's own running trials first); [] if no work.
+        ``slots``: ``count`` distinct lease identities, one per lease (``Lease.worker_id``)."""
+        granted = self.next_leases(worker_id, count, wait_s, device, slots)
+        return granted if isinstance(granted, list) else []
+
+    def next_leases(
+        self,
+        worker_id: str,
+        count: int,
+        wait_s: float = 0.0,
+        device: str | None = None,
+        slots: list[str] | None = None,
+    ) -> list[Lease] | NoWork:
+        """``lease_many``, or ``NoWork`` saying whether work may still come."""
+        body: dict[str, Any] = {
+            "worker_id": worker_id, "count": count, "wait_s": wait_s, "device": device,
+        }  # fmt: skip
+        if slots is not None:
+            body["slots"] = slots
         response = self._call("POST", "/batch/leases", json=body)
-        return BatchLeases.model_validate(response.json()).leases
+        answer = BatchLeases.model_validate(response.json())
+        return answer.leases or NoWork(idle=answer.idle)
 
     def heartbeat_many(self, leases: list[tuple[int, str]]) -> list[HeartbeatItem]:
         """One beat for many leases, given as (trial id, lease token); an item per lease."""
@@ -400,7 +482,7 @@ class HPOClient:
 
 
 # --- reliability branch: the server refuses NaN/Infinity in metrics (422 naming the key) -------
-def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
+def finite_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """Metrics with each non-finite number sent as null, the wire's "could not be computed"."""
 
     def clean(value: Any) -> Any:

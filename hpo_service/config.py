@@ -137,6 +137,11 @@ class Settings(BaseSettings):
     best_models_kept: int = Field(
         5, ge=0, description="Trials per study whose best model is kept once they finish."
     )
+    # Redraw a running trial's diagnostics plot every this many epochs, on a background thread
+    # (and once more before it finishes); 0: no plots (the per-epoch history is kept anyway).
+    diagnostics_plot_every: int = Field(
+        5, ge=0, le=10_000, description="Epochs between redraws of a trial's diagnostics plot."
+    )
 
     @classmethod
     def settings_customise_sources(

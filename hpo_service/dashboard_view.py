@@ -9,7 +9,8 @@ It also changes how two nested attributes *look*, never what is stored:
 * a study's ``spec`` (search space, budget, objectives, …) is shown as one attribute per top-level
   key, ``spec.budget``, ``spec.search_space``, …;
 * a trial's ``metrics`` (the latest epoch's KL, active units, β, LR, grad norms …; the final
-  metrics once complete) is shown as ``metrics.val_kl``, ``metrics.beta``, ….
+  metrics once complete) is shown as ``metrics.val_kl``, ``metrics.beta``, …, and its
+  reproducibility record as ``repro.git_commit``, ``repro.precision``, … (issue 14).
 
 The dashboard renders a nested attribute as one JSON string cut at 1,024 characters and cannot
 sort or plot it; one number per attribute becomes a sortable column. Flattening here rather than
@@ -35,7 +36,7 @@ from hpo_service.storage import STORAGE_ERRORS
 
 #: Nested attributes shown one key per attribute, as ``{name}.{key}``.
 STUDY_ATTRS_FLATTENED = ("spec",)
-TRIAL_ATTRS_FLATTENED = ("metrics",)
+TRIAL_ATTRS_FLATTENED = ("metrics", "repro")  # repro: issue 14
 
 
 class StorageOutage(BaseException):

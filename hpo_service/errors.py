@@ -3,16 +3,20 @@ HTTP status codes in one place.
 
     HPOError
     ├── InvalidSpec            a study spec or request that cannot be honoured (422)
+    │   └── InvalidValue       a reported or final objective value that is NaN or infinite
     ├── NotFound               (404)
     │   ├── StudyNotFound
     │   ├── TrialNotFound
     │   ├── CheckpointNotFound no checkpoint to resume a retry from (the worker starts fresh)
+    │   ├── TrialNumberNotFound
     │   └── ScheduleNotFound
     ├── Conflict               the request contradicts the current state (409)
     │   ├── StudyExists
     │   ├── LeaseMismatch      wrong lease token for the trial
-    │   ├── TrialReaped        the lease expired and the trial was failed (and maybe retried)
-    │   ├── ResultConflict     a different result for a trial that already finished
+    │   ├── TrialFinished      the trial already ended (``state``: complete, pruned, fail)
+    │   │   └── TrialReaped    its lease expired and the reaper failed it (maybe retried)
+    │   ├── ResultConflict     a different result for a trial that already completed
+    │   ├── ReportConflict     a different value for an epoch already reported
     │   ├── StudyNotRunning    the study was stopped, cancelled or deleted
     │   ├── WrongLeaseKind     a result route that does not fit the lease's kind
     │   └── ScheduleExists
@@ -47,6 +51,13 @@ class InvalidSpec(HPOError):
         self.reason = reason
 
 
+class InvalidValue(InvalidSpec):
+    """Raised when an objective value a worker sends (a report's ``value``, ``complete``'s
+    ``values``) is NaN or infinite: the run diverged, which ``fail`` with ``diverged`` says."""
+
+    code = "invalid_value"
+
+
 class NotFound(HPOError):
     code = "not_found"
 
@@ -72,6 +83,13 @@ class CheckpointNotFound(NotFound):
     code = "checkpoint_not_found"
 
 
+class TrialNumberNotFound(NotFound):
+    code = "trial_not_found"
+
+    def __init__(self, study: str, number: int) -> None:
+        super().__init__(f"study {study!r} has no trial number {number}")
+
+
 class Conflict(HPOError):
     code = "conflict"
 
@@ -87,16 +105,38 @@ class LeaseMismatch(Conflict):
     code = "lease_mismatch"
 
 
-class TrialReaped(Conflict):
-    """Raised when a result arrives for a trial whose lease expired and that was failed."""
+class TrialFinished(Conflict):
+    """Raised when a heartbeat, report, complete or fail arrives for a trial that already
+    ended; ``state`` is how it ended (``complete``, ``pruned``, ``fail``), sent in the body."""
+
+    code = "trial_finished"
+
+    def __init__(self, message: str, state: str) -> None:
+        super().__init__(message)
+        self.state = state
+
+
+class TrialReaped(TrialFinished):
+    """Raised when a call arrives for a trial whose lease expired and that the reaper failed
+    (a retry with the same parameters was queued if retries remained)."""
 
     code = "trial_reaped"
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "fail")
+
 
 class ResultConflict(Conflict):
-    """Raised when a trial that already finished is sent a different result."""
+    """Raised when a trial that already completed is sent different values."""
 
     code = "result_conflict"
+
+
+class ReportConflict(Conflict):
+    """Raised when an epoch already reported is reported again with a different value (the
+    first value stands; the same value again is an idempotent repeat)."""
+
+    code = "report_conflict"
 
 
 class StudyNotRunning(Conflict):

@@ -114,3 +114,22 @@ class FiringRow(Base):
     detail: Mapped[str | None] = mapped_column(Text, nullable=True)  # why skipped or failed
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+# --- per-epoch diagnostics (issue 14) --------------------------------------------------------
+
+
+class EpochRecordRow(Base):
+    """One epoch of one trial's diagnostics, as reported (``hpo_service.history``).
+
+    Optuna keeps only the latest ``metrics`` attribute per trial; this keeps every epoch, one
+    compact JSON record each, bounded in size (``history.MAX_RECORD_BYTES``). Keyed by
+    (trial, epoch), so a repeated report of an epoch is not stored twice.
+    """
+
+    __tablename__ = "hpo_epoch_records"
+
+    trial_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    epoch: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    study_id: Mapped[int] = mapped_column(Integer, index=True)
+    record: Mapped[dict[str, Any]] = mapped_column(JSON)

@@ -56,7 +56,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import FrameType, TracebackType
 from typing import Any, TypeVar
 
-from hpo_service.client import HPOClient, LeaseLost, ServerUnavailable, make_http_client
+from hpo_service.client import (
+    HPOClient,
+    LeaseLost,
+    NoWork,
+    ServerUnavailable,
+    make_http_client,
+)
 from hpo_service.schemas import Lease
 
 log = logging.getLogger("hpo.sdk")
@@ -373,6 +379,7 @@ def trials(
     wait_s: float = 20.0,
     max_trials: int | None = None,
     idle_exit_s: float | None = None,
+    exit_when_idle: bool = False,
     device: str | None = None,
     raise_errors: bool = False,
     handle_sigterm: bool = True,
@@ -383,7 +390,8 @@ def trials(
     ``server`` defaults to ``HPO_SERVER_URL`` (else ``http://127.0.0.1:8000``), ``token`` to
     ``HPO_WORKER_TOKEN`` (else ``HPO_TOKEN``), ``worker_id`` to ``HPO_WORKER_ID`` (else host and
     process id; a restarted worker with the same id gets its running trial back). Stops after
-    ``max_trials`` trials or ``idle_exit_s`` seconds without work (None: never). With
+    ``max_trials`` trials, ``idle_exit_s`` seconds without work (None: never) or, with
+    ``exit_when_idle``, once the server says no study can give work now. With
     ``handle_sigterm`` (main thread only) SIGTERM raises ``WorkerShutdown`` in the training code,
     so the trial is handed back like on Ctrl-C. A trial not used as a context manager is settled
     when the loop moves on (as a normal exit) or is closed (handed back).
@@ -405,8 +413,11 @@ def trials(
         done = 0
         idle_since = time.monotonic()
         while max_trials is None or done < max_trials:
-            lease = _retrying("lease", lambda: client.lease(worker_id, wait_s, device))
-            if lease is None:
+            lease = _retrying("lease", lambda: client.next_lease(worker_id, wait_s, device))
+            if isinstance(lease, NoWork):
+                if lease.idle and exit_when_idle:
+                    log.info("no study can give work now; leaving the loop")
+                    return
                 if idle_exit_s is not None and time.monotonic() - idle_since >= idle_exit_s:
                     log.info("no work for %.0fs; leaving the loop", idle_exit_s)
                     return

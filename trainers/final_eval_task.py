@@ -98,7 +98,8 @@ def run_final_evaluation(worker: Worker, lease: Lease) -> str:
     except Exception as error:
         outcome = error
     active.state.stop.set()
-    active.beat.join(timeout=5)
+    if active.beat is not None:
+        active.beat.join(timeout=5)
     if active.state.lost:
         log.warning("final evaluation of %s: lease lost; results dropped", lease.study)
         return "lost"

@@ -48,7 +48,8 @@ def run_lr_range_test(worker: Worker, lease: Lease) -> str:
     except Exception as error:
         outcome = error
     active.state.stop.set()
-    active.beat.join(timeout=5)
+    if active.beat is not None:
+        active.beat.join(timeout=5)
     if active.state.lost:
         log.warning("LR range test of %s: lease lost; result dropped", lease.study)
         return "lost"

@@ -71,8 +71,14 @@ from trainers.train import (
 MemberKey = Hashable
 #: ``on_epoch(key, metrics)``: a member's epoch; ``"stop"`` ends that member (pruned/stopped).
 PopulationOnEpoch = Callable[[MemberKey, EpochMetrics], Decision]
+#: ``on_epochs([(key, metrics), ...])``: a group epoch's members at once (one batched report);
+#: the decision per key (a key left out continues).
+PopulationOnEpochs = Callable[[list[tuple[MemberKey, EpochMetrics]]], Mapping[MemberKey, Decision]]
+NewMember = tuple[MemberKey, TrainConfig | Mapping[str, Any]]
 #: ``refill()``: a new member ``(key, config)`` for a free slot, or None when there is none.
-Refill = Callable[[], tuple[MemberKey, TrainConfig | Mapping[str, Any]] | None]
+Refill = Callable[[], NewMember | None]
+#: ``refill_many(free)``: up to ``free`` new members at once (one batched lease); [] for none.
+RefillMany = Callable[[int], list[NewMember]]
 #: What a member ends with: its result, or the error that ended it alone.
 Outcome = TrainResult | TrainerError
 GRAD_NORM_ROW = VAE_STEP_STATS.index("grad_norm")
@@ -127,8 +133,19 @@ def train_population(
     refill: Refill | None = None,
     should_leave: Callable[[MemberKey], bool] | None = None,
     on_done: Callable[[MemberKey, Outcome], None] | None = None,
+    on_epochs: PopulationOnEpochs | None = None,
+    refill_many: RefillMany | None = None,
+    patience: int | None = None,
 ) -> dict[MemberKey, Outcome]:
     """Train every member (and those ``refill`` adds, up to ``capacity`` at a time) fused.
+
+    ``on_epochs`` and ``refill_many`` are the batched forms of ``on_epoch`` and ``refill``: all
+    members of a group epoch reported in one call, all free slots offered in one call. Give
+    one form of each, not both.
+
+    ``patience`` (epochs), as ``train()``'s: a member whose validation −ELBO has not improved on
+    its best for that many epochs ends alone (``plateaued=True``, still evaluated on the test
+    set); the others go on.
 
     Returns each member's outcome by key, and hands it to ``on_done`` as soon as the member
     ends: a ``TrainResult`` as ``train()`` returns it (``stopped_early`` when ``on_epoch`` said
@@ -137,7 +154,19 @@ def train_population(
     cannot fuse (``unfusable_reason``) ends with a ``ConfigError`` naming ``model``/``compile``:
     the caller trains it alone.
     """
-    population = _Population(on_epoch, should_leave, on_done)
+    if patience is not None and patience < 1:
+        raise ConfigError("patience", f"must be at least 1 epoch (got {patience})")
+    if on_epoch is not None and on_epochs is not None:
+        raise ValueError("give `on_epoch` or `on_epochs`, not both")
+    if refill is not None and refill_many is not None:
+        raise ValueError("give `refill` or `refill_many`, not both")
+    if on_epochs is None and on_epoch is not None:
+        one_by_one = on_epoch
+        on_epochs = lambda epochs: {key: one_by_one(key, m) for key, m in epochs}  # noqa: E731
+    if refill_many is None and refill is not None:
+        one = refill
+        refill_many = lambda free: [new] if (new := one()) is not None else []  # noqa: E731
+    population = _Population(on_epochs, should_leave, on_done, patience)
     for key, config in members:
         population.add(key, config)
     limit = capacity if capacity is not None else max(len(population), 1)
@@ -145,11 +174,12 @@ def train_population(
         for group in list(population.groups.values()):
             if group.members:
                 population.run_epoch(group)
-            while refill is not None and len(population) < limit:
-                new = refill()
-                if new is None:
+            while refill_many is not None and len(population) < limit:
+                new_members = refill_many(limit - len(population))
+                if not new_members:
                     break
-                population.add(*new)
+                for new in new_members:
+                    population.add(*new)
         population.groups = {k: g for k, g in population.groups.items() if g.members}
         if not population.groups:
             return population.outcomes
@@ -158,11 +188,13 @@ def train_population(
 class _Population:
     def __init__(
         self,
-        on_epoch: PopulationOnEpoch | None,
+        on_epochs: PopulationOnEpochs | None,
         should_leave: Callable[[MemberKey], bool] | None,
         on_done: Callable[[MemberKey, Outcome], None] | None,
+        patience: int | None,
     ) -> None:
-        self.on_epoch = on_epoch
+        self.on_epochs = on_epochs
+        self.patience = patience
         self.should_leave = should_leave
         self.on_done = on_done
         self.groups: dict[GroupKey, _Group] = {}
@@ -300,7 +332,7 @@ class _Population:
         train_seconds = time.perf_counter() - t_epoch
         n_sums, steps = len(VAE_STEP_STATS), group.steps_per_epoch
         rate = steps * group.batch_size / max(train_seconds, 1e-9)
-        staying: list[_Member] = []
+        reported: list[_Member] = []
         for m, column in zip(group.members, host, strict=True):
             epoch = m.epoch + 1
             try:
@@ -324,9 +356,18 @@ class _Population:
             if val["val_neg_elbo"] < m.best[0]:
                 m.best = (val["val_neg_elbo"], epoch, val["active_units"])
                 m.best_state = snapshot(m.vae)
-            if self.on_epoch is not None and self.on_epoch(m.key, metrics) == "stop":
+            reported.append(m)
+        # One call for the group's epoch (a population worker sends one batched report).
+        decisions: Mapping[MemberKey, Decision] = {}
+        if self.on_epochs is not None and reported:
+            decisions = self.on_epochs([(m.key, m.history[-1]) for m in reported])
+        staying: list[_Member] = []
+        for m in reported:
+            if decisions.get(m.key) == "stop":
                 self._end(m, _stopped(m))
-            elif epoch >= m.cfg.epochs:
+            elif self.patience is not None and m.epoch - m.best[1] >= self.patience:
+                self._end(m, _finished(m, group, plateaued=True))  # as train(): alone
+            elif m.epoch >= m.cfg.epochs:
                 self._end(m, _finished(m, group))
             else:
                 staying.append(m)
@@ -349,8 +390,9 @@ def _stopped(m: _Member) -> TrainResult:
     )  # fmt: skip
 
 
-def _finished(m: _Member, group: _Group) -> TrainResult:
-    """A member that ran all its epochs: the selected model on the test set (as ``train()``).
+def _finished(m: _Member, group: _Group, plateaued: bool = False) -> TrainResult:
+    """A member that ran all its epochs (or ran out of ``patience``, ``plateaued``): the
+    selected model on the test set (as ``train()``).
 
     Its parameters view the stack, which is compacted right after, so loading the best state
     into them first touches no other member's weights (the rows are only this member's).
@@ -360,8 +402,17 @@ def _finished(m: _Member, group: _Group) -> TrainResult:
     )
     return TrainResult(
         metrics=metrics, history=m.history, epochs_run=m.epoch, best_epoch=m.best[1],
-        stopped_early=False,
+        stopped_early=False, plateaued=plateaued,
     )  # fmt: skip
 
 
-__all__ = ["MemberKey", "Outcome", "PopulationOnEpoch", "Refill", "train_population"]
+__all__ = [
+    "MemberKey",
+    "NewMember",
+    "Outcome",
+    "PopulationOnEpoch",
+    "PopulationOnEpochs",
+    "Refill",
+    "RefillMany",
+    "train_population",
+]

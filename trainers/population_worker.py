@@ -1,19 +1,23 @@
 """``hpo-worker --population K``: lease up to K trials and train the compatible ones fused.
 
-Everything per trial stays as in the single-trial worker (``trainers.worker``): each trial has
-its own lease, heartbeat thread, reports, prune/stop answers and settlement (the same
-``Worker`` methods), so a killed population worker leaves K ordinary leases that the server
-reaps and retries one by one. Only the training is shared: ``train_population``.
+Per trial everything stays as in the single-trial worker (``trainers.worker``): each trial has
+its own lease, reports, prune/stop answers and settlement (decided by the same ``Worker``
+methods), so a killed population worker leaves K ordinary leases that the server reaps and
+retries one by one. What is shared is the training (``train_population``) and the requests:
+the population talks to the server through the batched routes (issue 12) — one lease request
+for all free slots, one heartbeat for all its trials, one report per group epoch, one
+complete and one fail request for the members that ended together.
 
-Lease identities: the server hands a worker id its own running trial back (so a restarted
-worker resumes), so each of the K slots leases under its own id, ``<worker-id>/<slot>``.
+Lease identities: the server hands an identity its own running trial back (so a restarted
+worker resumes), so each of the K slots holds its lease under its own id,
+``<worker-id>/<slot>``, sent as the batched lease's ``slots``.
 
-The flow: one long-polled lease, then up to K − 1 more without waiting; trials that cannot be
-fused (``unfusable_reason``: conv, VAE-GAN, compiled) are kept leased and trained alone, one by
-one, once the population has finished — and no further trials are leased while one waits. A
-member that leaves (completed, pruned, cancelled, failed) is settled at once and its slot is
-leased again at the end of the next group epoch. Trials of another group (e.g. another batch
-size) train as a second stack beside the first, within the same K.
+The flow: one long-polled batched lease for all K slots; trials that cannot be fused
+(``unfusable_reason``: conv, VAE-GAN, compiled) are kept leased (with their own heartbeat) and
+trained alone, one by one, once the population has finished — and no further trials are leased
+while one waits. A member that leaves (completed, pruned, cancelled, failed) is settled at the
+end of its group epoch, before its slot is leased again. Trials of another group (e.g. another
+batch size) train as a second stack beside the first, within the same K.
 
 K = ``auto`` (``auto_population``): the largest power of two that fits in half the free device
 memory and still raised the measured samples/s by at least 10 % over half as many members.
@@ -23,18 +27,19 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
-from collections.abc import Hashable
-from typing import Any
+from collections.abc import Callable, Hashable, Mapping
 
 import torch
 
-from hpo_service.schemas import Lease
+from hpo_service.client import NoWork, ServerUnavailable, finite_metrics
+from hpo_service.schemas import ItemError, Lease, TrialComplete, TrialFail
 from trainers.config import TrainConfig
 from trainers.data import load_dataset
 from trainers.errors import ConfigError
 from trainers.models import build_vae
-from trainers.population import Outcome, train_population
+from trainers.population import NewMember, Outcome, train_population
 from trainers.population_stack import MemberStack, stacked_vae_step, unfusable_reason
 from trainers.train import (
     Decision,
@@ -44,7 +49,7 @@ from trainers.train import (
     parse_config,
     resolve_device,
 )
-from trainers.worker import ActiveTrial, Worker
+from trainers.worker import ActiveTrial, Settlement, Worker, epoch_report
 
 log = logging.getLogger("hpo.worker")
 
@@ -53,83 +58,238 @@ AUTO_MAX = 64
 AUTO_MIN_GAIN = 1.10
 
 
-def run_population(worker: Worker, first: Lease) -> int:
-    """Train ``first`` and the trials leased beside it; returns how many trials were settled."""
-    capacity = _capacity(worker, first)
+def lease_population(worker: Worker) -> list[Lease]:
+    """The first leases of a population: all K slots in one long-polled batched request (for
+    ``auto``, slot 0 alone until K is measured on its config, then the rest)."""
+    wait_s = worker.options.wait_s
+    if worker.options.population == "auto" and worker.auto_population is None:
+        first = _lease(worker, [0], wait_s)
+        if not first:
+            return []
+        return first + _lease(worker, list(range(1, _capacity(worker, first[0]))), 0.0)
+    return _lease(worker, list(range(_capacity(worker, None))), wait_s)
+
+
+def _lease(worker: Worker, slots: list[int], wait_s: float) -> list[Lease]:
+    cap = worker.options.max_trials
+    if cap is not None:
+        slots = slots[: max(cap - worker.trials_done, 0)]
+    if not slots:
+        return []
+    identities = [worker.lease_identity(slot) for slot in slots]
+    granted = worker._retrying(
+        "lease",
+        lambda: worker.client.next_leases(
+            worker.options.worker_id, len(identities), wait_s, worker.options.device, identities
+        ),
+    )
+    if isinstance(granted, NoWork):
+        worker.last_idle = granted.idle  # hpo-worker --exit-when-idle reads it
+        return []
+    return granted
+
+
+def run_population(worker: Worker, first: list[Lease]) -> int:
+    """Train the ``first`` leases and those leased beside them; returns how many trials were
+    settled."""
+    capacity = _capacity(worker, first[0])
     slots: dict[Hashable, ActiveTrial] = {}  # slot number → its trial
+    slot_of = {worker.lease_identity(slot): slot for slot in range(capacity)}
     alone: list[ActiveTrial] = []
+    ended: list[Settlement] = []  # members that left, settled before the slots are leased again
     settled = 0
+    guard = threading.Lock()  # the heartbeat thread reads ``slots``
+    beats = _Heartbeats(worker, lambda: _members(guard, slots, ended))
 
     def remaining() -> int | None:
         cap = worker.options.max_trials
         return None if cap is None else cap - worker.trials_done - settled - len(slots) - len(alone)
 
-    def admit(slot: Hashable, lease: Lease) -> tuple[Hashable, dict[str, Any]] | None:
-        active = worker.start_trial(lease)
+    def admit(lease: Lease) -> NewMember | None:
+        slot = slot_of[str(lease.worker_id)]
         try:
-            reason = unfusable_reason(parse_config(active.config))
+            reason = unfusable_reason(parse_config(lease.config))
         except ConfigError:
             reason = None  # the population reports the error as this member's outcome
+        # An unfusable trial waits for the population with a heartbeat of its own.
+        active = worker.start_trial(lease, beat=reason is not None)
         if reason is not None:
             log.info("trial %d: %s; trained after the population", lease.trial_number, reason)
             alone.append(active)
             return None
-        slots[slot] = active
+        with guard:
+            slots[slot] = active
         return slot, active.config
 
-    def lease_slot(wait_s: float) -> tuple[Hashable, dict[str, Any]] | None:
-        if worker.shutting_down or alone or remaining() == 0:
-            return None
-        slot = min(set(range(capacity)) - set(slots))
-        identity = worker.lease_identity(slot)
-        lease = worker._retrying(
-            "lease", lambda: worker.client.lease(identity, wait_s, worker.options.device)
-        )
-        return None if lease is None else admit(slot, lease)
+    def settle() -> None:
+        nonlocal settled
+        settled += settle_many(worker, ended)
+        ended.clear()
 
-    def on_epoch(slot: Hashable, metrics: EpochMetrics) -> Decision:
-        active = slots[slot]
-        answer = worker._on_epoch(active.lease, active.state)(metrics)
-        return "stop" if answer == "stop" else "continue"
+    def refill_many(free: int) -> list[NewMember]:
+        settle()  # first, so the budget and the caps see the slots free
+        want = [s for s in range(capacity) if s not in slots][:free]
+        left = remaining()
+        if worker.shutting_down or alone or left == 0:
+            return []
+        if left is not None:
+            want = want[:left]
+        leases = _lease(worker, want, 0.0)
+        return [m for lease in leases if (m := admit(lease)) is not None]
+
+    def on_epochs(epochs: list[tuple[Hashable, EpochMetrics]]) -> Mapping[Hashable, Decision]:
+        return report_many(worker, [(slots[key], metrics) for key, metrics in epochs], epochs)
 
     def should_leave(slot: Hashable) -> bool:
         state = slots[slot].state
         return state.lost or state.stop_reason is not None
 
-    def on_done(slot: Hashable, outcome: Outcome) -> None:
-        nonlocal settled
-        worker.finish_trial(slots.pop(slot), outcome)
-        settled += 1
+    def on_done(slot: Hashable, outcome: Outcome | Exception) -> None:
+        with guard:
+            active = slots.pop(slot)
+        ended.append(worker.settlement(active, outcome))
 
-    members = []
-    first_member = admit(0, first)  # Worker.run leased it under slot 0's identity
-    if first_member is not None:
-        members.append(first_member)
-    while len(slots) < capacity and (member := lease_slot(0.0)) is not None:
-        members.append(member)
-    if members:
-        log.info("population of %d trials (capacity %d)", len(members), capacity)
-        try:
-            train_population(
-                members, on_epoch, capacity=capacity, refill=lambda: lease_slot(0.0),
-                should_leave=should_leave, on_done=on_done,
-            )  # fmt: skip
-        except Exception as error:  # the fused step itself failed: every member, retryable
-            log.exception("population crashed")
-            for slot in list(slots):
-                worker.finish_trial(slots.pop(slot), error)
-                settled += 1
+    members = [m for lease in first if (m := admit(lease)) is not None]
+    beats.start()
+    try:
+        if members:
+            log.info("population of %d trials (capacity %d)", len(members), capacity)
+            try:
+                train_population(
+                    members, capacity=capacity, refill_many=refill_many, should_leave=should_leave,
+                    on_done=on_done, on_epochs=on_epochs, patience=worker.options.patience,
+                )  # fmt: skip
+            except Exception as error:  # the fused step itself failed: every member, retryable
+                log.exception("population crashed")
+                for slot in list(slots):
+                    on_done(slot, error)
+        settle()
+    finally:
+        beats.stop()
     for active in alone:
         worker.train_started(active)
         settled += 1
     return settled
 
 
-def _capacity(worker: Worker, first: Lease) -> int:
+def _members(
+    guard: threading.Lock, slots: Mapping[Hashable, ActiveTrial], ended: list[Settlement]
+) -> list[ActiveTrial]:
+    """The population's trials still leased: training, or ended and not yet settled."""
+    with guard:
+        return [*slots.values(), *(s.active for s in ended if not s.lost)]
+
+
+def report_many(
+    worker: Worker,
+    members: list[tuple[ActiveTrial, EpochMetrics]],
+    keys: list[tuple[Hashable, EpochMetrics]],
+) -> dict[Hashable, Decision]:
+    """One batched report for a group epoch; per member the decision ``Worker`` takes alone."""
+    reports = [epoch_report(active.lease, metrics) for active, metrics in members]
+    items = worker._retrying("report", lambda: worker.client.report_many(reports))
+    decisions: dict[Hashable, Decision] = {}
+    for (active, metrics), (key, _), item in zip(members, keys, items, strict=True):
+        if item.answer is None:
+            active.state.lost, active.state.stop_reason = True, _refusal(item.error)
+            decisions[key] = "stop"
+            continue
+        answer = worker.epoch_answered(active.lease, active.state, metrics, item.answer)
+        decisions[key] = "stop" if answer == "stop" else "continue"
+    return decisions
+
+
+def settle_many(worker: Worker, settlements: list[Settlement]) -> int:
+    """Settle the members that ended together: one ``complete`` and one ``fail`` request for
+    all of them (each item answered on its own). Returns how many were settled."""
+    trained = time.monotonic()
+    names: dict[int, str] = {id(s): "lost" for s in settlements if s.lost}
+    completing = [s for s in settlements if not s.lost and s.values is not None]
+    failing = [s for s in settlements if not s.lost and s.values is None]
+    if completing:
+        results = [
+            TrialComplete(
+                trial_id=s.active.lease.trial_id,
+                lease_token=s.active.lease.lease_token,
+                values=s.values or [],
+                metrics=finite_metrics(s.final or {}),
+            )
+            for s in completing
+        ]
+        done = worker._retrying("complete", lambda: worker.client.complete_many(results))
+        for s, item in zip(completing, done, strict=True):
+            names[id(s)] = s.settled("complete") if item.answer else s.refused(_refusal(item.error))
+    if failing:
+        failures = [
+            TrialFail(
+                trial_id=s.active.lease.trial_id,
+                lease_token=s.active.lease.lease_token,
+                reason=s.reason,
+                retryable=s.retryable,
+                pruned=s.pruned,
+                diverged=s.diverged,
+            )
+            for s in failing
+        ]
+        failed = worker._retrying("fail", lambda: worker.client.fail_many(failures))
+        for s, fitem in zip(failing, failed, strict=True):
+            names[id(s)] = (
+                s.settled(fitem.answer.state) if fitem.answer else s.refused(_refusal(fitem.error))
+            )
+    for s in settlements:
+        worker.log_finished(s, names[id(s)], trained)
+    return len(settlements)
+
+
+def _refusal(error: ItemError | None) -> str:
+    return "refused" if error is None else f"{error.code}: {error.message}"
+
+
+class _Heartbeats:
+    """One thread beating every trial of the population in one request per interval."""
+
+    def __init__(self, worker: Worker, members: Callable[[], list[ActiveTrial]]) -> None:
+        self.worker = worker
+        self.members = members
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="heartbeat-pop")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        interval: float | None = None
+        while True:
+            actives = self.members()
+            if actives:
+                interval = min(a.lease.heartbeat_interval_s for a in actives)
+            if self._stop.wait(interval or 1.0):
+                return
+            actives = self.members()
+            if not actives:
+                continue
+            leases = [(a.lease.trial_id, a.lease.lease_token) for a in actives]
+            try:
+                items = self.worker.client.heartbeat_many(leases)
+            except ServerUnavailable as error:
+                log.warning("heartbeat: server unreachable (%s)", error)
+                continue
+            for active, item in zip(actives, items, strict=True):
+                if item.answer is None:
+                    active.state.lost, active.state.stop_reason = True, _refusal(item.error)
+                elif item.answer.action == "stop":
+                    active.state.stop_reason = item.answer.reason or "stopped by the server"
+
+
+def _capacity(worker: Worker, first: Lease | None) -> int:
     population = worker.options.population
     if population != "auto":
         return int(population)
-    if worker.auto_population is None:
+    if worker.auto_population is None and first is not None:
         config = dict(first.config)
         if worker.options.device is not None:
             config["device"] = worker.options.device
@@ -138,7 +298,7 @@ def _capacity(worker: Worker, first: Lease) -> int:
         except ConfigError:
             worker.auto_population = 1
         log.info("--population auto: %d members", worker.auto_population)
-    return worker.auto_population
+    return worker.auto_population or 1
 
 
 def auto_population(cfg: TrainConfig, steps: int = 5) -> int:
@@ -198,4 +358,4 @@ def _fused_rate(
     return steps * k * bs / max(seconds, 1e-9)
 
 
-__all__ = ["AUTO_MAX", "auto_population", "run_population"]
+__all__ = ["AUTO_MAX", "auto_population", "lease_population", "run_population"]

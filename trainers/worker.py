@@ -2,8 +2,10 @@
 
 A heartbeat thread keeps the lease alive while an epoch runs. Failure mapping:
 
-* the server says *prune* at a report → the run stops and the trial is told PRUNED;
-* the study is cancelled (heartbeat/report says *stop*) → the run stops, the trial fails for good;
+* the server says *prune* at a report → the run stops; that answer ended the trial PRUNED and
+  the worker's ``fail`` with ``pruned`` reads the stored answer;
+* the study is cancelled (heartbeat/report says *stop*) → the run stops and the worker sends
+  ``fail`` (not retryable): the trial fails for good;
 * SIGTERM / ``request_shutdown()`` → the run stops at the end of the epoch and the trial is handed
   back for a retry with the same parameters;
 * ``ConfigError`` / ``NonFiniteLossError`` → the trial fails for good (the configuration, not the
@@ -16,6 +18,7 @@ The worker talks only HTTP and never needs database credentials.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -24,10 +27,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from hpo_service.client import HPOClient, LeaseLost, ServerUnavailable
-from hpo_service.schemas import Lease
+from hpo_service.client import (
+    APIError,
+    HPOClient,
+    LeaseLost,
+    NoWork,
+    ServerUnavailable,
+    finite_metrics,
+)
+from hpo_service.schemas import Lease, ReportAnswer, TrialReport
 from trainers.checkpoint_sync import send_best_model, train_resumable
 from trainers.errors import ConfigError, NonFiniteLossError
+from trainers.repro import reproducibility_record
 from trainers.train import EpochMetrics, TrainResult, train
 
 log = logging.getLogger("hpo.worker")
@@ -43,9 +54,13 @@ class WorkerOptions:
     wait_s: float = 20.0  # long-poll length of each lease request
     max_trials: int | None = None  # exit after this many trials
     idle_exit_s: float | None = None  # exit after this long without work (None: never)
+    exit_when_idle: bool = False  # exit once the server says no study can give work now
     backoff_max_s: float = 30.0
     # Trials trained at once on the device (trainers.population_worker); "auto" measures it.
     population: int | Literal["auto"] = 1
+    # End a trial once its validation −ELBO has not improved for this many epochs (train()'s
+    # `patience`); None runs every trial's epochs.
+    patience: int | None = None
 
 
 @dataclass
@@ -65,8 +80,39 @@ class ActiveTrial:
     lease: Lease
     config: dict[str, Any]
     state: _TrialState
-    beat: threading.Thread
+    beat: threading.Thread | None  # None: the population beats all its trials in one request
     started: float  # time.monotonic() at lease
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """How a trial that ended is settled with the server: ``complete`` with ``values`` (and
+    ``final`` metrics), else ``fail`` with ``reason`` and its flags — or nothing when the lease
+    was already lost (``lost``)."""
+
+    active: ActiveTrial
+    outcome: TrainResult | Exception
+    values: list[float] | None = None
+    final: dict[str, float] | None = None
+    reason: str = ""
+    retryable: bool = False
+    pruned: bool = False
+    diverged: bool = False
+    lost: bool = False
+
+    def settled(self, state: str) -> str:
+        """The outcome's name once the server answered with the trial's ``state``."""
+        if self.values is not None:
+            return "complete"
+        if state == "complete":  # issue 10: diverged, completed as infeasible
+            return "infeasible"
+        return "pruned" if self.pruned else ("handed back" if self.retryable else "failed")
+
+    def refused(self, why: str) -> str:
+        """The server refused the settlement (the lease is gone): logged, named ``lost``."""
+        what = "result refused" if self.values is not None else "could not settle"
+        log.warning("trial %d: %s: %s", self.active.lease.trial_number, what, why)
+        return "lost"
 
 
 class Worker:
@@ -78,6 +124,8 @@ class Worker:
         self.train_fn = train_fn
         self._shutdown = threading.Event()
         self.trials_done = 0
+        # The last empty lease answer said no study can give work now (``exit_when_idle``).
+        self.last_idle = False
         self.auto_population: int | None = None  # K measured by --population auto, once
 
     @property
@@ -111,41 +159,55 @@ class Worker:
     # --- the loop -----------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Lease and train until shutdown, ``max_trials`` or ``idle_exit_s``. Returns trials."""
+        """Lease and train until shutdown, ``max_trials``, ``idle_exit_s`` or, with
+        ``exit_when_idle``, until the server says no study can give work. Returns trials."""
         idle_since = time.monotonic()
         while not self._shutdown.is_set():
             if self.options.max_trials is not None and self.trials_done >= self.options.max_trials:
                 break
-            lease = self._retrying(
-                "lease",
-                lambda: self.client.lease(
-                    self.lease_identity(),
-                    self.options.wait_s,
-                    self.options.device,
-                    kinds=("trial", "lr_range_test", "final_evaluation"),
-                ),
-            )
-            if lease is None:
+            if self.options.population != 1:
+                # Imported here: trainers.population_worker imports this module.
+                from trainers.population_worker import lease_population, run_population
+
+                leases = lease_population(self)  # the batched routes, one identity per slot
+                if leases:
+                    self.trials_done += run_population(self, leases)
+            else:
+                lease = self._retrying(
+                    "lease",
+                    lambda: self.client.next_lease(
+                        self.lease_identity(),
+                        self.options.wait_s,
+                        self.options.device,
+                        kinds=("trial", "lr_range_test", "final_evaluation"),
+                    ),
+                )
+                leases = []
+                if isinstance(lease, NoWork):
+                    self.last_idle = lease.idle
+                elif lease.kind == "lr_range_test":  # a study's first step, not a trial
+                    from trainers.lr_task import run_lr_range_test  # it imports this module
+
+                    run_lr_range_test(self, lease)
+                    leases = [lease]
+                elif lease.kind == "final_evaluation":  # an ended study's winners (14.4)
+                    from trainers.final_eval_task import run_final_evaluation  # imports this
+
+                    run_final_evaluation(self, lease)
+                    leases = [lease]
+                else:
+                    leases = [lease]
+                    self.run_trial(lease)
+                    self.trials_done += 1
+            if not leases:
+                if self.last_idle and self.options.exit_when_idle:
+                    log.info("no study can give work now; exiting")
+                    break
                 idle = time.monotonic() - idle_since
                 if self.options.idle_exit_s is not None and idle >= self.options.idle_exit_s:
                     log.info("no work for %.0fs; exiting", idle)
                     break
                 continue
-            if lease.kind == "lr_range_test":  # a study's first step; not a trial of the search
-                from trainers.lr_task import run_lr_range_test  # it imports this module
-
-                run_lr_range_test(self, lease)
-            elif lease.kind == "final_evaluation":  # an ended study's winners (issue 14.4)
-                from trainers.final_eval_task import run_final_evaluation  # imports this module
-
-                run_final_evaluation(self, lease)
-            elif self.options.population == 1:
-                self.run_trial(lease)
-                self.trials_done += 1
-            else:
-                from trainers.population_worker import run_population  # it imports this module
-
-                self.trials_done += run_population(self, lease)
             idle_since = time.monotonic()
         return self.trials_done
 
@@ -158,7 +220,17 @@ class Worker:
 
     def send_fail(self, lease: Lease, reason: str, retryable: bool) -> str:
         """Fail a lease (retryable: handed back for a retry). Returns the outcome's name."""
-        return self._send_fail(lease, reason, retryable)
+        try:
+            self._retrying(
+                "fail",
+                lambda: self.client.fail(
+                    lease.trial_id, lease.lease_token, reason, retryable=retryable
+                ),
+            )
+        except LeaseLost as error:
+            log.warning("trial %d: could not settle: %s", lease.trial_number, error)
+            return "lost"
+        return "handed back" if retryable else "failed"
 
     def _fields(self, lease: Lease, event: str) -> dict[str, object]:
         """``extra=`` for a trial's log line: the ids the server's logs use too."""
@@ -178,8 +250,14 @@ class Worker:
         """Train a trial ``start_trial`` began, alone, and settle it."""
         try:
             # issue 14: a retry resumes from its checkpoint; checkpoints every N epochs
+            patience = self.options.patience
+            train_fn = (
+                self.train_fn
+                if patience is None
+                else functools.partial(self.train_fn, patience=patience)
+            )
             outcome: TrainResult | Exception = train_resumable(
-                self.train_fn,
+                train_fn,
                 active.config,
                 self._on_epoch(active.lease, active.state),
                 self.client,
@@ -191,8 +269,9 @@ class Worker:
             outcome = error
         return self.finish_trial(active, outcome)
 
-    def start_trial(self, lease: Lease) -> ActiveTrial:
-        """Log the lease, resolve the config's device and start the trial's heartbeat thread."""
+    def start_trial(self, lease: Lease, beat: bool = True) -> ActiveTrial:
+        """Log the lease, resolve the config's device and start the trial's heartbeat thread
+        (``beat=False``: the caller heartbeats it, as the population worker does)."""
         state = _TrialState()
         log.info(
             "trial %d of %s: leased, training on %s",
@@ -204,14 +283,31 @@ class Worker:
         config = dict(lease.config)
         if self.options.device is not None:
             config["device"] = self.options.device
-        beat = threading.Thread(
-            target=self._heartbeat_loop,
-            args=(lease, state),
-            daemon=True,
-            name=f"heartbeat-{lease.trial_id}",
-        )
-        beat.start()
-        return ActiveTrial(lease, config, state, beat, time.monotonic())
+        thread = None
+        if beat:
+            thread = threading.Thread(
+                target=self._heartbeat_loop,
+                args=(lease, state),
+                daemon=True,
+                name=f"heartbeat-{lease.trial_id}",
+            )
+            thread.start()
+        self._send_record(lease, config)  # issue 14: how this trial is trained
+        return ActiveTrial(lease, config, state, thread, time.monotonic())
+
+    def _send_record(self, lease: Lease, config: dict[str, Any]) -> None:
+        """Send the trial's reproducibility record (``trainers.repro``). Never fails the trial:
+        a config the trainer refuses fails in ``train`` itself, naming the field."""
+        try:
+            record = reproducibility_record(config)
+        except ConfigError:
+            return
+        try:
+            self._retrying(
+                "record", lambda: self.client.record(lease.trial_id, lease.lease_token, record)
+            )
+        except APIError as error:  # a lost lease shows at the next report too
+            log.warning("trial %d: record not stored: %s", lease.trial_number, error)
 
     def finish_trial(self, active: ActiveTrial, outcome: TrainResult | Exception) -> str:
         """Stop the heartbeat and settle the trial: complete, pruned, failed or handed back.
@@ -220,20 +316,90 @@ class Worker:
         (the server completes it infeasible, issue 10); any other exception fails it as
         retryable. Returns the outcome's name.
         """
+        settlement = self.settlement(active, outcome)
+        trained = time.monotonic()
+        settled = self.send_settlement(settlement)
+        self.log_finished(settlement, settled, trained)
+        return settled
+
+    def settlement(self, active: ActiveTrial, outcome: TrainResult | Exception) -> Settlement:
+        """Stop the trial's heartbeat and decide how it is settled (see ``finish_trial``);
+        nothing is sent yet (``send_settlement`` or a population's batched call does)."""
         lease, state = active.lease, active.state
         state.stop.set()
-        active.beat.join(timeout=5)
+        if active.beat is not None:
+            active.beat.join(timeout=5)
         reason = f"{type(outcome).__name__}: {outcome}"
         if isinstance(outcome, ConfigError):
-            return self._settle_failure(lease, state, reason, False)
+            return Settlement(active, outcome, reason=reason, lost=state.lost)
         if isinstance(outcome, NonFiniteLossError):  # issue 10: reported as diverged
-            return self._settle_failure(lease, state, reason, False, diverged=True)
+            return Settlement(active, outcome, reason=reason, diverged=True, lost=state.lost)
         if isinstance(outcome, Exception):
             log.error("trial %d crashed", lease.trial_number, exc_info=outcome)
-            return self._settle_failure(lease, state, reason, True)
-        result = outcome
-        trained = time.monotonic()
-        settled = self._settle(lease, state, result)
+            return Settlement(active, outcome, reason=reason, retryable=True, lost=state.lost)
+        # The prune answer already ended the trial PRUNED, so a heartbeat after it was refused
+        # (`trial_finished`) and marked the lease lost: pruned comes first, and the fail it
+        # sends reads the stored answer.
+        if state.pruned:
+            return Settlement(active, outcome, reason="pruned by the study's pruner", pruned=True)
+        if state.lost:
+            log.warning(
+                "trial %d: lease lost (%s); result dropped", lease.trial_number, state.stop_reason
+            )
+            return Settlement(active, outcome, lost=True)
+        if state.stop_reason is not None:
+            return Settlement(active, outcome, reason=state.stop_reason)
+        if outcome.stopped_early and self._shutdown.is_set():
+            reason = "worker shut down; handed back for retry"
+            return Settlement(active, outcome, reason=reason, retryable=True)
+        values = _objective_values(outcome.metrics, lease.objective_metrics)
+        if values is None:
+            return Settlement(
+                active,
+                outcome,
+                reason=f"objective not finite: {_pick(outcome.metrics, lease.objective_metrics)}",
+                diverged=True,  # issue 10: a non-finite result is a divergence too
+            )
+        final = {k: v for k, v in outcome.metrics.items() if isinstance(v, int | float)}
+        return Settlement(active, outcome, values=values, final=final)
+
+    def send_settlement(self, settlement: Settlement) -> str:
+        """Settle one trial through the single-trial routes; returns the outcome's name."""
+        if settlement.lost:
+            return "lost"
+        lease = settlement.active.lease
+        try:
+            if settlement.values is not None:
+                values, final = settlement.values, settlement.final or {}
+                if isinstance(settlement.outcome, TrainResult):  # issue 14: kept for the best
+                    send_best_model(self.client, lease, settlement.outcome)
+                self._retrying(
+                    "complete",
+                    lambda: self.client.complete(lease.trial_id, lease.lease_token, values, final),
+                )
+                return "complete"
+            answer = self._retrying(
+                "fail",
+                lambda: self.client.fail(
+                    lease.trial_id,
+                    lease.lease_token,
+                    settlement.reason,
+                    retryable=settlement.retryable,
+                    pruned=settlement.pruned,
+                    diverged=settlement.diverged,
+                ),
+            )
+        except LeaseLost as error:
+            return settlement.refused(str(error))
+        return settlement.settled(answer.state)
+
+    def log_finished(self, settlement: Settlement, settled: str, trained: float) -> None:
+        """The ``trial_finished`` line of a trained trial (``trained``: monotonic time at the
+        end of its training, before settling)."""
+        result, active = settlement.outcome, settlement.active
+        if not isinstance(result, TrainResult):
+            return
+        lease = active.lease
         timings = _timings(result, trained - active.started, time.monotonic() - trained)
         log.info(
             "trial %d of %s: %s after %d epochs in %.1fs (train %.1fs, final eval %.1fs, "
@@ -251,52 +417,54 @@ class Worker:
             ),
             extra={**self._fields(lease, "trial_finished"), "outcome": settled, **timings},
         )
-        return settled
 
     def _on_epoch(self, lease: Lease, state: _TrialState) -> Callable[[EpochMetrics], str]:
         def on_epoch(epoch: EpochMetrics) -> str:
-            metrics: dict[str, Any] = {**epoch.values, "kl_per_dim": epoch.kl_per_dim}
-            value = epoch.values.get(lease.report_metric) if lease.report_metric else None
-            if value is not None and not math.isfinite(value):
-                value = None
+            report = epoch_report(lease, epoch)
             try:
                 answer = self._retrying(
                     "report",
                     lambda: self.client.report(
-                        lease.trial_id, lease.lease_token, epoch.epoch, value, metrics
+                        lease.trial_id, lease.lease_token, epoch.epoch, report.value, report.metrics
                     ),
                 )
             except LeaseLost as error:
                 state.lost, state.stop_reason = True, str(error)
                 return "stop"
-            log.info(
-                "trial %d epoch %d: -ELBO %.2f KL %.2f AU %d beta %.3g lr %.3g, %.0f samples/s",
-                lease.trial_number,
-                epoch.epoch,
-                epoch.values.get("val_neg_elbo", math.nan),
-                epoch.values.get("val_kl", math.nan),
-                int(epoch.values.get("active_units", 0)),
-                epoch.values.get("beta", math.nan),
-                epoch.values.get("lr", math.nan),
-                epoch.values.get("samples_per_sec", math.nan),
-                extra={
-                    **self._fields(lease, "epoch_reported"),
-                    "epoch": epoch.epoch,
-                    "samples_per_sec": epoch.values.get("samples_per_sec"),
-                    "epoch_seconds": epoch.values.get("epoch_seconds"),
-                },
-            )
-            if answer.action == "prune":
-                state.pruned = True
-                return "stop"
-            if answer.action == "stop":
-                state.stop_reason = answer.reason or "stopped by the server"
-                return "stop"
-            if state.stop_reason is not None or state.lost or self._shutdown.is_set():
-                return "stop"
-            return "continue"
+            return self.epoch_answered(lease, state, epoch, answer)
 
         return on_epoch
+
+    def epoch_answered(
+        self, lease: Lease, state: _TrialState, epoch: EpochMetrics, answer: ReportAnswer
+    ) -> str:
+        """Log a reported epoch and act on the server's answer: ``"stop"`` or ``"continue"``."""
+        log.info(
+            "trial %d epoch %d: -ELBO %.2f KL %.2f AU %d beta %.3g lr %.3g, %.0f samples/s",
+            lease.trial_number,
+            epoch.epoch,
+            epoch.values.get("val_neg_elbo", math.nan),
+            epoch.values.get("val_kl", math.nan),
+            int(epoch.values.get("active_units", 0)),
+            epoch.values.get("beta", math.nan),
+            epoch.values.get("lr", math.nan),
+            epoch.values.get("samples_per_sec", math.nan),
+            extra={
+                **self._fields(lease, "epoch_reported"),
+                "epoch": epoch.epoch,
+                "samples_per_sec": epoch.values.get("samples_per_sec"),
+                "epoch_seconds": epoch.values.get("epoch_seconds"),
+            },
+        )
+        if answer.action == "prune":
+            state.pruned = True
+            return "stop"
+        if answer.action == "stop":
+            state.stop_reason = answer.reason or "stopped by the server"
+            return "stop"
+        if state.stop_reason is not None or state.lost or self._shutdown.is_set():
+            return "stop"
+        return "continue"
 
     def _heartbeat_loop(self, lease: Lease, state: _TrialState) -> None:
         while not state.stop.wait(lease.heartbeat_interval_s):
@@ -311,73 +479,21 @@ class Worker:
             if answer.action == "stop":
                 state.stop_reason = answer.reason or "stopped by the server"
 
-    # --- settling with the server ------------------------------------------------------------
 
-    def _settle(self, lease: Lease, state: _TrialState, result: TrainResult) -> str:
-        if state.lost:
-            log.warning(
-                "trial %d: lease lost (%s); result dropped", lease.trial_number, state.stop_reason
-            )
-            return "lost"
-        if state.pruned:
-            return self._send_fail(lease, "pruned by the study's pruner", False, pruned=True)
-        if state.stop_reason is not None:
-            return self._send_fail(lease, state.stop_reason, False)
-        if result.stopped_early and self._shutdown.is_set():
-            return self._send_fail(lease, "worker shut down; handed back for retry", True)
-        values = _objective_values(result.metrics, lease.objective_metrics)
-        if values is None:
-            return self._send_fail(
-                lease,
-                f"objective not finite: {_pick(result.metrics, lease.objective_metrics)}",
-                False,
-                diverged=True,  # issue 10: a non-finite result is a divergence too
-            )
-        final = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
-        send_best_model(self.client, lease, result)  # issue 14: kept for the best trials
-        try:
-            self._retrying(
-                "complete",
-                lambda: self.client.complete(lease.trial_id, lease.lease_token, values, final),
-            )
-        except LeaseLost as error:
-            log.warning("trial %d: result refused: %s", lease.trial_number, error)
-            return "lost"
-        return "complete"
-
-    def _settle_failure(
-        self, lease: Lease, state: _TrialState, reason: str, retryable: bool, diverged: bool = False
-    ) -> str:
-        if state.lost:
-            return "lost"
-        return self._send_fail(lease, reason, retryable, diverged=diverged)
-
-    def _send_fail(
-        self,
-        lease: Lease,
-        reason: str,
-        retryable: bool,
-        pruned: bool = False,
-        diverged: bool = False,
-    ) -> str:
-        try:
-            answer = self._retrying(
-                "fail",
-                lambda: self.client.fail(
-                    lease.trial_id,
-                    lease.lease_token,
-                    reason,
-                    retryable=retryable,
-                    pruned=pruned,
-                    diverged=diverged,
-                ),
-            )
-        except LeaseLost as error:
-            log.warning("trial %d: could not settle: %s", lease.trial_number, error)
-            return "lost"
-        if answer.state == "complete":  # issue 10: diverged, completed as infeasible
-            return "infeasible"
-        return "pruned" if pruned else ("handed back" if retryable else "failed")
+def epoch_report(lease: Lease, epoch: EpochMetrics) -> TrialReport:
+    """What a worker reports of an epoch: the pruning metric's value (None when it has none or
+    it is not finite) and every metric, with the KL per latent dimension."""
+    metrics: dict[str, Any] = {**epoch.values, "kl_per_dim": epoch.kl_per_dim}
+    value = epoch.values.get(lease.report_metric) if lease.report_metric else None
+    if value is not None and not math.isfinite(value):
+        value = None
+    return TrialReport(
+        trial_id=lease.trial_id,
+        lease_token=lease.lease_token,
+        epoch=epoch.epoch,
+        value=value,
+        metrics=finite_metrics(metrics),
+    )
 
 
 def _timings(result: TrainResult, train_s: float, settle_s: float) -> dict[str, float]:

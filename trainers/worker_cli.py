@@ -52,6 +52,14 @@ def run(
     idle_exit: Annotated[
         float | None, typer.Option(help="Exit after this many seconds without work.")
     ] = None,
+    exit_when_idle: Annotated[
+        bool,
+        typer.Option(
+            "--exit-when-idle",
+            help="Exit (status 0) once the server says no study can give work now: every "
+            "study is stopped, cancelled, completed or failed, or there is none.",
+        ),
+    ] = False,
     wait: Annotated[float, typer.Option(help="Long-poll seconds per lease request.")] = 20.0,
     population: Annotated[
         str,
@@ -61,6 +69,14 @@ def run(
             "size), or 'auto': as many as free memory allows while samples/s still rises.",
         ),
     ] = "1",
+    patience: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="End a trial once its validation -ELBO has not improved for this many epochs "
+            "(alone or inside a population); default: every epoch runs.",
+        ),
+    ] = None,
     log_format: Annotated[
         str, typer.Option(envvar="HPO_LOG_FORMAT", help="text or json (one object per line).")
     ] = "text",
@@ -85,7 +101,9 @@ def run(
             wait_s=wait,
             max_trials=max_trials,
             idle_exit_s=idle_exit,
+            exit_when_idle=exit_when_idle,
             population=members,
+            patience=patience,
         ),
     )
 

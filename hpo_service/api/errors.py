@@ -35,6 +35,7 @@ from hpo_service.errors import (
     NotFound,
     ReadOnly,
     StorageUnavailable,
+    TrialFinished,
 )
 from hpo_service.storage import STORAGE_ERRORS
 
@@ -52,9 +53,17 @@ _NAMED_FIELD = re.compile(r"^(?:Value error, )?`([^`]+)`:? (.*)$", re.DOTALL)
 
 
 def error_response(
-    status: int, code: str, message: str, details: list[dict[str, Any]] | None = None
+    status: int,
+    code: str,
+    message: str,
+    details: list[dict[str, Any]] | None = None,
+    *,
+    state: str | None = None,
 ) -> JSONResponse:
-    body = {"error": {"code": code, "message": message, "details": details or []}}
+    error: dict[str, Any] = {"code": code, "message": message, "details": details or []}
+    if state is not None:  # trial_finished / trial_reaped: how the trial ended
+        error["state"] = state
+    body = {"error": error}
     return JSONResponse(status_code=status, content=jsonable_encoder(body))
 
 
@@ -136,6 +145,8 @@ def install_error_handlers(app: FastAPI) -> None:
         if isinstance(error, InvalidSpec):
             details = [{"field": f"body.{error.field}", "reason": error.reason}]
             return error_response(422, error.code, error.message, details)
+        if isinstance(error, TrialFinished):
+            return error_response(409, error.code, error.message, state=error.state)
         for kind, status in _STATUS:
             if isinstance(error, kind):
                 return error_response(status, error.code, error.message)

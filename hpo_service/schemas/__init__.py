@@ -10,6 +10,7 @@ and any client validate against the same models. Import from the package
 - ``studies`` — what the API answers about studies and trials, and ``EnqueueRequest``;
 - ``worker`` — the one-trial worker protocol: lease, heartbeat, report, complete, fail;
 - ``batch`` — the same protocol for many trials per request (population workers);
+- ``trials`` — a trial's per-epoch history, resolved config and reproducibility record;
 - ``schedules`` — recurring sweeps, their firings and the morning report;
 - ``errors`` — the error body of every 4xx/5xx answer;
 - ``_fields`` — field types and checks shared by several of the above.
@@ -18,6 +19,7 @@ Raises ``pydantic.ValidationError`` (a ``ValueError``) naming the field and the 
 """
 
 from ._fields import (
+    MAX_TRIAL_ID,
     Direction,
     JSONScalar,
     ParamValue,
@@ -90,6 +92,7 @@ from .studies import (
 from .train_config import (
     CYCLICAL_LR_POLICIES,
     TRAIN_CONFIG_FIELDS,
+    TRAIN_SPLIT_SIZES,
     Activation,
     DatasetName,
     FreeBitsMode,
@@ -101,12 +104,21 @@ from .train_config import (
     ModelKind,
     OptimizerName,
     TrainConfig,
+    train_split_size,
+)
+from .trials import (
+    Precision,
+    RecordRequest,
+    ReproRecord,
+    TrialConfig,
+    TrialHistory,
 )
 from .worker import (
     MAX_METRIC_LIST,
     MAX_METRIC_NAME,
     MAX_METRICS,
     OUTPUT_TAIL_CHARS,
+    WORK_HEADER,
     CheckpointAnswer,
     CompleteAnswer,
     CompleteRequest,
@@ -136,9 +148,12 @@ __all__ = [
     "MAX_METRICS",
     "MAX_METRIC_LIST",
     "MAX_METRIC_NAME",
+    "MAX_TRIAL_ID",
     "OBJECTIVE_METRICS",
     "OUTPUT_TAIL_CHARS",
     "TRAIN_CONFIG_FIELDS",
+    "TRAIN_SPLIT_SIZES",
+    "WORK_HEADER",
     "Activation",
     "BatchCompleteAnswer",
     "BatchCompleteRequest",
@@ -198,11 +213,14 @@ __all__ = [
     "ParamDrift",
     "ParamSpec",
     "ParamValue",
+    "Precision",
     "PrunerName",
     "PrunerSpec",
+    "RecordRequest",
     "ReportAnswer",
     "ReportItem",
     "ReportRequest",
+    "ReproRecord",
     "ResumeFrom",
     "ResumedAnswer",
     "ResumedRequest",
@@ -220,11 +238,14 @@ __all__ = [
     "StudyTemplate",
     "TrainConfig",
     "TrialComplete",
+    "TrialConfig",
     "TrialCounts",
     "TrialFail",
+    "TrialHistory",
     "TrialLease",
     "TrialPage",
     "TrialReport",
     "TrialSummary",
     "WinnerEvaluation",
+    "train_split_size",
 ]

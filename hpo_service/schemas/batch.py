@@ -4,9 +4,11 @@ fails many trials in one request; each item is answered or refused on its own (p
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated
 
-from ._fields import TrialIdField
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ._fields import TrialIdField, WholeNumber
 from .worker import (
     CompleteAnswer,
     CompleteRequest,
@@ -22,6 +24,7 @@ from .worker import (
 
 #: The most trials one batched request may carry.
 MAX_BATCH = 256
+SlotId = Annotated[str, Field(min_length=1, max_length=200)]
 
 
 class BatchLeaseRequest(LeaseRequest):
@@ -30,7 +33,26 @@ class BatchLeaseRequest(LeaseRequest):
         json_schema_extra={"examples": [{"worker_id": "gpu-box-1-pop", "count": 16, "wait_s": 5}]},
     )
 
-    count: int = Field(..., ge=1, le=MAX_BATCH, description="Lease up to this many trials.")
+    count: WholeNumber = Field(..., ge=1, le=MAX_BATCH, description="Lease up to this many trials.")
+    slots: list[SlotId] | None = Field(
+        None,
+        max_length=MAX_BATCH,
+        description="One lease identity per lease wanted (`count` of them, distinct), e.g. a "
+        "population worker's `box/0` … `box/15`: each lease is held by one slot (its "
+        "`worker_id`), and a slot's own running trial comes back first. Without it every "
+        "lease is held by `worker_id`.",
+    )
+
+    @model_validator(mode="after")
+    def _one_slot_per_lease(self) -> BatchLeaseRequest:
+        if self.slots is not None:
+            if len(self.slots) != self.count:
+                raise ValueError(
+                    f"`slots` must hold `count` ids (got {len(self.slots)} for count {self.count})"
+                )
+            if len(set(self.slots)) != len(self.slots):
+                raise ValueError("`slots` must be distinct (one lease identity per slot)")
+        return self
 
 
 class BatchLeases(BaseModel):
@@ -38,6 +60,13 @@ class BatchLeases(BaseModel):
     out; none after ``wait_s``). A worker's own running trials come back first."""
 
     leases: list[Lease]
+    idle: bool = Field(
+        False,
+        description="With an empty `leases` only. `true`: no study can give work now (every "
+        "study is stopped, cancelled, completed or failed, or there is none), so a worker may "
+        "exit. `false`: some running study is at its concurrency cap or waits on its running "
+        "trials (which may fail and be retried); ask again.",
+    )
 
 
 class TrialLease(LeaseToken):
@@ -109,12 +138,14 @@ class BatchFailRequest(BaseModel):
 
 class ItemError(BaseModel):
     """Why one trial of a batch was refused: the ``code`` and ``message`` the single-trial route
-    would have answered with (``trial_reaped``, ``result_conflict``, ``lease_mismatch``,
-    ``trial_not_found``, ``invalid_spec`` with its ``field``)."""
+    would have answered with (``trial_finished`` and ``trial_reaped`` with the trial's
+    ``state``, ``result_conflict``, ``report_conflict``, ``lease_mismatch``, ``trial_not_found``,
+    ``invalid_spec`` or ``invalid_value`` with its ``field``)."""
 
     code: str
     message: str
     field: str | None = None
+    state: str | None = None  # trial_finished / trial_reaped: how the trial ended
 
 
 class HeartbeatItem(BaseModel):

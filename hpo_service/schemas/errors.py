@@ -11,6 +11,11 @@ class ErrorBody(BaseModel):
     code: str
     message: str
     details: list[dict[str, Any]] = Field(default_factory=list)
+    state: str | None = Field(
+        None,
+        description="With `trial_finished` and `trial_reaped` only: how the trial ended "
+        "(`complete`, `pruned` or `fail`).",
+    )
 
 
 class ErrorResponse(BaseModel):

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
-from ._fields import Direction, JSONScalar
+from ._fields import Direction, JSONScalar, SpecNumber, WholeNumber, refuse_bool
 from .spec import StudySpec
 from .studies import TrialCounts
 
@@ -50,6 +50,11 @@ class StudyTemplate(StudySpec):
         return data
 
 
+#: The shape of a five-field cron expression, stated in the document; ``update`` and ``create``
+#: check the expression itself (and name the field with their own reason).
+CRON_FIELDS = r"^\s*\S+(\s+\S+){4}\s*$"
+
+
 class ScheduleSpec(BaseModel):
     """A nightly (or any cron) sweep: when it fires and the study it creates each time."""
 
@@ -81,16 +86,17 @@ class ScheduleSpec(BaseModel):
         ...,
         min_length=1,
         max_length=100,
+        json_schema_extra={"pattern": CRON_FIELDS},
         description="Five-field cron (minute hour day-of-month month day-of-week) read on the "
         "wall clock of `timezone`.",
     )
     timezone: str = Field("UTC", min_length=1, max_length=64, description="IANA zone name.")
     template: StudyTemplate
-    warm_start_top_k: int = Field(
+    warm_start_top_k: WholeNumber = Field(
         5, ge=0, le=1000, description="Enqueue the previous run's best k parameter sets first."
     )
     seed_policy: SeedPolicy = "per_night"
-    enabled: bool = True
+    enabled: StrictBool = True
     catchup_grace_s: float | None = Field(
         None,
         ge=60,
@@ -98,26 +104,43 @@ class ScheduleSpec(BaseModel):
         description="Run one missed fire time if it is at most this late; default: the server's "
         "HPO_SCHEDULE_CATCHUP_GRACE_S.",
     )
-    regression_threshold: float = Field(
+    regression_threshold: SpecNumber = Field(
         0.05,
         ge=0,
         le=100,
         description="Flag a run whose best is worse than the best earlier run by more than this "
         "fraction (0.05 = 5 %).",
     )
+    _grace_not_bool = field_validator("catchup_grace_s", mode="before")(refuse_bool)
+
+
+def _given_means_not_null(schema: dict[str, Any]) -> None:
+    """The document says what ``update`` enforces: a field given is not null (left out, it
+    keeps its value), except ``catchup_grace_s``, whose null restores the server's default."""
+    for name, prop in schema.get("properties", {}).items():
+        kept = [o for o in prop.get("anyOf", []) if o.get("type") != "null"]
+        if name != "catchup_grace_s" and len(kept) == 1:
+            del prop["anyOf"]
+            prop.pop("default", None)
+            prop.update(kept[0])
 
 
 class ScheduleUpdate(BaseModel):
     """A partial update; fields left out keep their value. A schedule cannot be renamed."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_given_means_not_null)
 
-    cron: str | None = Field(None, min_length=1, max_length=100)
+    cron: str | None = Field(
+        None, min_length=1, max_length=100, json_schema_extra={"pattern": CRON_FIELDS}
+    )
     timezone: str | None = Field(None, min_length=1, max_length=64)
     template: StudyTemplate | None = None
     warm_start_top_k: int | None = Field(None, ge=0, le=1000)
+    _not_bool = field_validator(
+        "warm_start_top_k", "catchup_grace_s", "regression_threshold", mode="before"
+    )(refuse_bool)
     seed_policy: SeedPolicy | None = None
-    enabled: bool | None = None
+    enabled: StrictBool | None = None
     catchup_grace_s: float | None = Field(None, ge=60, le=7 * 24 * 3600)  # null: the default
     regression_threshold: float | None = Field(None, ge=0, le=100)
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
-from ._fields import Direction, ParamValue, finite_number
+from ._fields import Direction, ParamValue, SpecNumber, WholeNumber, finite_number, refuse_bool
 from .train_config import TRAIN_CONFIG_FIELDS, DatasetName, ModelKind
 
 #: Reparameterised search dimensions that are not config fields themselves.
@@ -43,9 +43,11 @@ class ParamSpec(BaseModel):
     type: Literal["float", "int", "categorical"] | None = None
     low: float | None = None
     high: float | None = None
-    log: bool | None = None
+    log: StrictBool | None = None
     step: float | None = None
     choices: list[ParamValue] | None = None
+
+    _bounds_not_bool = field_validator("low", "high", "step", mode="before")(refuse_bool)
 
     @model_validator(mode="after")
     def _shape(self) -> ParamSpec:
@@ -69,14 +71,16 @@ class Budget(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    n_trials: int = Field(20, ge=1, le=100_000, description="Trials to finish in total.")
+    n_trials: WholeNumber = Field(20, ge=1, le=100_000, description="Trials to finish in total.")
     timeout_s: float | None = Field(
         None, gt=0, le=30 * 24 * 3600, description="No new trials after this many seconds."
     )
-    max_concurrent: int = Field(4, ge=1, le=1024, description="Trials running at once.")
-    max_failed: int = Field(
+    max_concurrent: WholeNumber = Field(4, ge=1, le=1024, description="Trials running at once.")
+    max_failed: WholeNumber = Field(
         10, ge=1, le=100_000, description="Stop the study after this many final failures."
     )
+
+    _timeout_not_bool = field_validator("timeout_s", mode="before")(refuse_bool)
 
     @field_validator("timeout_s")
     @classmethod
@@ -112,13 +116,15 @@ class SamplerSpec(BaseModel):
 
     name: SamplerName = "tpe"
     seed: int | None = 0
+    # An optional integer refuses JSON booleans too (WholeNumber cannot carry bounds in a union).
+    _seed_not_bool = field_validator("seed", mode="before")(refuse_bool)
     # Random trials before TPE/GP/CMA-ES model the space. 4, not Optuna's 10: at 16–32 trials
     # TPE with 4 beat TPE with 10 on 7 of 9 seeds (benchmarks/sampler_defaults.py, digits,
     # docs/benchmarks.md "Sampler defaults"); with 10 of 16 trials random, TPE chose only 6.
-    n_startup_trials: int = Field(4, ge=0, le=10_000)
-    multivariate: bool = True  # Optuna 5's TPE default, pinned explicitly
-    constant_liar: bool = True  # keeps concurrent workers from sampling the same point
-    population_size: int = Field(20, ge=2, le=10_000)  # nsga2
+    n_startup_trials: WholeNumber = Field(4, ge=0, le=10_000)
+    multivariate: StrictBool = True  # Optuna 5's TPE default, pinned explicitly
+    constant_liar: StrictBool = True  # keeps concurrent workers from sampling the same point
+    population_size: WholeNumber = Field(20, ge=2, le=10_000)  # nsga2
     # grid: every combination of the searched values (choices, or ranges with a `step`); the
     # study's `n_trials` is capped at the number of combinations, so it ends with the grid.
 
@@ -127,14 +133,15 @@ class PrunerSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: PrunerName = "median"
-    n_startup_trials: int = Field(5, ge=0, le=10_000)
-    n_warmup_steps: int = Field(2, ge=0, le=100_000, description="Epochs before pruning.")
-    percentile: float = Field(25.0, gt=0, lt=100)
-    min_resource: int = Field(1, ge=1)
-    reduction_factor: int = Field(3, ge=2)
+    n_startup_trials: WholeNumber = Field(5, ge=0, le=10_000)
+    n_warmup_steps: WholeNumber = Field(2, ge=0, le=100_000, description="Epochs before pruning.")
+    percentile: SpecNumber = Field(25.0, gt=0, lt=100)
+    min_resource: WholeNumber = Field(1, ge=1)
+    reduction_factor: WholeNumber = Field(3, ge=2)
     patience: int | None = Field(None, ge=0, description="Wrap in PatientPruner when set.")
-    min_delta: float = Field(0.0, ge=0)
-    phase_aware: bool = Field(
+    _patience_not_bool = field_validator("patience", mode="before")(refuse_bool)
+    min_delta: SpecNumber = Field(0.0, ge=0)
+    phase_aware: StrictBool = Field(
         True,
         description="Decide only at epochs where the trial's KL weight is at its target and its "
         "LR warm-up is over, against other trials at such epochs (hpo_service.phase_pruning).",
@@ -156,7 +163,7 @@ class ConstraintSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    active_units: bool = Field(True, description="Require at least `min_active_units` units.")
+    active_units: StrictBool = Field(True, description="Require at least `min_active_units` units.")
     min_active_units: int | None = Field(
         None,
         ge=1,
@@ -164,12 +171,13 @@ class ConstraintSpec(BaseModel):
         description="Active units (Burda et al. 2016) a feasible trial needs; default: "
         "`min_active_fraction` of the latent size, rounded up, at least 1.",
     )
-    min_active_fraction: float = Field(0.1, gt=0, le=1)
-    kl: bool = Field(True, description="Require the validation KL to reach `min_kl`.")
-    min_kl: float = Field(
+    _units_not_bool = field_validator("min_active_units", mode="before")(refuse_bool)
+    min_active_fraction: SpecNumber = Field(0.1, gt=0, le=1)
+    kl: StrictBool = Field(True, description="Require the validation KL to reach `min_kl`.")
+    min_kl: SpecNumber = Field(
         0.1, gt=0, le=1e6, description="Nats per example; below it the posterior collapsed."
     )
-    finite: bool = Field(
+    finite: StrictBool = Field(
         True,
         description="A diverged trial (non-finite loss) completes as infeasible with the worst "
         "value seen in the study, instead of failing unseen by the sampler.",
@@ -253,7 +261,7 @@ class StudySpec(BaseModel):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,119}$")
     dataset: DatasetName = "mnist5k"
     model: ModelKind = "mlp"
-    epochs: int = Field(10, ge=1, le=10_000, description="Epochs per trial.")
+    epochs: WholeNumber = Field(10, ge=1, le=10_000, description="Epochs per trial.")
     budget: Budget = Field(default_factory=Budget)
     objectives: list[Objective] = Field(
         default_factory=lambda: [Objective()], min_length=1, max_length=3
@@ -265,11 +273,13 @@ class StudySpec(BaseModel):
     )
     fixed: dict[str, Any] = Field(default_factory=dict, description="Config values not searched.")
     drop: list[str] = Field(default_factory=list, description="Default params not to search.")
-    max_retries: int = Field(2, ge=0, le=100, description="Retries of a trial whose lease expired.")
+    max_retries: WholeNumber = Field(
+        2, ge=0, le=100, description="Retries of a trial whose lease expired."
+    )
     constraints: ConstraintSpec = Field(
         default_factory=ConstraintSpec, description="Collapse and divergence constraints."
     )
-    curated_starts: bool = Field(
+    curated_starts: StrictBool = Field(
         False,
         description="Enqueue known-good VAE configurations first (hpo_service.curated_starts), "
         "adapted to the study's epochs and space.",

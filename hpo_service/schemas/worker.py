@@ -8,12 +8,15 @@ import math
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
-from ._fields import StrictNumber
+from ._fields import StrictNumber, WholeNumber
 
 #: Most characters of a program's last output a worker may store with its trial.
 OUTPUT_TAIL_CHARS = 4000
+#: The header of an empty lease answer (204): ``idle`` (no study can give work now: a worker
+#: may exit) or ``wait`` (a running study is at its caps or waits on its running trials).
+WORK_HEADER = "HPO-Work"
 
 #: What a lease asks a worker to do. ``trial``: train the config and report/complete it;
 #: ``lr_range_test``: run the LR range test on the config and send its curve
@@ -115,6 +118,11 @@ class Lease(BaseModel):
         "(`pruner.metric`) or null when it has none (no pruning: report `metrics` only).",
     )
     heartbeat_interval_s: float = Field(..., description="Send a heartbeat this often.")
+    worker_id: str | None = Field(
+        None,
+        description="The lease identity holding it: the request's `worker_id`, or one of the "
+        "batched request's `slots`.",
+    )
     lease_timeout_s: float = Field(
         ..., description="Without a heartbeat or report for this long the trial is failed."
     )
@@ -196,7 +204,10 @@ class HeartbeatAnswer(BaseModel):
     )
 
     action: Literal["continue", "stop"] = Field(
-        ..., description="`stop`: the study was stopped or cancelled; end the trial with `fail`."
+        ...,
+        description="`stop`: the study was cancelled; stop training and send `fail` with "
+        "`retryable: false` (the trial ends FAIL, no retry). A stopped study (`/stop`) lets "
+        "running trials finish: they get `continue`.",
     )
     reason: str | None = None
 
@@ -215,7 +226,7 @@ class ReportRequest(LeaseToken):
             ]
         },
     )
-    epoch: int = Field(
+    epoch: WholeNumber = Field(
         ...,
         ge=0,
         le=1_000_000,
@@ -241,8 +252,10 @@ class ReportAnswer(BaseModel):
 
     action: Literal["continue", "prune", "stop"] = Field(
         ...,
-        description="`prune`: stop training and send `fail` with `pruned: true`; `stop`: the "
-        "study was cancelled, send `fail`.",
+        description="`prune`: the trial has ended PRUNED with this answer; stop training "
+        "(a `complete` is refused with 409 `trial_finished`; a `fail` with `pruned: true` "
+        "answers 200 with the stored result). `stop`: the study was cancelled; stop "
+        "training and send `fail` with `retryable: false`.",
     )
     reason: str | None = None
 
@@ -299,12 +312,12 @@ class FailRequest(LeaseToken):
         },
     )
     reason: str = Field(..., max_length=4000)
-    retryable: bool = False
-    pruned: bool = False  # the worker stopped because the server said prune
+    retryable: StrictBool = False
+    pruned: StrictBool = False  # the worker stopped because the server said prune
     output_tail: str | None = Field(None, max_length=OUTPUT_TAIL_CHARS)  # as in CompleteRequest
     # The loss or the objective became non-finite: the server completes the trial as infeasible
     # (``constraints.finite``) instead of failing it.
-    diverged: bool = False
+    diverged: StrictBool = False
 
 
 class FailAnswer(BaseModel):

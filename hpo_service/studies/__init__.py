@@ -13,6 +13,8 @@ memory of studies and running trials):
 - ``_reaping``   — expired and lease-less trials, and the retry policy (``Reaper``);
 - ``_checkpoints`` — checkpoints, resuming a retry, and their retention (``Checkpoints``);
 - ``_final_eval`` — the final evaluation of an ended study's winners (``FinalEvaluations``);
+- ``_diagnostics`` — every epoch's record kept, the diagnostics plot redrawn (``Diagnostics``);
+- ``_trials``    — a trial's history, resolved config and reproducibility record;
 - ``_checks``, ``_budget`` — lease-token and trial-state checks; the budget tally.
 
 Budget and concurrency are enforced under a per-study lock that holds across server replicas: a
@@ -29,9 +31,10 @@ The per-trial path does as few database round trips as it can (``docs/benchmarks
   ``suggest_*``;
 - a report writes its metrics and its intermediate value and decides pruning from the running
   trial this process already holds, re-reading it only when this process did not handle the
-  trial's previous report; the study's finished trials for the pruner come from a snapshot at
-  most ``SNAPSHOT_MAX_AGE_S`` old, refreshed whenever this process leases a trial of the study
-  and re-read after it finished one.
+  trial's previous report; the study's finished trials for the pruner come from a snapshot
+  refreshed whenever this process leases a trial of the study and re-read after it finished
+  one — and, on PostgreSQL (other replicas write too), once it is older than
+  ``SNAPSHOT_MAX_AGE_S`` and than ``SNAPSHOT_READ_SHARE`` times its own last read.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import optuna
+from optuna.artifacts._protocol import ArtifactStore
 
 from hpo_service.config import Settings
 from hpo_service.db import Database
@@ -52,14 +56,20 @@ from hpo_service.schemas import (
     LRRangeTestAnswer,
     LRRangeTestResult,
     ReportAnswer,
+    ReproRecord,
     StudyInfo,
     StudySpec,
     StudyState,
+    TrialConfig,
+    TrialHistory,
     TrialPage,
 )
 from hpo_service.storage import build_storage
+from hpo_service.studies import _trials
+from hpo_service.studies._budget import work_may_come
 from hpo_service.studies._checkpoints import Checkpoints
-from hpo_service.studies._core import SNAPSHOT_MAX_AGE_S, SPEC_ATTR, StudyCore
+from hpo_service.studies._core import SNAPSHOT_MAX_AGE_S, SNAPSHOT_READ_SHARE, SPEC_ATTR, StudyCore
+from hpo_service.studies._diagnostics import Diagnostics
 from hpo_service.studies._final_eval import FinalEvaluations
 from hpo_service.studies._finishing import Finishing, TrialFailure, TrialResult
 from hpo_service.studies._leasing import LeaseProtocol
@@ -70,6 +80,7 @@ from hpo_service.studies._reporting import EpochReport, Reporting
 
 __all__ = [
     "SNAPSHOT_MAX_AGE_S",
+    "SNAPSHOT_READ_SHARE",
     "SPEC_ATTR",
     "EpochReport",
     "StudyCore",
@@ -83,16 +94,23 @@ class StudyService:
     """The domain layer. One per process; thread-safe. A thin facade over the jobs above."""
 
     def __init__(
-        self, settings: Settings, storage: optuna.storages.RDBStorage | None = None
+        self,
+        settings: Settings,
+        storage: optuna.storages.RDBStorage | None = None,
+        artifact_store: ArtifactStore | None = None,
     ) -> None:
         # The service keeps each lease's liveness itself (``hpo_leases.beat_at_s``); Optuna's
         # heartbeat table is not written, so Optuna's own stale-trial check finds nothing.
         storage = storage or build_storage(settings)
-        self.core = StudyCore(settings, storage)
+        # One artifact store (checkpoints, kept models, plots): the app's, else one from settings.
+        self.core = StudyCore(settings, storage, artifact_store)
+        # issue 14: per-epoch history, and diagnostics plots when the caller gave a store (the
+        # app does; a bare service in a script or test draws none)
+        self.diagnostics = Diagnostics(self.core, artifact_store)
         self.registry = StudyRegistry(self.core)
         self.leasing = LeaseProtocol(self.core)
-        self.reporting = Reporting(self.core)
-        self.finishing = Finishing(self.core)
+        self.reporting = Reporting(self.core, self.diagnostics)
+        self.finishing = Finishing(self.core, self.diagnostics)
         self.reaper = Reaper(self.core)
         self.probes = ProbeResults(self.core)
         self.checkpoints = Checkpoints(self.core)  # issue 14: checkpoints, resume, retention
@@ -153,15 +171,25 @@ class StudyService:
     # --- the worker protocol ------------------------------------------------------------------
 
     def lease(
-        self, worker_id: str, wait_s: float = 0.0, kinds: Sequence[str] = ("trial",)
+        self,
+        worker_id: str,
+        wait_s: float = 0.0,
+        kinds: Sequence[str] = ("trial",),
+        device: str | None = None,
     ) -> Lease | None:
-        return self.leasing.lease(worker_id, wait_s, kinds)
+        return self.leasing.lease(worker_id, wait_s, kinds, device=device)
 
     def lr_range_test(
         self, trial_id: int, token: str, result: LRRangeTestResult
     ) -> LRRangeTestAnswer:
         """An ``lr_range_test`` lease's curve: sets the study's LR ranges (``_probes``)."""
         return self.probes.lr_range_test(trial_id, token, result)
+
+    def work_may_come(self, kinds: Sequence[str] = ("trial",)) -> bool:
+        """False when no study can give work now (a worker may exit: ``--exit-when-idle``);
+        True while some running study is waiting on its caps or its running trials (or, for
+        a worker of ``kinds`` with ``final_evaluation``, on its winners' evaluation)."""
+        return work_may_come(self.core, kinds)
 
     def heartbeat(self, trial_id: int, token: str) -> HeartbeatAnswer:
         return self.reporting.heartbeat(trial_id, token)
@@ -174,7 +202,11 @@ class StudyService:
         value: float | None,
         metrics: Mapping[str, Any],
     ) -> ReportAnswer:
-        return self.reporting.report(trial_id, token, epoch, value, metrics)
+        item = EpochReport(trial_id, token, epoch, value, metrics)
+        answer = self.report_many([item])[0]
+        if isinstance(answer, HPOError):
+            raise answer
+        return answer
 
     def complete(
         self,
@@ -204,20 +236,39 @@ class StudyService:
 
     # --- the batched worker protocol: many trials per request, per-trial answers ------------
 
-    def lease_many(self, worker_id: str, count: int, wait_s: float = 0.0) -> list[Lease]:
-        return self.leasing.lease_many(worker_id, count, wait_s)
+    def lease_many(
+        self,
+        worker_id: str,
+        count: int,
+        wait_s: float = 0.0,
+        slots: Sequence[str] | None = None,
+        device: str | None = None,
+    ) -> list[Lease]:
+        return self.leasing.lease_many(worker_id, count, wait_s, slots=slots, device=device)
 
     def heartbeat_many(self, leases: Sequence[tuple[int, str]]) -> list[HeartbeatAnswer | HPOError]:
         return self.reporting.heartbeat_many(leases)
 
     def report_many(self, reports: Sequence[EpochReport]) -> list[ReportAnswer | HPOError]:
-        return self.reporting.report_many(reports)
+        # A `prune` answer ends its trial PRUNED before it is sent (issue 16).
+        return self.finishing.settle_pruned(reports, self.reporting.report_many(reports))
 
     def complete_many(self, results: Sequence[TrialResult]) -> list[CompleteAnswer | HPOError]:
         return self.finishing.complete_many(results)
 
     def fail_many(self, failures: Sequence[TrialFailure]) -> list[FailAnswer | HPOError]:
         return self.finishing.fail_many(failures)
+
+    # --- a trial's own records (issue 14) ---------------------------------------------------
+
+    def trial_history(self, name: str, number: int) -> TrialHistory:
+        return _trials.trial_history(self.core, self.diagnostics, name, number)
+
+    def trial_config(self, name: str, number: int) -> TrialConfig:
+        return _trials.trial_config(self.core, name, number)
+
+    def record_repro(self, trial_id: int, token: str, record: ReproRecord) -> None:
+        _trials.record_repro(self.core, trial_id, token, record)
 
     # --- reaping ------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from hpo_service.errors import (
     InvalidSpec,
     LeaseMismatch,
     NotFound,
+    TrialFinished,
     TrialNotFound,
     TrialReaped,
 )
@@ -69,22 +70,37 @@ def checked_lease(
     return row, state
 
 
-def not_running(row: LeaseRow, state: TrialState | str) -> TrialReaped:
-    """The error for a lease whose trial is no longer running (``state``: its state now)."""
+def not_running(row: LeaseRow, state: TrialState | str) -> TrialFinished:
+    """The error for a lease whose trial is no longer running (``state``: its state now, or
+    the lease's outcome): ``TrialReaped`` when the reaper failed it, else ``TrialFinished``
+    naming how it ended (the answer recorded for it, when there is one)."""
     name = state.name.lower() if isinstance(state, TrialState) else state
     if row.outcome == REAPED or (name == "fail" and row.outcome is None):
         return TrialReaped(
             f"trial {row.trial_number} is fail: its lease expired and it was failed "
             "(a retry was queued if retries remained)"
         )
-    return TrialReaped(f"trial {row.trial_number} was already finished ({name})")
+    ended = finished_state(row) or name
+    return TrialFinished(f"trial {row.trial_number} already finished ({ended})", ended)
+
+
+def finished_state(row: LeaseRow) -> str | None:
+    """How the lease's trial ended as the service recorded it (``complete``, ``pruned``,
+    ``fail``), or is being ended by a claim in progress; None if the lease is open."""
+    if row.answer and isinstance(row.answer.get("state"), str):
+        return str(row.answer["state"])
+    if row.outcome in ("complete", CLAIMED["complete"]):
+        return "complete"
+    if row.outcome == CLAIMED["fail"]:  # a fail's claim holds the state it asked for
+        return row.fingerprint if row.fingerprint in ("pruned", "fail") else "fail"
+    return "fail" if row.outcome in ("fail", REAPED) else None
 
 
 def running_trial(core: StudyCore, row: LeaseRow) -> FrozenTrial:
     """The trial behind an open lease, which must still be running.
 
-    Raises ``TrialReaped`` when the lease was finished through the service or the trial is
-    no longer running (the reaper failed it).
+    Raises ``TrialFinished`` when the lease was finished through the service or the trial is
+    no longer running (``TrialReaped``: the reaper failed it).
     """
     if row.outcome is not None:
         raise not_running(row, row.outcome)
@@ -95,7 +111,7 @@ def running_trial(core: StudyCore, row: LeaseRow) -> FrozenTrial:
     return trial
 
 
-def finished_meanwhile(core: StudyCore, row: LeaseRow, error: Exception) -> TrialReaped:
+def finished_meanwhile(core: StudyCore, row: LeaseRow, error: Exception) -> TrialFinished:
     """Optuna refused a write because the trial finished after we checked it."""
     core.forget_running(row.trial_id)
     state = core.storage.get_trial(row.trial_id).state

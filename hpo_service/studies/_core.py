@@ -18,6 +18,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import optuna
+from optuna.artifacts._protocol import ArtifactStore
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages._rdb.models import TrialUserAttributeModel
+from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial
 from sqlalchemy import ColumnElement, Float, cast, extract, func, select, text, update
 from sqlalchemy.orm import Session
@@ -39,6 +43,10 @@ SPEC_ATTR = "spec"
 #: trials that other replicas finished can be missing: this process's own leases refresh the
 #: snapshot and its own results force a fresh read.
 SNAPSHOT_MAX_AGE_S = 1.0
+#: ... but refreshed no more often than this many times its own last read took (a read of a
+#: study's running trials takes ~1 s on a loaded 2-core host at 64 running trials: refreshing it
+#: every second made the snapshot the report path's largest cost, issue 12).
+SNAPSHOT_READ_SHARE = 10.0
 #: Running trials this process remembers between reports (least recently used dropped first).
 RUNNING_CACHE_SIZE = 4096
 
@@ -58,6 +66,7 @@ class LoadedStudy:
     # An LR range test's outcome (``hpo_service.lr_range``) as of loading: the space holds its
     # ranges once "applied"; None while the test is pending (or off).
     lr_range_test: dict[str, Any] | None = None
+    snapshot_read_s: float = 0.0  # how long the last read of the snapshot took
 
 
 @dataclass
@@ -85,14 +94,19 @@ def aware(moment: datetime) -> datetime:
 class StudyCore:
     """The storage, the per-study lock and this process's memory of studies. Thread-safe."""
 
-    def __init__(self, settings: Settings, storage: optuna.storages.RDBStorage) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        storage: optuna.storages.RDBStorage,
+        artifacts: ArtifactStore | None = None,
+    ) -> None:
         self.settings = settings
         self.storage = storage
         # Optuna's own cache over the storage, shared by every study of this process: finished
         # trials are read once, later reads fetch only running and new trials.
         self.cache = optuna.storages.get_storage(self.storage)
         # Checkpoints and plots (issue 14): written only by this server, never by workers.
-        self.artifacts = build_artifact_store(settings)
+        self.artifacts = artifacts if artifacts is not None else build_artifact_store(settings)
         self.db = Database(self.storage.engine)
         prepare_service_schema(self.storage.engine)  # creates on an empty DB, never migrates
         self.is_postgres = self.storage.engine.dialect.name == "postgresql"
@@ -174,6 +188,46 @@ class StudyCore:
                 .execution_options(synchronize_session=False)
             )
 
+    def write_reports(
+        self, reports: Sequence[tuple[int, dict[str, Any], tuple[int, float] | None]]
+    ) -> dict[int, UpdateFinishedTrialError]:
+        """Reports' writes in one transaction: per ``(trial id, metrics, intermediate)`` the
+        ``metrics`` user attribute and, if given, the intermediate value ``(step, value)``.
+        Returns, by trial id, Optuna's ``UpdateFinishedTrialError`` for each trial no longer
+        running (nothing of it written); the others are written.
+
+        Optuna's public API commits each write on its own (a transaction per call, the report
+        path's largest cost, issue 12). Its ``RDBStorage`` keeps the bodies of those calls as
+        ``_set_trial_attr_without_commit`` and ``_set_trial_intermediate_value_without_commit``
+        (optuna 5.0), which this runs in one session of Optuna's own; each checks the trial is
+        running before it writes. An Optuna without them gets the public calls. A conflicting
+        concurrent write (``IntegrityError``) fails the whole call, never silently a part.
+        """
+        refused: dict[int, UpdateFinishedTrialError] = {}
+        if not reports:
+            return refused
+        storage = self.storage
+        set_attr = getattr(storage, "_set_trial_attr_without_commit", None)
+        set_value = getattr(storage, "_set_trial_intermediate_value_without_commit", None)
+        if set_attr is None or set_value is None:
+            for trial_id, metrics, intermediate in reports:
+                try:
+                    storage.set_trial_user_attr(trial_id, "metrics", metrics)
+                    if intermediate is not None:
+                        storage.set_trial_intermediate_value(trial_id, *intermediate)
+                except UpdateFinishedTrialError as error:
+                    refused[trial_id] = error
+            return refused
+        with _create_scoped_session(storage.scoped_session) as session:
+            for trial_id, metrics, intermediate in reports:
+                try:
+                    set_attr(session, TrialUserAttributeModel, trial_id, "metrics", metrics)
+                    if intermediate is not None:
+                        set_value(session, trial_id, *intermediate)
+                except UpdateFinishedTrialError as error:  # raised before this trial's writes
+                    refused[trial_id] = error
+        return refused
+
     @staticmethod
     def row(session: Session, name: str) -> StudyRow:
         """The study's control row. Raises ``StudyNotFound``."""
@@ -211,13 +265,26 @@ class StudyCore:
         loaded.exact = False
 
     def pruning_snapshot(self, loaded: LoadedStudy) -> list[FrozenTrial]:
-        """The study's trials for the pruner: the last snapshot while it is younger than
-        ``SNAPSHOT_MAX_AGE_S`` and this process changed no trial since; else a fresh read."""
+        """The study's trials for the pruner: the last snapshot unless this process changed a
+        trial's state since, or — only where another writer may have written (PostgreSQL:
+        several replicas) — it is older than ``SNAPSHOT_MAX_AGE_S`` and than
+        ``SNAPSHOT_READ_SHARE`` times its own last read; else a fresh read.
+
+        SQLite has one writer, this process (ARCHITECTURE: "SQLite is single-writer"), so its
+        snapshot is never stale by age: every trial is created under the study lock, which
+        refreshes it, and every state change here marks it inexact. The running trial being
+        reported is passed to the pruner as written (``view``), not from the snapshot.
+        """
         snapshot = loaded.snapshot
-        age = time.monotonic() - loaded.snapshot_at
-        if snapshot is None or not loaded.exact or age > SNAPSHOT_MAX_AGE_S:
+        stale = False
+        if self.is_postgres:
+            age = time.monotonic() - loaded.snapshot_at
+            stale = age > max(SNAPSHOT_MAX_AGE_S, SNAPSHOT_READ_SHARE * loaded.snapshot_read_s)
+        if snapshot is None or not loaded.exact or stale:
+            started = time.monotonic()
             snapshot = self.cache.get_all_trials(loaded.study._study_id, deepcopy=False)
             self.remember_snapshot(loaded, snapshot)
+            loaded.snapshot_read_s = time.monotonic() - started
         return snapshot
 
     def view(

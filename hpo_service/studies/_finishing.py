@@ -30,6 +30,7 @@ from hpo_service.constraints import record_completed, settle_diverged
 from hpo_service.errors import (
     HPOError,
     InvalidSpec,
+    InvalidValue,
     ResultConflict,
     StorageUnavailable,
     TrialNotFound,
@@ -37,7 +38,7 @@ from hpo_service.errors import (
 )
 from hpo_service.logging_setup import trial_fields
 from hpo_service.models import LeaseRow, StudyRow
-from hpo_service.schemas import CompleteAnswer, FailAnswer
+from hpo_service.schemas import CompleteAnswer, FailAnswer, ReportAnswer
 from hpo_service.studies._checkpoints import after_complete, lineage_ended
 from hpo_service.studies._checks import (
     CLAIMED,
@@ -47,8 +48,9 @@ from hpo_service.studies._checks import (
     not_running,
 )
 from hpo_service.studies._core import LoadedStudy, StudyCore
+from hpo_service.studies._diagnostics import Diagnostics
 from hpo_service.studies._reaping import requeue
-from hpo_service.studies._reporting import finite_metrics
+from hpo_service.studies._reporting import EpochReport, finite_metrics
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +64,12 @@ def fingerprint_of(values: Sequence[float]) -> str:
 
 def previous_answer(row: LeaseRow, outcome: str, fingerprint: str | None) -> dict[str, Any] | None:
     """The answer recorded for this result (``fingerprint`` None: any result with this
-    outcome), None if the trial is still open or being finished with this result, or
-    ``ResultConflict`` / ``TrialReaped``."""
+    outcome), None if the trial is still open or being finished with this result.
+
+    Raises ``TrialReaped``; ``TrialFinished`` when the trial ended the other way (a
+    ``complete`` after a ``prune`` answer or a ``fail``, a ``fail`` after ``complete``); or
+    ``ResultConflict`` for a ``complete`` with other values than the ones that stand.
+    """
     if row.outcome == REAPED:
         raise not_running(row, TrialState.FAIL)
     if row.outcome is None:
@@ -72,10 +78,12 @@ def previous_answer(row: LeaseRow, outcome: str, fingerprint: str | None) -> dic
         return row.answer
     if row.outcome == CLAIMED[outcome] and fingerprint in (None, row.fingerprint):
         return None  # claimed with this result but not finished: finish it again
-    raise ResultConflict(
-        f"trial {row.trial_number} was already finished ({row.outcome}) with a different "
-        "result; the first result stands"
-    )
+    if row.outcome in (outcome, CLAIMED[outcome]):
+        raise ResultConflict(
+            f"trial {row.trial_number} was already finished ({row.outcome}) with a different "
+            "result; the first result stands"
+        )
+    raise not_running(row, row.outcome)
 
 
 @dataclass(frozen=True)
@@ -105,8 +113,9 @@ class TrialFailure:
 class Finishing:
     """``complete`` and ``fail`` over one ``StudyCore``, one trial or many at a time."""
 
-    def __init__(self, core: StudyCore) -> None:
+    def __init__(self, core: StudyCore, diagnostics: Diagnostics | None = None) -> None:
         self.core = core
+        self.diagnostics = diagnostics or Diagnostics(core, None)
 
     def complete_many(self, results: Sequence[TrialResult]) -> list[CompleteAnswer | HPOError]:
         """``complete`` for each result, in order, each with its own idempotency and conflict
@@ -145,6 +154,30 @@ class Finishing:
                 )
             except PER_TRIAL_ERRORS as error:
                 answers.append(error)
+        return answers
+
+    def settle_pruned(
+        self, reports: Sequence[EpochReport], answers: list[ReportAnswer | HPOError]
+    ) -> list[ReportAnswer | HPOError]:
+        """End PRUNED, here and now, each trial whose report was answered ``prune``.
+
+        The answer is the decision: a ``complete`` after it is refused (``TrialFinished``,
+        state ``pruned``) and the worker's ``fail`` with ``pruned`` reads the stored answer. A
+        worker that dies after the answer leaves no trial for the reaper to fail and retry.
+        A trial that ended meanwhile (a ``complete`` that won the race) gets that error instead.
+        """
+        for index, (item, answer) in enumerate(zip(reports, answers, strict=True)):
+            if isinstance(answer, ReportAnswer) and answer.action == "prune":
+                try:
+                    self.fail(
+                        item.trial_id,
+                        item.token,
+                        answer.reason or f"pruned at epoch {item.epoch}",
+                        retryable=False,
+                        pruned=True,
+                    )
+                except PER_TRIAL_ERRORS as error:
+                    answers[index] = error
         return answers
 
     def _claim(
@@ -236,7 +269,11 @@ class Finishing:
         core = self.core
         bad = [v for v in values if not math.isfinite(v)]
         if bad:
-            raise InvalidSpec("values", f"must be finite numbers (got {bad})")
+            raise InvalidValue(
+                "values",
+                f"must be finite numbers (got {bad}); a run that diverged sends `fail` with "
+                "`diverged: true`",
+            )
         fingerprint = fingerprint_of(values)
         with core.db.session() as session:
             row = check_lease(session, trial_id, token)
@@ -256,6 +293,8 @@ class Finishing:
             )
         previous = previous_answer(row, "complete", fingerprint)
         if previous is None:
+            # issue 14: the last plot, before the claim (a lease-timeout clock) and the tell
+            self.diagnostics.before_finish(row)
             previous = self._claim(row, "complete", fingerprint, same=fingerprint)
         if previous is not None:
             return CompleteAnswer.model_validate(previous)
@@ -332,6 +371,7 @@ class Finishing:
         # A repeated fail gets the first answer, whichever state it asked for.
         previous = previous_answer(row, "fail", None)
         if previous is None:
+            self.diagnostics.before_finish(row)  # issue 14: the last plot, before the tell
             previous = self._claim(row, "fail", state, same=None)
         if previous is not None:
             return FailAnswer.model_validate(previous)

@@ -58,6 +58,7 @@ class _Granted:
     config: dict[str, Any]
     params: dict[str, Any]  # as sampled, beside the resolved config
     trial: FrozenTrial | None  # as just written (a new trial), to serve its first report
+    worker_id: str  # the lease identity holding it
     kind: str = "trial"  # LeaseKind
     resume: ResumeFrom | None = None  # issue 14: a retry's checkpoint to resume from
     task: dict[str, Any] | None = None  # a final_evaluation task's winners (issue 14.4)
@@ -71,15 +72,20 @@ class LeaseProtocol:
         self.probes = ProbeLeasing(core)
 
     def lease(
-        self, worker_id: str, wait_s: float = 0.0, kinds: Sequence[str] = ("trial",)
+        self,
+        worker_id: str,
+        wait_s: float = 0.0,
+        kinds: Sequence[str] = ("trial",),
+        device: str | None = None,
     ) -> Lease | None:
         """Hand a trial to a worker, long-polling up to ``wait_s`` seconds; None if no work.
 
         A worker that comes back with the same id gets its own running trial back. ``kinds``:
         the lease kinds the worker runs (``LeaseKind``); a study whose LR range test is pending
-        hands out nothing to a worker that cannot run it.
+        hands out nothing to a worker that cannot run it. ``device`` (the worker's, as it
+        asked) is kept as the trial's ``worker_device`` attribute.
         """
-        leases = self.lease_many(worker_id, 1, wait_s, kinds)
+        leases = self.lease_many(worker_id, 1, wait_s, kinds, device=device)
         return leases[0] if leases else None
 
     def lease_many(
@@ -88,19 +94,27 @@ class LeaseProtocol:
         count: int,
         wait_s: float = 0.0,
         kinds: Sequence[str] = ("trial",),
+        slots: Sequence[str] | None = None,
+        device: str | None = None,
     ) -> list[Lease]:
         """Up to ``count`` trials for one worker, long-polling up to ``wait_s`` seconds for the
         first; empty if no work. The worker's own running trials come back first.
+
+        ``slots`` (``count`` distinct ids): each lease is held by one slot instead of by
+        ``worker_id``, and a slot that still holds a running trial gets that one back — so a
+        population worker keeps one lease identity per slot and refills some slots while the
+        others train.
 
         A study's share is sampled and written under one hold of its lock, each trial sampled
         with the ones before it running (Optuna's constant liar), so a batch is diverse and
         the budget and concurrency caps hold exactly, across replicas.
         """
+        holders = list(slots) if slots is not None else [worker_id] * count
         deadline = time.monotonic() + wait_s
         while True:
-            leases = self._own_running_trials(worker_id, count)
-            if len(leases) < count:
-                leases += self._try_lease(worker_id, count - len(leases), kinds)
+            leases, free = self._own_running_trials(holders)
+            if free:
+                leases += self._try_lease(free, kinds, device)
             if leases:
                 return leases
             remaining = deadline - time.monotonic()
@@ -108,20 +122,23 @@ class LeaseProtocol:
                 return []
             time.sleep(min(self.core.settings.long_poll_step_s, remaining))
 
-    def _own_running_trials(self, worker_id: str, count: int) -> list[Lease]:
+    def _own_running_trials(self, holders: list[str]) -> tuple[list[Lease], list[str]]:
+        """The running trials ``holders`` already hold (one per entry of ``holders``), and the
+        entries left without one, in order."""
         core = self.core
         with core.db.session() as session:
             rows = list(
                 session.scalars(
-                    select(LeaseRow).where(
-                        LeaseRow.worker_id == worker_id, LeaseRow.outcome.is_(None)
-                    )
+                    select(LeaseRow)
+                    .where(LeaseRow.worker_id.in_(set(holders)), LeaseRow.outcome.is_(None))
+                    .order_by(LeaseRow.trial_id)
                 )
             )
+        free = list(holders)
         leases: list[Lease] = []
         for row in rows:
-            if len(leases) == count:
-                break
+            if row.worker_id not in free:
+                continue
             try:
                 trial = core.storage.get_trial(row.trial_id)
             except KeyError:
@@ -131,6 +148,7 @@ class LeaseProtocol:
                 loaded = core.load(row.study_id)
                 config = trial.user_attrs.get("config") or resolve_config(loaded.spec, trial.params)
                 kind = str(trial.user_attrs.get(TASK_ATTR, "trial"))
+                free.remove(row.worker_id)
                 leases.append(
                     self._lease_answer(
                         loaded,
@@ -139,14 +157,17 @@ class LeaseProtocol:
                         row.token,
                         config,
                         trial.params,
+                        row.worker_id,
                         kind=kind,
                         resume=resume_source(core, row.study_id, trial),
                         task=trial.user_attrs.get(SETTINGS_ATTR),
                     )
                 )
-        return leases
+        return leases, free
 
-    def _try_lease(self, worker_id: str, count: int, kinds: Sequence[str]) -> list[Lease]:
+    def _try_lease(
+        self, holders: list[str], kinds: Sequence[str], device: str | None
+    ) -> list[Lease]:
         with self.core.db.session() as session:
             # Fairness: the running study served longest ago goes first.
             candidates = list(
@@ -157,15 +178,20 @@ class LeaseProtocol:
                 ).scalars()
             )
         leases: list[Lease] = []
+        free = list(holders)
         for study_id in candidates:
-            leases += self._lease_from(study_id, worker_id, count - len(leases), kinds)
-            if len(leases) == count:
+            granted = self._lease_from(study_id, free, kinds, device)
+            for lease in granted:
+                free.remove(str(lease.worker_id))
+            leases += granted
+            if not free:
                 break
         return leases
 
     def _lease_from(
-        self, study_id: int, worker_id: str, count: int, kinds: Sequence[str]
+        self, study_id: int, holders: list[str], kinds: Sequence[str], device: str | None = None
     ) -> list[Lease]:
+        """Up to ``len(holders)`` new trials of one study, the i-th held by ``holders[i]``."""
         core = self.core
         loaded = core.load(study_id)
         budget = loaded.spec.budget
@@ -187,7 +213,8 @@ class LeaseProtocol:
             core.remember_snapshot(loaded, trials)
             probe: _Granted | None = None
             if loaded.spec.lr_range_test.enabled and loaded.lr_range_test is None:
-                step = self.probes.step(study_id, loaded, trials, worker_id, kinds)
+                # The probe goes first and alone, to the first holder.
+                step = self.probes.step(study_id, loaded, trials, holders[0], kinds)
                 if step == "wait":
                     return []
                 if step == "settled":  # reload: the space now holds the test's ranges
@@ -197,8 +224,10 @@ class LeaseProtocol:
                 else:
                     trial_id, number, config = step
                     token = secrets.token_urlsafe(24)
-                    probe = _Granted(trial_id, number, token, config, {}, None, kind=LR_RANGE_TEST)
-            for _ in range(0 if probe else count):
+                    probe = _Granted(
+                        trial_id, number, token, config, {}, None, holders[0], kind=LR_RANGE_TEST
+                    )
+            for worker_id in [] if probe else holders:
                 counted, running, _waiting, failures = tally(trials)
                 if failures >= budget.max_failed or counted >= budget.n_trials:
                     break
@@ -217,6 +246,8 @@ class LeaseProtocol:
                     trials = core.cache.get_all_trials(study_id, deepcopy=False)
                     continue
                 attrs = {"worker_id": worker_id, "config": sample.config}
+                if device is not None:  # issue 14: the device the worker asked to train on
+                    attrs["worker_device"] = device
                 trial_id, number = self._write_leased_trial(study_id, sample, attrs)
                 leased: FrozenTrial | None = None
                 resume: ResumeFrom | None = None
@@ -236,6 +267,7 @@ class LeaseProtocol:
                         sample.config,
                         dict(sample.trial.params),
                         leased,
+                        worker_id,
                         resume=resume,
                     )
                 )
@@ -245,13 +277,13 @@ class LeaseProtocol:
                 counted, running, _waiting, failures = tally(trials)
                 ended = counted >= budget.n_trials and running == 0
                 if ended and failures < budget.max_failed:  # issue 14.4: evaluate the winners
-                    task = task_step(core, study_id, loaded, trials, worker_id, kinds)
+                    task = task_step(core, study_id, loaded, trials, holders[0], kinds)
                     if task is not None:
                         trial_id, number, settings = task
                         token = secrets.token_urlsafe(24)
                         granted.append(
                             _Granted(
-                                trial_id, number, token, {}, {}, None,
+                                trial_id, number, token, {}, {}, None, holders[0],
                                 kind=FINAL_EVALUATION, task=settings,
                             )
                         )  # fmt: skip
@@ -268,7 +300,7 @@ class LeaseProtocol:
                     study_id=study_id,
                     trial_number=g.number,
                     token=g.token,
-                    worker_id=worker_id,
+                    worker_id=g.worker_id,
                     beat_at_s=core.database_clock_s(),
                 )
                 for g in granted
@@ -282,14 +314,14 @@ class LeaseProtocol:
                 "leased trial %d of %s to %s",
                 g.number,
                 row.name,
-                worker_id,
+                g.worker_id,
                 extra=trial_fields(
                     "lease_granted",
                     study=row.name,
                     study_id=study_id,
                     trial_id=g.trial_id,
                     trial_number=g.number,
-                    worker_id=worker_id,
+                    worker_id=g.worker_id,
                 ),
             )
             leases.append(
@@ -300,6 +332,7 @@ class LeaseProtocol:
                     g.token,
                     g.config,
                     g.params,
+                    g.worker_id,
                     kind=g.kind,
                     resume=g.resume,
                     task=g.task,
@@ -360,6 +393,7 @@ class LeaseProtocol:
         token: str,
         config: dict[str, Any],
         params: Mapping[str, Any],
+        worker_id: str,
         kind: str = "trial",
         resume: ResumeFrom | None = None,
         task: dict[str, Any] | None = None,
@@ -379,6 +413,7 @@ class LeaseProtocol:
             objective_metrics=loaded.spec.metric_names,
             report_metric=loaded.spec.pruning_metric,  # issue 10: multi-objective primary
             heartbeat_interval_s=settings.heartbeat_interval_s,
+            worker_id=worker_id,
             lease_timeout_s=settings.lease_timeout_s,
             # --- issue 14: checkpoints and resume
             checkpoint_every_epochs=settings.checkpoint_every_epochs,

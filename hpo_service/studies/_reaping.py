@@ -6,8 +6,9 @@ life (``hpo_leases.beat_at_s``, by the database clock). One pass of the reaper:
 1. finds every expired lease of every active study with one query, and marks them reaped with
    one compare-and-set (a beat that arrived in between wins; of several replicas, one reaps);
 2. per study, under the study lock: fails those trials, fails every RUNNING trial that has no
-   lease at all (a crash between the trial's write and its lease's — under the lock both are
-   written together, so such a trial can have no live worker), and queues a retry with the same
+   live lease (none at all: a crash between the trial's write and its lease's — under the lock
+   both are written together, so such a trial can have no live worker; or one already marked
+   reaped: a pass that died between step 1 and this one), and queues a retry with the same
    parameters while the trial's retry history is within ``max_retries``.
 
 So a dead worker's trial is failed and retried within lease timeout + reap interval of its last
@@ -147,8 +148,11 @@ class Reaper:
         leased: set[int] = set()
         if running:
             ids = [trial._trial_id for trial in running]
+            # A lease already marked reaped is no live lease: a pass that died between its
+            # mark and the trial's fail left it, and no later pass finds it expired.
+            live = or_(LeaseRow.outcome.is_(None), LeaseRow.outcome != REAPED)
             leased = set(
-                session.scalars(select(LeaseRow.trial_id).where(LeaseRow.trial_id.in_(ids)))
+                session.scalars(select(LeaseRow.trial_id).where(LeaseRow.trial_id.in_(ids), live))
             )
         workers: dict[int, str | None] = {lease.trial_id: lease.worker_id for lease in expired}
         workers.update({t._trial_id: None for t in running if t._trial_id not in leased})

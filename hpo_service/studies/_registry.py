@@ -17,6 +17,7 @@ from hpo_service.constraints import feasibility_of
 from hpo_service.curated_starts import SOURCE_ATTR, curated_starts
 from hpo_service.errors import InvalidSpec, StudyExists, StudyNotRunning
 from hpo_service.grid import fit_budget_to_grid, study_grid
+from hpo_service.history import EpochHistory
 from hpo_service.models import LeaseRow, StudyRow
 from hpo_service.optimizers import build_pruner, build_sampler, describe, pruning_primary
 from hpo_service.schemas import (
@@ -262,6 +263,7 @@ class StudyRegistry:
             study_id = row.study_id
             session.delete(row)
             session.query(LeaseRow).filter(LeaseRow.study_id == study_id).delete()
+            EpochHistory.delete_study(session, study_id)  # issue 14
         core.forget_loaded(study_id)
         core.cache.delete_study(study_id)  # through the cache, which forgets the study's trials
 

@@ -94,23 +94,10 @@ def test_postgres_restarted_during_a_sweep(
         def none_running() -> bool:
             return not [t for t in trials(server.url, "chaos") if t["state"] == "running"]
 
-        try:
-            wait_for(none_running, 3 * STALE_BOUND_S, "no RUNNING trial")
-        except AssertionError:
-            leased = {r["trial_id"] for r in records if r["event"] == "leased"}
-            # A trial no worker heard of: `ask` committed, then the database went away before
-            # the lease was written and the worker got a 503 (issue 13.1).
-            orphans = [
-                t
-                for t in trials(server.url, "chaos")
-                if t["state"] == "running" and t["trial_id"] not in leased
-            ]
-            if orphans:
-                pytest.xfail(
-                    f"{len(orphans)} trial(s) RUNNING without a lease after the restart: needs "
-                    "the reaper fix for RUNNING trials without a lease (issue 13.1, branch core)"
-                )
-            raise
+        # No xfail any more: a trial written without its lease (the database died in between)
+        # or whose lease a dying reap pass had already marked is failed by the next pass
+        # (tests/service/test_reaping.py cuts a lease and a reap pass at every write).
+        wait_for(none_running, 3 * STALE_BOUND_S, "no RUNNING trial")
         # Retries of reaped trials, if any, are finished by one more worker.
         sweeper = ProtocolWorker(
             server.url, "sweeper", tmp_path, "--epochs", "2", "--epoch-s", "0.05",

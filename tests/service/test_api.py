@@ -71,6 +71,12 @@ def test_create_study_records_spec_and_metric_names(client: TestClient, database
             {"dataset": "digits", "search_space": {"batch_size": {"choices": [64, 2048]}}},
             "batch_size",
         ),
+        # Issue 13: every dataset whose training split is known, not only the bundled ones.
+        ({"fixed": {"synthetic_size": 64, "batch_size": 64}}, "fixed.batch_size"),
+        (
+            {"dataset": "mnist", "search_space": {"batch_size": {"choices": [64, 65536]}}},
+            "search_space.batch_size",
+        ),
     ],
 )
 def test_bad_specs_get_422_naming_the_field_and_write_nothing(

@@ -199,11 +199,14 @@ def test_each_trial_of_a_batch_gets_its_own_answer_under_the_single_routes_rules
     )
     assert failed[0].answer is not None and failed[0].answer.retry_trial_number is not None
     assert failed[1].answer is not None and failed[1].answer.state == "pruned"
-    assert failed[2].error is not None and failed[2].error.code == "result_conflict"
+    # A fail after complete: the trial ended, and the item says how (issue 16 item 1d).
+    assert failed[2].error is not None and failed[2].error.code == "trial_finished"
+    assert failed[2].error.state == "complete"
     late = client.report_many(
         [TrialReport(trial_id=c.trial_id, lease_token=c.lease_token, epoch=1, value=1.0)]
     )
-    assert late[0].error is not None and late[0].error.code == "trial_reaped"
+    assert late[0].error is not None and late[0].error.code == "trial_finished"
+    assert late[0].error.state == "fail"
 
 
 def test_batched_requests_reject_a_malformed_item_naming_its_field(servers: list[str]) -> None:

@@ -113,6 +113,15 @@ def _lease(client: TestClient, worker: str, kinds: list[str] = KINDS) -> dict[st
     return response.json()
 
 
+def _work(client: TestClient, kinds: list[str]) -> str:
+    """The ``HPO-Work`` answer of an empty lease: ``wait`` (work may come) or ``idle``."""
+    response = client.post(
+        "/v1/leases", json={"worker_id": "asker", "kinds": kinds}, headers=WORKER
+    )
+    assert response.status_code == 204, response.text
+    return response.headers["HPO-Work"]
+
+
 def _send(client: TestClient, task: dict[str, Any], results: list[dict[str, Any]]) -> Any:
     return client.post(
         f"/v1/trials/{task['trial_id']}/final-evaluation",
@@ -137,6 +146,9 @@ def test_a_reaped_evaluation_is_retried_with_the_same_winners(client: TestClient
     first = _lease(client, "dies")
     assert first is not None and first["kind"] == "final_evaluation"
     (winner,) = first["task"]["winners"]
+    # --exit-when-idle: a worker that runs the kind waits on the running evaluation (it may
+    # be reaped and retried); one that runs trials only is idle.
+    assert _work(client, KINDS) == "wait" and _work(client, ["trial"]) == "idle"
     assert first["task"]["k"] == 2
     time.sleep(2.2)  # past the 1 s lease timeout, by the database clock
     client.app.state.service.reap()  # type: ignore[attr-defined]
@@ -162,6 +174,7 @@ def test_a_reaped_evaluation_is_retried_with_the_same_winners(client: TestClient
     }
     assert info["state"] == "completed" and info["counts"]["fail"] == 0
     assert _lease(client, "w3") is None  # one evaluation per study
+    assert _work(client, KINDS) == "idle"
 
 
 def _cpu() -> Any:

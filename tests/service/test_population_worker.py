@@ -4,6 +4,7 @@ fused training, and a SIGKILLed population worker whose K trials are each reaped
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -45,7 +46,13 @@ def trials_of(client: TestClient, study: str) -> list[dict[str, Any]]:
 def test_a_population_worker_trains_k_trials_at_once_and_settles_each(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    create(client, name="pop", budget={"n_trials": 5, "max_concurrent": 5}, pruner={"name": "none"})
+    create(
+        client,
+        name="pop",
+        budget={"n_trials": 5, "max_concurrent": 5},
+        pruner={"name": "none"},
+        fixed={**TINY_FIXED, "batch_size": 128},  # one group, so the members share reports
+    )
     sizes: list[int] = []
     real = population_worker.train_population
 
@@ -55,7 +62,13 @@ def test_a_population_worker_trains_k_trials_at_once_and_settles_each(
         return real(members, *args, **kwargs)
 
     monkeypatch.setattr(population_worker, "train_population", recording)
-    assert make_worker(client, population=3).run() == 5
+    worker = make_worker(client, population=3)
+    sent: list[tuple[str, Any]] = []
+    client.event_hooks["request"].append(
+        lambda request: sent.append((request.url.path, json.loads(request.content or b"null")))
+    )
+    assert worker.run() == 5
+    client.event_hooks["request"].clear()
     # 3 leased at once and trained as one population; the other 2 refilled its slots
     assert sizes == [3]
     trials = trials_of(client, "pop")
@@ -63,6 +76,72 @@ def test_a_population_worker_trains_k_trials_at_once_and_settles_each(
     assert all(set(t["intermediate_values"]) == {"1", "2", "3"} for t in trials)
     # one lease identity per slot, so the server never hands a slot's trial to another slot
     assert {t["worker_id"] for t in trials} == {"pop/0", "pop/1", "pop/2"}
+    # Only the batched routes (issue 12): one report request per group epoch carrying all its
+    # members, one completion request for the members that ended together.
+    assert all(path.startswith("/v1/batch/") for path, _ in sent), sorted({p for p, _ in sent})
+    reports = [body["reports"] for path, body in sent if path == "/v1/batch/report"]
+    assert sum(len(items) for items in reports) == 5 * 3  # every member-epoch, once
+    assert len(reports) < 5 * 3 and max(len(items) for items in reports) > 1
+    results = [body["results"] for path, body in sent if path == "/v1/batch/complete"]
+    assert sum(len(items) for items in results) == 5 and len(results) < 5
+    assert "/v1/batch/fail" not in {path for path, _ in sent}
+
+
+def test_a_slot_gets_its_own_running_trial_back_and_the_others_new_ones(
+    client: TestClient,
+) -> None:
+    """The batched lease's ``slots``: one lease identity per slot, as a population worker
+    refilling some slots while the others train needs."""
+    create(client, name="slots", budget={"n_trials": 6, "max_concurrent": 6})
+    client.headers.update({"Authorization": "Bearer worker-token"})
+    api = HPOClient(client)
+    first = api.lease_many("box", 2, slots=["box/0", "box/1"])
+    assert [lease.worker_id for lease in first] == ["box/0", "box/1"]
+    again = api.lease_many("box", 2, slots=["box/1", "box/2"])
+    held = {lease.worker_id: lease.trial_id for lease in again}
+    assert held["box/1"] == first[1].trial_id  # its own running trial, not a second one
+    assert held["box/2"] not in {lease.trial_id for lease in first}
+    owners = {t["number"]: t["worker_id"] for t in trials_of(client, "slots")}
+    assert sorted(owners.values()) == ["box/0", "box/1", "box/2"]
+    # Without slots every lease is held by the worker id, as before.
+    plain = api.lease_many("plain", 2)
+    assert [lease.worker_id for lease in plain] == ["plain", "plain"]
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"count": 2, "slots": ["a"]}, "must hold `count` ids (got 1 for count 2)"),
+        ({"count": 2, "slots": ["a", "a"]}, "must be distinct"),
+    ],
+)
+def test_slots_that_do_not_match_count_are_a_422_naming_them(
+    client: TestClient, body: dict[str, Any], words: str
+) -> None:
+    response = client.post(
+        "/v1/batch/leases",
+        json={"worker_id": "w", **body},
+        headers={"Authorization": "Bearer worker-token"},
+    )
+    assert response.status_code == 422, response.text
+    [detail] = response.json()["error"]["details"]
+    assert detail["field"] == "body.slots" and words in detail["reason"]
+
+
+def test_the_worker_passes_patience_to_the_population(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    create(client, name="pat", budget={"n_trials": 1, "max_concurrent": 1}, pruner={"name": "none"})
+    seen: list[int | None] = []
+    real = population_worker.train_population
+
+    def recording(members: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs["patience"])
+        return real(members, *args, **kwargs)
+
+    monkeypatch.setattr(population_worker, "train_population", recording)
+    assert make_worker(client, population=2, patience=7).run() == 1
+    assert seen == [7]
 
 
 def test_an_unfusable_trial_is_trained_alone_after_the_population(client: TestClient) -> None:

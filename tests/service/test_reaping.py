@@ -138,3 +138,30 @@ def test_one_reap_pass_fails_fifty_dead_leases_with_a_fixed_number_of_lease_quer
     # (two per lease before: 100+ for 50).
     assert len(ours) <= 8, ours
     assert service.reaped_leases == 50
+
+
+def test_a_reap_pass_cut_off_at_any_write_leaves_no_trial_running(service: StudyService) -> None:
+    """The pass marks expired leases reaped in one commit, then fails their trials under each
+    study's lock: a pass that dies in between left a RUNNING trial whose lease was already
+    marked, which no later pass picked up (neither expired nor lease-less)."""
+
+    def expired_lease(name: str) -> None:
+        service.create_study(StudySpec.model_validate(spec(name, max_retries=1)))
+        assert service.lease(f"{name}-worker") is not None
+        time.sleep(service.settings.lease_timeout_s + 0.2)  # past the lease timeout: a bound
+
+    expired_lease("probe")
+    writes = _writes_of(service, service.reap)
+    assert _running(service, "probe") == 0 and len(writes) >= 2, writes
+    service.delete_study("probe")
+    for index in range(len(writes)):
+        name = f"reap-cut-{index}"
+        expired_lease(name)
+        _cut_at(service, index, service.reap)
+        assert _settle(service, name), (
+            f"a trial of {name} is still RUNNING {SETTLE_BOUND_S:.0f} s after the database died "
+            f"at write {index} of a reap pass ({writes[index]})"
+        )
+        info = service.get_study(name)
+        assert info.counts.fail == 1 and info.counts.waiting == 1, info.counts  # one retry
+        service.delete_study(name)

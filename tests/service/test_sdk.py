@@ -82,6 +82,17 @@ def test_a_pruned_trial_ends_its_loop_and_is_told_pruned(server: LiveServer) -> 
     assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
 
 
+def test_exit_when_idle_leaves_the_loop_once_no_study_can_give_work(server: LiveServer) -> None:
+    admin(server).create_study(spec("idle", budget={"n_trials": 1, "max_concurrent": 1}))
+    # No idle_exit_s: only the server's `HPO-Work: idle` ends this loop (issue 16).
+    loop = worker_trials(server, idle_exit_s=None, exit_when_idle=True)
+    for trial in loop:
+        with trial:
+            trial.report(0, 5.0)
+    (done,) = study_trials(server, "idle")
+    assert done.state == optuna.trial.TrialState.COMPLETE
+
+
 def test_a_cancelled_study_stops_the_trial_for_good(server: LiveServer) -> None:
     client = admin(server)
     client.create_study(spec("cancel", budget={"n_trials": 3, "max_concurrent": 1}))

@@ -59,13 +59,14 @@ def test_shutdown_hands_the_trial_back_for_retry(client: TestClient) -> None:
 
 
 def test_bad_config_fails_for_good(client: TestClient) -> None:
-    # A batch larger than the data passes the spec check (sizes are the trainer's business)
+    # MNIST without a `data_dir` passes the spec check (the folder is the worker's business)
     # but the trainer refuses it: the trial must fail without a retry.
     create(
         client,
         name="badcfg",
+        dataset="mnist",
         budget={"n_trials": 1, "max_concurrent": 1},
-        fixed={"synthetic_size": 64, "final_is_samples": 0, "batch_size": 1024, "device": "cpu"},
+        fixed={"final_is_samples": 0, "device": "cpu"},
     )
     assert make_worker(client).run() == 1
     trials = client.get("/v1/studies/badcfg/trials", headers=VIEWER).json()["trials"]

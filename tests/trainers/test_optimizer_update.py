@@ -185,3 +185,67 @@ def test_the_fused_step_clips_each_member_by_its_own_norm_never_the_stack_s(
     assert stats[6].tolist() == [1.0, 0.0, 1.0]
     norms = [total_norm(params) for params in stack.member_params]
     assert norms == pytest.approx([0.5, pre_clip[1], 1.5], rel=1e-4)
+
+
+# --- the optimizer is the config's (issue 17: mutmut's survivors in build_optimizer) -------------
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [("adamw", torch.optim.AdamW), ("radam", torch.optim.RAdam), ("adam", torch.optim.Adam)],
+)
+def test_build_optimizer_carries_the_config_s_optimizer_and_settings(
+    name: str, cls: type, train_device: str
+) -> None:
+    """Class, β1/β2, ε, decay on weights only, and decoupled decay for RAdam; the LR placeholder
+    is the base LR. None of these change a first Adam step's size, so the update tests above
+    cannot see them."""
+    cfg = cfg_of(train_device, optimizer=name, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.05)
+    device = torch.device(train_device)
+    vae = build_vae(cfg, (1, 8, 8)).to(device)
+    optimizer = build_optimizer(vae, cfg, device)
+    assert type(optimizer) is cls
+    weights, biases = optimizer.param_groups
+    for group in (weights, biases):
+        assert group["betas"] == (0.8, 0.99) and group["eps"] == 1e-6 and group["lr"] == 1e-3
+    assert weights["weight_decay"] == 0.05 and biases["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in weights["params"]) and all(p.ndim < 2 for p in biases["params"])
+    assert len(weights["params"]) + len(biases["params"]) == len(list(vae.parameters()))
+    if name == "radam":
+        assert optimizer.defaults["decoupled_weight_decay"] is True
+
+
+def test_set_schedule_cycles_beta1_inversely_to_the_lr_and_keeps_beta2(train_device: str) -> None:
+    cfg = cfg_of(
+        train_device, lr_policy="triangular", max_lr=4e-3, lr_half_cycle_epochs=1.0,
+        cycle_beta1=True, beta1_min=0.8, beta1_max=0.9, beta2=0.98,
+    )  # fmt: skip
+    device = torch.device(train_device)
+    optimizer = build_optimizer(build_vae(cfg, (1, 8, 8)).to(device), cfg, device)
+    schedule = lr_schedule_from_config(cfg, STEPS_PER_EPOCH)
+    set_schedule(optimizer, 0, schedule)  # the cycle's foot: lowest LR, highest β1
+    assert [g["betas"] for g in optimizer.param_groups] == [(0.9, 0.98)] * 2
+    set_schedule(optimizer, STEPS_PER_EPOCH, schedule)  # its peak: highest LR, lowest β1
+    assert [g["betas"] for g in optimizer.param_groups] == [pytest.approx((0.8, 0.98))] * 2
+
+
+def test_clipping_fires_only_above_the_threshold_and_by_value(train_device: str) -> None:
+    """``clipped`` is 1 exactly when a limit was exceeded: the norm strictly above ``max_norm``
+    (equal is not clipped), or any element above ``max_value``; with both off it is 0."""
+    from trainers.optim import clip_gradients
+
+    device = torch.device(train_device)
+    p = torch.nn.Parameter(torch.zeros(2, device=device))
+
+    def clip(grad: list[float], max_norm: float, max_value: float) -> tuple[float, float]:
+        p.grad = torch.tensor(grad, device=device)
+        norm, fired = clip_gradients([p], max_norm, max_value)
+        assert fired.dtype == torch.float32 and fired.device.type == device.type
+        return norm.item(), fired.item()
+
+    assert clip([3.0, 4.0], 5.0, 0.0) == (pytest.approx(5.0), 0.0)  # at the threshold: not fired
+    assert clip([3.0, 4.0], 4.9, 0.0) == (pytest.approx(5.0), 1.0)
+    assert clip([3.0, 4.0], 0.0, 0.0) == (pytest.approx(5.0), 0.0)  # both off
+    assert clip([3.0, 4.0], 0.0, 3.5) == (pytest.approx(5.0), 1.0)  # by value only
+    assert p.grad.tolist() == [3.0, 3.5]
+    assert clip([3.0, -4.0], 0.0, 4.0) == (pytest.approx(5.0), 0.0)  # |−4| is not above 4

@@ -235,3 +235,51 @@ def test_two_groups_train_side_by_side_each_equal_to_alone(train_device: str) ->
     fused = train_population([("128", at_128), ("64", at_64)])
     assert_same_run(fused["128"], train(at_128))
     assert_same_run(fused["64"], train(at_64))
+
+
+# --- patience inside the population ------------------------------------------------------------
+
+
+def test_patience_ends_a_plateaued_member_alone_and_the_others_go_on(
+    train_device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "flat" stops improving after epoch 2 and leaves at epoch 4 (patience 2), evaluated on the
+    test set as ``train(patience=2)`` alone; "better" improves every epoch and runs all 6."""
+    import trainers.population as population
+    import trainers.train as single
+
+    scripts = {1: [10.0, 9.0, 9.5, 9.6, 9.7, 9.8], 2: [10.0, 9.0, 8.0, 7.0, 6.0, 5.0]}
+    real = single.validate
+
+    def scripted(vae: Any, x: Any, cfg: TrainConfig, *args: Any) -> Any:
+        val, kl = real(vae, x, cfg, *args)
+        val["val_neg_elbo"] = scripts[cfg.seed][args[1] - 1]  # args: device, epoch, step
+        return val, kl
+
+    monkeypatch.setattr(population, "validate", scripted)
+    monkeypatch.setattr(single, "validate", scripted)
+    flat, better = (config(train_device, seed=s, epochs=6) for s in (1, 2))
+    reported: list[tuple[str, int]] = []
+
+    def on_epoch(key: Any, metrics: EpochMetrics) -> Decision:
+        reported.append((key, metrics.epoch))
+        return "continue"
+
+    fused = train_population([("flat", flat), ("better", better)], on_epoch, patience=2)
+    plateau = fused["flat"]
+    assert isinstance(plateau, TrainResult)
+    assert (plateau.epochs_run, plateau.best_epoch, plateau.plateaued) == (4, 2, True)
+    assert not plateau.stopped_early and "test_neg_elbo" in plateau.metrics
+    assert [e for k, e in reported if k == "flat"] == [1, 2, 3, 4]
+    assert [e for k, e in reported if k == "better"] == [1, 2, 3, 4, 5, 6]
+    for key, cfg in (("flat", flat), ("better", better)):
+        alone = train(cfg, patience=2)
+        assert_same_run(fused[key], alone)
+        outcome = fused[key]
+        assert isinstance(outcome, TrainResult) and outcome.plateaued == alone.plateaued
+
+
+def test_patience_must_be_a_positive_number_of_epochs_in_the_population(train_device: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        train_population([("a", config(train_device))], patience=0)
+    assert info.value.field == "patience"

@@ -11,8 +11,8 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from hpo_service.schemas import TRAIN_SPLIT_SIZES
 from trainers.cli import (
-    TRAIN_SPLIT_SIZES,
     app,
     load_config,
     parse_set_value,
@@ -64,7 +64,12 @@ def test_load_config_applies_overrides_and_names_bad_fields(tmp_path: Path) -> N
 
 def test_split_size_table_matches_the_loaded_data() -> None:
     # The preview must count steps exactly as training does, without loading data.
-    for values in ({"dataset": "digits"}, {"dataset": "synthetic", "synthetic_size": 123}):
+    # The server refuses oversized batches at submit time from the same table.
+    for values in (
+        {"dataset": "digits"},
+        {"dataset": "mnist5k"},
+        {"dataset": "synthetic", "synthetic_size": 123},
+    ):
         cfg = TrainConfig.model_validate({**values, "batch_size": 50})
         data = load_dataset(cfg, torch.device("cpu"))
         assert steps_per_epoch_for(cfg) == data.train.shape[0] // 50, values

@@ -113,3 +113,66 @@ def test_elbo_terms_report_objective_and_true_neg_elbo_separately() -> None:
     assert plain.kl_total.item() == pytest.approx(plain.kl_per_dim.sum().item())
     assert annealed.free_bits_floor_dims.item() == 3.0
     assert math.isclose(annealed.beta, 0.25)
+
+
+# --- a population's stacked terms (issue 17: mutmut's survivors were all on this path) ---------
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_stacked_members_get_exactly_the_terms_each_gets_alone(likelihood: str) -> None:
+    """K members stacked ``(K, N, ·)``, each with its own β, λ and mode (one with λ = 0), give
+    the terms each member's own 2-D call gives. Shapes differ per axis (K=4, N=6, D=5, d=3) so a
+    reduction over the wrong axis cannot coincide; the KLs straddle λ so every mode clamps some
+    dims or examples and not others."""
+    gen = torch.Generator().manual_seed(7)
+    k, n, d, latent = 4, 6, 5, 3
+    x = torch.rand(k, n, d, generator=gen)
+    output = torch.randn(k, n, d, generator=gen)
+    mu = torch.randn(k, n, latent, generator=gen)
+    logvar = 0.5 * torch.randn(k, n, latent, generator=gen)
+    betas = torch.tensor([1.0, 0.5, 0.25, 2.0])
+    lams = torch.tensor([0.6, 0.4, 0.0, 1.5])
+    modes = ["batch_mean_per_group", "per_example_per_group", "global", "global"]
+    stacked = elbo_terms(
+        output, x, mu, logvar, beta=betas, likelihood=likelihood, gaussian_std=0.7,  # type: ignore[arg-type]
+        free_bits=lams, free_bits_mode=modes,  # type: ignore[arg-type]
+    )  # fmt: skip
+    for m in range(k):
+        alone = elbo_terms(
+            output[m], x[m], mu[m], logvar[m], beta=float(betas[m]), likelihood=likelihood,  # type: ignore[arg-type]
+            gaussian_std=0.7, free_bits=float(lams[m]), free_bits_mode=modes[m],  # type: ignore[arg-type]
+        )  # fmt: skip
+        for name in ("objective", "neg_elbo", "reconstruction", "kl_total", "kl_objective",
+                     "free_bits_floor_dims", "kl_per_dim"):  # fmt: skip
+            torch.testing.assert_close(getattr(stacked, name)[m], getattr(alone, name), msg=name)
+    # Not vacuous: some members sit at their floor, and the λ = 0 member is the plain KL.
+    assert float(stacked.free_bits_floor_dims.sum()) > 0
+    assert stacked.kl_objective[2] == stacked.kl_total[2]
+
+
+def test_stacked_free_bits_kl_with_one_mode_matches_each_member_alone() -> None:
+    gen = torch.Generator().manual_seed(11)
+    kl = torch.rand(3, 6, 4, generator=gen)  # (K, N, d), each entry in [0, 1)
+    lams = torch.tensor([0.3, 0.5, 0.7])
+    for mode in ("batch_mean_per_group", "per_example_per_group", "global"):
+        objective, floor = free_bits_kl(kl, lams, mode)  # type: ignore[arg-type]
+        for m in range(3):
+            alone = free_bits_kl(kl[m], float(lams[m]), mode)  # type: ignore[arg-type]
+            torch.testing.assert_close(objective[m], alone[0], msg=mode)
+            torch.testing.assert_close(floor[m], alone[1], msg=mode)
+
+
+def test_the_default_free_bits_mode_is_batch_mean_per_group() -> None:
+    gen = torch.Generator().manual_seed(5)
+    x, logits = torch.rand(8, 5, generator=gen), torch.randn(8, 5, generator=gen)
+    mu, logvar = 2.0 * torch.randn(8, 3, generator=gen), torch.zeros(8, 3)
+    mu[:, 0] = 0.0  # dim 0 has KL 0, below λ; the others are far above it
+    # batch-mean clamps dim 0 alone (+0.5); the global floor (1.5) is far below the total.
+    common: dict = {"beta": 1.0, "likelihood": "bernoulli", "gaussian_std": 1.0, "free_bits": 0.5}
+    default = elbo_terms(logits, x, mu, logvar, **common)
+    explicit = elbo_terms(logits, x, mu, logvar, **common, free_bits_mode="batch_mean_per_group")
+    other = elbo_terms(logits, x, mu, logvar, **common, free_bits_mode="per_example_per_group")
+    assert default.kl_objective.item() == pytest.approx(explicit.kl_objective.item())
+    assert default.kl_objective.item() != pytest.approx(other.kl_objective.item())
+    fallen_through = elbo_terms(logits, x, mu, logvar, **common, free_bits_mode="global")
+    assert default.kl_objective.item() != pytest.approx(fallen_through.kl_objective.item())

@@ -134,3 +134,15 @@ def test_is_nll_rejects_zero_samples() -> None:
 )
 def test_posterior_collapse_flag(kl: float, n_active: int, collapsed: bool) -> None:
     assert posterior_collapse(kl, n_active, kl_threshold=0.1) is collapsed
+
+
+def test_active_unit_variances_are_unbiased_and_the_threshold_is_strict() -> None:
+    """Var over examples with Bessel's correction (N − 1), and A_u = #{Var > δ} with a strict
+    inequality (Burda et al. 2016, §5.2); values chosen exactly representable in fp32."""
+    from trainers.metrics import active_unit_variances
+
+    means = torch.tensor([[0.0, 1.0, 2.0], [0.0, 3.0, 2.0], [0.0, 1.0, 6.0], [0.0, 3.0, 6.0]])
+    variances = active_unit_variances(means)  # column sums of squares 0, 4, 16 over N − 1 = 3
+    torch.testing.assert_close(variances, torch.tensor([0.0, 4.0 / 3.0, 16.0 / 3.0]))
+    exact = torch.tensor([[0.0], [2.0]])  # variance exactly 2.0
+    assert active_units(exact, 2.0).item() == 0 and active_units(exact, 1.999).item() == 1

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from fastapi import APIRouter
 
 from hpo_service.api.deps import ServiceDep, Worker
-from hpo_service.errors import HPOError, InvalidSpec
+from hpo_service.errors import HPOError, InvalidSpec, TrialFinished
 from hpo_service.schemas import (
     BatchCompleteAnswer,
     BatchCompleteRequest,
@@ -41,7 +41,8 @@ router = APIRouter(prefix="/batch", tags=["workers (batched)"], dependencies=[Wo
 
 def _error(error: HPOError) -> ItemError:
     field = error.field if isinstance(error, InvalidSpec) else None
-    return ItemError(code=error.code, message=error.message, field=field)
+    state = error.state if isinstance(error, TrialFinished) else None
+    return ItemError(code=error.code, message=error.message, field=field, state=state)
 
 
 T = TypeVar("T")
@@ -61,8 +62,13 @@ def _items(item: Callable[..., T], requests: Sequence[Any], answers: Sequence[An
 def lease_many(service: ServiceDep, body: BatchLeaseRequest) -> BatchLeases:
     """Up to `count` trials, long-polling up to `wait_s` for the first; an empty list if none.
     Budget and concurrency caps hold exactly; the batch is sampled with Optuna's constant
-    liar, so its parameter sets differ."""
-    return BatchLeases(leases=service.lease_many(body.worker_id, body.count, body.wait_s))
+    liar, so its parameter sets differ. With `slots`, each lease is held by one slot. With
+    none, `idle` tells "no study can give work now" (`true`: a worker may exit) from "wait and
+    ask again" (`false`)."""
+    leases = service.lease_many(
+        body.worker_id, body.count, body.wait_s, body.slots, device=body.device
+    )
+    return BatchLeases(leases=leases, idle=not leases and not service.work_may_come())
 
 
 @router.post("/heartbeat", response_model=BatchHeartbeatAnswer)

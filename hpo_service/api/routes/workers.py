@@ -8,6 +8,8 @@ from fastapi import APIRouter, Path, Response, status
 
 from hpo_service.api.deps import ServiceDep, Worker
 from hpo_service.schemas import (
+    MAX_TRIAL_ID,
+    WORK_HEADER,
     CompleteAnswer,
     CompleteRequest,
     ErrorResponse,
@@ -26,8 +28,8 @@ from hpo_service.schemas import (
 router = APIRouter(tags=["workers"], dependencies=[Worker])
 
 #: A trial id as the lease gave it; the databases store 64-bit ids, so anything larger is a 422
-#: naming `path.trial_id` rather than an overflow deep in the driver.
-TrialId = Annotated[int, Path(ge=0, le=2**63 - 1, description="`trial_id` from the lease.")]
+#: naming `path.trial_id` rather than an overflow deep in the driver (bound: ``MAX_TRIAL_ID``).
+TrialId = Annotated[int, Path(ge=0, le=MAX_TRIAL_ID, description="`trial_id` from the lease.")]
 
 _NO_LEASE = {"model": ErrorResponse, "description": "No trial with this id holds a lease."}
 
@@ -41,26 +43,32 @@ def _answers(conflict: str, invalid: str) -> dict[int | str, dict[str, object]]:
 
 
 _TOKEN_CONFLICT = (
-    "`lease_mismatch`: the token is not this trial's. `trial_reaped`: the lease expired "
-    "(no heartbeat for `lease_timeout_s`) and the trial was failed, and maybe retried as a new "
-    "trial; stop training it."
+    "`lease_mismatch`: the token is not this trial's. `trial_finished`: the trial already "
+    "ended; the body's `state` says how (`complete`, `pruned` after a `prune` answer, `fail`): "
+    "stop training it. `trial_reaped` (`state: fail`): the lease expired (no heartbeat for "
+    "`lease_timeout_s`) and the trial was failed, and maybe retried as a new trial; stop "
+    "training it."
 )
 _HEARTBEAT = _answers(
     _TOKEN_CONFLICT,
     "`lease_token` missing or not a token (URL-safe characters), or `trial_id` not a 64-bit id.",
 )
 _REPORT = _answers(
-    _TOKEN_CONFLICT,
-    "`epoch` negative, `value` not a number, or `metrics` too many, too long, or holding "
+    f"{_TOKEN_CONFLICT} `report_conflict`: this epoch was already reported with a different "
+    "`value`; the first stands (the same value again answers 200).",
+    "`epoch` negative, `value` not a number (`invalid_value`: NaN or Infinity; a run that "
+    "diverged sends `fail` with `diverged: true`), or `metrics` too many, too long, or holding "
     "NaN/Infinity (the field names the key).",
 )
 _COMPLETE = _answers(
-    f"{_TOKEN_CONFLICT} `result_conflict`: the trial already finished with different "
+    f"{_TOKEN_CONFLICT} `result_conflict`: the trial already completed with different "
     "values (a repeat of the same `complete` answers 200 again).",
-    "`values` not one finite number per objective metric, or bad `metrics`.",
+    "`values` not one number per objective metric (`invalid_value`: NaN or Infinity), or bad "
+    "`metrics`.",
 )
 _FAIL = _answers(
-    _TOKEN_CONFLICT + " A repeated `fail` answers the stored result again.",
+    f"{_TOKEN_CONFLICT} A repeated `fail` answers the stored result again, whichever flags it "
+    "carries (a `fail` after a `prune` answer: `state: pruned`).",
     "`reason` missing or over 4000 characters.",
 )
 
@@ -70,8 +78,17 @@ _FAIL = _answers(
     response_model=Lease,
     responses={
         204: {
-            "description": "No trial to run within `wait_s`: every running study is at its "
-            "concurrency limit or budget, or none is running. Ask again."
+            "description": f"No trial to run within `wait_s`. The `{WORK_HEADER}` header says "
+            "whether to ask again: `wait` (a running study is at its concurrency limit, or "
+            "waits on running trials that may fail and be retried) or `idle` (no study can "
+            "give work now: every study is stopped, cancelled, completed or failed, or there is "
+            "none; a worker may exit, as `hpo-worker --exit-when-idle` does).",
+            "headers": {
+                WORK_HEADER: {
+                    "description": "`idle` or `wait`.",
+                    "schema": {"type": "string", "enum": ["idle", "wait"]},
+                }
+            },
         },
         422: {"model": ErrorResponse, "description": "`worker_id` missing, `wait_s` over 60."},
     },
@@ -81,15 +98,19 @@ def lease(service: ServiceDep, body: LeaseRequest) -> Lease | Response:
 
     A worker that asks again with the same `worker_id` while its trial still runs gets that
     trial back (a restarted worker resumes). Train `config`, heartbeat every
-    `heartbeat_interval_s`, report each epoch, then `complete` or `fail`.
+    `heartbeat_interval_s`, report each epoch, then `complete` or `fail`. Every call about the
+    trial after it ended answers 409 `trial_finished` with its `state`.
 
     `kind` says what to run: `trial` (the above), or `lr_range_test` (only to a worker that
     lists it in `kinds`): the study's LR range test, before its first trial; heartbeat as for a
-    trial and send the curve to `/v1/trials/{trial_id}/lr-range-test` (or `fail`).
+    trial and send the curve to `/v1/trials/{trial_id}/lr-range-test` (or `fail`); or
+    `final_evaluation` (likewise): once the study has ended, evaluate the winners in `task`
+    and send the results to `/v1/trials/{trial_id}/final-evaluation`.
     """
-    granted = service.lease(body.worker_id, body.wait_s, body.kinds)
+    granted = service.lease(body.worker_id, body.wait_s, body.kinds, body.device)
     if granted is None:
-        return Response(status_code=status.HTTP_204_NO_CONTENT)
+        work = "wait" if service.work_may_come(body.kinds) else "idle"
+        return Response(status_code=status.HTTP_204_NO_CONTENT, headers={WORK_HEADER: work})
     return granted
 
 
@@ -98,7 +119,9 @@ def heartbeat(service: ServiceDep, trial_id: TrialId, body: LeaseToken) -> Heart
     """Keep the lease alive; send one every `heartbeat_interval_s` while training.
 
     A lease without a heartbeat for `lease_timeout_s` expires: the trial is failed and retried.
-    `action: stop` means the study was stopped or cancelled: end the trial with `fail`.
+    `action: stop` means the study was cancelled: stop training and send `fail` with
+    `retryable: false` and the answer's `reason` (the trial ends FAIL; no retry is queued for
+    a cancelled study). A study that was deleted answers 404: drop the trial.
     """
     return service.heartbeat(trial_id, body.lease_token)
 
@@ -108,9 +131,12 @@ def report(service: ServiceDep, trial_id: TrialId, body: ReportRequest) -> Repor
     """Report one finished epoch: `value` is the lease's `report_metric` for the pruner,
     `metrics` anything worth keeping. Also counts as a heartbeat.
 
-    `action`: `continue`; `prune` (the pruner stops this trial: send `fail` with
-    `pruned: true`); `stop` (the study was cancelled: send `fail`). A repeat of an epoch
-    already reported is not stored twice.
+    `action`: `continue`; `prune` (the pruner stopped this trial, and the answer ended it
+    PRUNED: stop training; a `fail` with `pruned: true` is answered from the stored result, a
+    `complete` is refused with 409 `trial_finished`); `stop` (the study was cancelled: stop
+    and send `fail` with `retryable: false`). A repeat of an epoch already reported with the
+    same `value` answers 200 and is not stored twice; another value is 409 `report_conflict`.
+    A NaN or infinite `value` is 422 `invalid_value`.
     """
     return service.report(trial_id, body.lease_token, body.epoch, body.value, body.metrics)
 
@@ -119,6 +145,8 @@ def report(service: ServiceDep, trial_id: TrialId, body: ReportRequest) -> Repor
 def complete(service: ServiceDep, trial_id: TrialId, body: CompleteRequest) -> CompleteAnswer:
     """Finish the trial: `values` holds one final value per name in the lease's
     `objective_metrics`, in that order. Idempotent: the same request again answers the same.
+    After a `prune` answer or a `fail` the trial has ended: 409 `trial_finished` with its
+    `state`.
     """
     return service.complete(
         trial_id, body.lease_token, body.values, body.metrics, output_tail=body.output_tail

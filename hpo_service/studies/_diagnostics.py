@@ -1,0 +1,269 @@
+"""Per-epoch diagnostics: keep every report's record, and keep the trial's plot fresh.
+
+Each accepted report's metrics go to ``hpo_epoch_records`` (``hpo_service.history``), all of a
+request's in one statement. At a trial's first epoch and every ``HPO_DIAGNOSTICS_PLOT_EVERY``
+epochs its curves are redrawn (``hpo_service.diagnostics_plot``) and attached to it as
+``diagnostics.png`` under a stable artifact id, so the dashboard's trial page shows the latest.
+Drawing takes seconds (1.4–9 s at load 15–21 on two cores, ``benchmarks/diagnostics_plot.py``),
+so it never runs on the report request: a background thread has a child process draw (drawing
+holds the GIL, so in a thread of the server it would slow every request), one trial at a time,
+and a trial already waiting for a redraw is not queued twice (the redraw reads the newest
+records when it runs).
+
+Optuna lists artifacts in system attributes, which it refuses once a trial has finished. The
+first epoch's redraw lists the plot; the last redraw, queued by ``complete`` and ``fail``
+before they tell Optuna (``before_finish``), then only replaces the listed file's bytes, so it
+costs the result nothing. A trial that finishes before its plot was listed is drawn and
+listed in ``before_finish`` itself, before the tell. A redraw queued after the last one skips;
+a per-trial lock orders drawings. A plot that fails is logged and never fails the report or
+the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import get_context
+from typing import Any, Protocol
+
+from optuna.artifacts._protocol import ArtifactStore
+from optuna.exceptions import UpdateFinishedTrialError
+
+from hpo_service.artifacts import ARTIFACT_ATTR_PREFIX, artifact_id_for, attach_to_trial
+from hpo_service.diagnostics_plot import render_diagnostics
+from hpo_service.errors import HPOError
+from hpo_service.history import EpochHistory, EpochRecord
+from hpo_service.models import LeaseRow
+from hpo_service.schemas import ReportAnswer
+from hpo_service.studies._core import StudyCore
+
+log = logging.getLogger(__name__)
+
+PLOT_KIND = "diagnostics.png"
+#: Trials whose last plot this process drew (so a late background redraw skips), remembered.
+FINISHED_MEMORY = 4096
+
+
+class Diagnostics:
+    """The history table and the plot refreshes over one ``StudyCore``. Thread-safe."""
+
+    def __init__(self, core: StudyCore, store: ArtifactStore | None) -> None:
+        self.core = core
+        self.history = EpochHistory(core.db)
+        self.store = store
+        self.every = core.settings.diagnostics_plot_every
+        self._executor: ThreadPoolExecutor | None = None
+        # Drawing holds the GIL for its whole length: in a thread of this process it slowed
+        # every report by 2.7× while a drawing ran (benchmarks/diagnostics_plot.py), so it runs
+        # in a child process; the waiting thread here releases the GIL.
+        self._renderer: ProcessPoolExecutor | None = None
+        self._guard = threading.Lock()
+        self._pending: set[int] = set()  # a refresh is queued
+        # Trials whose plot this process listed (a reaped trial's stays until pushed out).
+        self._listed: OrderedDict[int, None] = OrderedDict()
+        self._final: OrderedDict[int, None] = OrderedDict()  # the last plot is queued or drawn
+        self._locks: dict[int, threading.Lock] = {}
+        self.last_render_s: float | None = None  # how long the last drawing took
+
+    @property
+    def plotting(self) -> bool:
+        return self.store is not None and self.every > 0
+
+    # --- on the report path: one statement, and maybe a background job -------------------
+
+    def epochs_reported(
+        self,
+        found: Mapping[int, tuple[LeaseRow, str | None]],
+        reports: Sequence[EpochReportLike],
+        answers: Sequence[ReportAnswer | HPOError],
+    ) -> None:
+        """Keep the records of the reports that were accepted (any answer but an error) and
+        queue a redraw of each trial at its first epoch and every ``every`` epochs: the first
+        lists the plot on the trial early, so its last redraw need not wait in ``complete``."""
+        kept: list[EpochRecord] = []
+        due: list[LeaseRow] = []
+        for item, answer in zip(reports, answers, strict=True):
+            if isinstance(answer, HPOError) or item.trial_id not in found:
+                continue
+            row = found[item.trial_id][0]
+            kept.append(EpochRecord(row.study_id, item.trial_id, item.epoch, item.metrics))
+            if self.plotting and (item.epoch <= 1 or item.epoch % self.every == 0):
+                due.append(row)
+        self.history.record_many(kept)
+        for row in due:
+            self._queue(row, last=False)
+
+    def _queue(self, row: LeaseRow, *, last: bool) -> None:
+        with self._guard:
+            if row.trial_id in self._final:
+                return  # the last plot is queued or drawn already
+            if last:
+                self._remember_final(row.trial_id)
+            elif row.trial_id in self._pending:
+                return  # the queued refresh will read the newest records
+            else:
+                self._pending.add(row.trial_id)
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="hpo-diagnostics")
+            executor = self._executor
+        executor.submit(self._job, row, last)
+
+    def _job(self, row: LeaseRow, last: bool) -> None:
+        try:
+            if last:
+                # Optuna lists nothing on a finished trial; the listing is in place already,
+                # so the newest bytes replace the file it points to.
+                self._draw(row, list_it=False)
+                return
+            with self._guard:
+                self._pending.discard(row.trial_id)
+                if row.trial_id in self._final:
+                    return  # the last plot follows in the queue
+            self._draw(row, list_it=True)
+        except Exception:  # a plot must never take the server down
+            log.exception("drawing the diagnostics of trial %d failed", row.trial_id)
+        finally:
+            if last:
+                with self._guard:
+                    self._listed.pop(row.trial_id, None)
+                    self._locks.pop(row.trial_id, None)
+
+    # --- on complete / fail, before Optuna's tell ----------------------------------------------
+
+    def before_finish(self, row: LeaseRow) -> None:
+        """The trial's last plot. Queued when its plot is listed on it already (the usual
+        case: the first epoch's refresh listed it); else drawn and listed here, while Optuna
+        still lets it be listed, with the lease's clock restarted first so the drawing cannot
+        run it out."""
+        if not self.plotting:
+            return
+        try:
+            if self._is_listed(row):
+                self._queue(row, last=True)
+                return
+            with self._guard:
+                self._remember_final(row.trial_id)
+            self._draw(row, list_it=True, keep_alive=True)
+        except Exception:
+            log.exception("drawing the last diagnostics of trial %d failed", row.trial_id)
+
+    def _is_listed(self, row: LeaseRow) -> bool:
+        with self._guard:
+            if row.trial_id in self._listed:
+                return True
+        # Listed by another replica, or before this process started.
+        key = ARTIFACT_ATTR_PREFIX + artifact_id_for(row.study_id, row.trial_id, PLOT_KIND)
+        return key in self.core.storage.get_trial_system_attrs(row.trial_id)
+
+    def _remember_final(self, trial_id: int) -> None:
+        self._final[trial_id] = None
+        while len(self._final) > FINISHED_MEMORY:
+            self._final.popitem(last=False)
+
+    def _draw(self, row: LeaseRow, *, list_it: bool, keep_alive: bool = False) -> None:
+        """Draw the trial's records; list the plot on the trial (``list_it``), or only replace
+        the bytes of the listed file."""
+        assert self.store is not None
+        with self._guard:
+            lock = self._locks.setdefault(row.trial_id, threading.Lock())
+        with lock:
+            records = self.history.records(row.trial_id)
+            if not records:
+                return
+            started = time.perf_counter()
+            name = self.core.load(row.study_id).spec.name
+            beat = row.trial_id if keep_alive else None
+            png = self._render(records, f"{name} · trial {row.trial_number}", beat)
+            self.last_render_s = time.perf_counter() - started
+            artifact_id = artifact_id_for(row.study_id, row.trial_id, PLOT_KIND)
+            if not list_it:
+                self.store.write(artifact_id, io.BytesIO(png))
+            else:
+                # Finished meanwhile (reaped, or on another replica): nothing can be listed.
+                with contextlib.suppress(UpdateFinishedTrialError):
+                    attach_to_trial(
+                        self.store,
+                        self.core.storage,
+                        row.trial_id,
+                        artifact_id=artifact_id,
+                        filename=PLOT_KIND,
+                        content=png,
+                        mimetype="image/png",
+                    )
+                    with self._guard:
+                        self._listed[row.trial_id] = None
+                        while len(self._listed) > FINISHED_MEMORY:
+                            self._listed.popitem(last=False)
+            log.debug(
+                "drew diagnostics of trial %d (%d epochs) in %.3fs",
+                row.trial_id,
+                len(records),
+                self.last_render_s,
+            )
+
+    def _render(self, records: list[dict[str, Any]], title: str, beat: int | None = None) -> bytes:
+        """``render_diagnostics`` in the child process (started on first use; a new one if it
+        died). Spawned, not forked: forking a process with running threads is unsafe.
+
+        ``beat``: a trial whose lease this waits on (``complete`` drawing before its tell): its
+        lease is kept alive every heartbeat interval meanwhile, so a drawing slower than the
+        lease timeout on a loaded host cannot get the trial reaped under its result."""
+        with self._guard:
+            if self._renderer is None:
+                self._renderer = ProcessPoolExecutor(
+                    1, mp_context=get_context("spawn"), initializer=_yield_to_the_server
+                )
+            renderer = self._renderer
+        try:
+            future = renderer.submit(render_diagnostics, records, title)
+            while True:
+                if beat is not None:
+                    self.core.record_beat(beat)
+                try:
+                    return future.result(timeout=self.core.settings.heartbeat_interval_s)
+                except TimeoutError:
+                    continue
+        except BrokenProcessPool:
+            with self._guard:
+                if self._renderer is renderer:
+                    self._renderer = None
+            raise
+
+    def shutdown(self) -> None:
+        """The server stops: finish the drawing under way, drop the queued ones (a trial keeps
+        its last drawn plot; waiting for every queued one could hold a shutdown for minutes),
+        then stop the drawing process."""
+        with self._guard:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+        with self._guard:
+            renderer, self._renderer = self._renderer, None
+        if renderer is not None:
+            renderer.shutdown(wait=True)
+
+
+def _yield_to_the_server() -> None:
+    """In the drawing process: the lowest CPU priority, so on a small host the server's
+    requests get the CPU first and the plot waits (it is not urgent)."""
+    with contextlib.suppress(OSError):
+        os.nice(19)
+
+
+class EpochReportLike(Protocol):
+    """What ``epochs_reported`` reads of a report (``_reporting.EpochReport``)."""
+
+    @property
+    def trial_id(self) -> int: ...
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def metrics(self) -> Mapping[str, Any]: ...
