@@ -196,12 +196,12 @@ class LRRangeTestSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = False
-    start_lr: float = Field(1e-6, gt=0, le=10.0, description="First LR scanned (effective).")
-    end_lr: float = Field(1.0, gt=0, le=100.0, description="Last LR scanned (effective).")
-    num_iter: int = Field(100, ge=10, le=5000, description="Steps of the exponential ramp.")
-    smooth: float = Field(0.98, ge=0, lt=1, description="β of fastai's debiased EMA.")
-    diverge_threshold: float = Field(
+    enabled: StrictBool = False
+    start_lr: SpecNumber = Field(1e-6, gt=0, le=10.0, description="First LR scanned (effective).")
+    end_lr: SpecNumber = Field(1.0, gt=0, le=100.0, description="Last LR scanned (effective).")
+    num_iter: WholeNumber = Field(100, ge=10, le=5000, description="Steps of the exponential ramp.")
+    smooth: SpecNumber = Field(0.98, ge=0, lt=1, description="β of fastai's debiased EMA.")
+    diverge_threshold: SpecNumber = Field(
         4.0, gt=1, le=1000, description="Stop once the smoothed loss exceeds this × its best."
     )
 
@@ -230,9 +230,13 @@ class FinalEvaluationSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = False
-    top_k: int = Field(3, ge=1, le=20, description="How many of the best trials to evaluate.")
-    k: int = Field(5000, ge=1, le=100_000, description="Importance samples per test example.")
+    enabled: StrictBool = False
+    top_k: WholeNumber = Field(
+        3, ge=1, le=20, description="How many of the best trials to evaluate."
+    )
+    k: WholeNumber = Field(
+        5000, ge=1, le=100_000, description="Importance samples per test example."
+    )
 
 
 class StudySpec(BaseModel):

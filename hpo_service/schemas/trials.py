@@ -52,7 +52,9 @@ class ReproRecord(BaseModel):
     device: str = Field(..., max_length=100, description="The torch device trained on.")
     device_name: str = Field(..., max_length=200, description="GPU name or CPU model.")
     precision: Precision = Field(..., description="The precision the run actually used.")
-    seed: int = Field(..., ge=-(2**63), le=2**63 - 1)
+    # ±2**53: a JSON Schema bound is a double, and every integer up to 2**53 is one exactly (a
+    # bound of 2**63 - 1 reads as 2**63, so clients saw 2**63 as valid and got a 422).
+    seed: int = Field(..., ge=-(2**53), le=2**53)
 
 
 class RecordRequest(LeaseToken):

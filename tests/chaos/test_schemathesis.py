@@ -6,8 +6,9 @@ media type or headers (ST104–ST110), no schema-violating request accepted (ST2
 schema-valid request refused (ST202), except ST202 on the operations in ``CROSS_FIELD``: their
 bodies are valid or not by rules JSON Schema cannot state — between fields (a study spec's
 constraints against its latent sizes, a batch size against the dataset), against stored state
-(an enqueued parameter against the study's space), or over value sets no pattern captures (a
-cron expression's ranges, IANA zone names). Response time (ST112) is not asserted: it
+(an enqueued parameter against the study's space), between a header and the body (a
+checkpoint's SHA-256), or over value sets no pattern captures (a cron expression's ranges, IANA
+zone names). Response time (ST112) is not asserted: it
 measures the machine's load, not the service.
 """
 
@@ -36,6 +37,10 @@ CROSS_FIELD = {
     "POST /v1/studies/{name}/enqueue",
     "POST /v1/schedules",  # its `template` is a study spec; `cron`, `timezone`
     "PATCH /v1/schedules/{ref}",
+    "POST /v1/batch/leases",  # `slots` holds exactly `count` ids
+    "POST /v1/trials/{trial_id}/lr-range-test",  # `losses`/`smoothed` one point per LR
+    "PUT /v1/trials/{trial_id}/checkpoint",  # X-Checkpoint-SHA256 is the body's digest
+    "PUT /v1/trials/{trial_id}/best-model",  # likewise
 }
 _OPERATION = re.compile(r"^_+ ([A-Z]+ /\S+) _+$")
 _CHECK = re.compile(r"^- (ST\d{3}) ")

@@ -77,8 +77,11 @@ def test_a_population_worker_trains_k_trials_at_once_and_settles_each(
     # one lease identity per slot, so the server never hands a slot's trial to another slot
     assert {t["worker_id"] for t in trials} == {"pop/0", "pop/1", "pop/2"}
     # Only the batched routes (issue 12): one report request per group epoch carrying all its
-    # members, one completion request for the members that ended together.
-    assert all(path.startswith("/v1/batch/") for path, _ in sent), sorted({p for p, _ in sent})
+    # members, one completion request for the members that ended together. The one exception:
+    # each trial's reproducibility record (issue 14), sent once when the trial starts.
+    per_trial = [path for path, _ in sent if not path.startswith("/v1/batch/")]
+    assert all(path.endswith("/record") for path in per_trial), sorted(set(per_trial))
+    assert len(per_trial) == 5  # once per trial
     reports = [body["reports"] for path, body in sent if path == "/v1/batch/report"]
     assert sum(len(items) for items in reports) == 5 * 3  # every member-epoch, once
     assert len(reports) < 5 * 3 and max(len(items) for items in reports) > 1

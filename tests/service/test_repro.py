@@ -156,7 +156,10 @@ def test_a_bad_record_is_refused_naming_the_field(client: TestClient) -> None:
         headers=WORKER,
     )
     late = client.post(url, json={"lease_token": token, "record": record}, headers=WORKER)
-    assert late.status_code == 409 and late.json()["error"]["code"] == "trial_reaped"
+    # The protocol's rule (issue 16.1): any call after the trial ended says so, with its state.
+    late_error = late.json()["error"]
+    assert late.status_code == 409 and late_error["code"] == "trial_finished"
+    assert late_error["state"] == "fail"
     missing = client.get("/v1/studies/badrec/trials/5/config", headers=VIEWER)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "trial_not_found"
 
