@@ -41,7 +41,8 @@ def server(database_url: str, tmp_path: Path) -> Iterator[str]:
         "HPO_DATABASE_URL": database_url,
         "HPO_TOKENS": TOKENS,
         "HPO_HEARTBEAT_INTERVAL_S": "0.5",
-        "HPO_LEASE_TIMEOUT_S": "2",
+        # 8 heartbeats: a live worker on a loaded box keeps its lease, a dead one loses it fast.
+        "HPO_LEASE_TIMEOUT_S": "4",
         "HPO_REAP_INTERVAL_S": "0.5",
         "HPO_LOG_LEVEL": "warning",
     }

@@ -191,9 +191,11 @@ def test_auto_picks_a_power_of_two_that_fits(train_device: str) -> None:
 
 def start_population_worker(url: str, worker_id: str, tmp_path: Path, population: str) -> Any:
     log = (tmp_path / f"{worker_id}.log").open("wb")
+    # --exit-when-idle, not a fixed idle time: a rescuer waits while orphans are still RUNNING
+    # (they may be reaped and retried), however long a loaded machine takes to reap them.
     return subprocess.Popen(
         [sys.executable, "-m", "trainers.worker_cli", "--server", url, "--token", "worker-token",
-         "--worker-id", worker_id, "--device", "cpu", "--wait", "1", "--idle-exit", "6",
+         "--worker-id", worker_id, "--device", "cpu", "--wait", "1", "--exit-when-idle",
          "--population", population],
         env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
