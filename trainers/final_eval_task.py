@@ -19,15 +19,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hpo_service.client import APIError, HPOClient, LeaseLost
+from hpo_service.client import APIError, HPOClient
 from hpo_service.schemas import Lease
 from trainers.checkpoints import load_best_model
 from trainers.data import load_dataset
-from trainers.errors import CheckpointError, ConfigError
+from trainers.errors import CheckpointError
 from trainers.evaluation import eval_generator
 from trainers.metrics import importance_sampled_nll
 from trainers.models import build_vae
 from trainers.run_setup import parse_config, resolve_device
+from trainers.task_settle import end_task, send_task_result
 
 if TYPE_CHECKING:
     from trainers.worker import Worker
@@ -97,26 +98,18 @@ def run_final_evaluation(worker: Worker, lease: Lease) -> str:
                 results.append(evaluate_winner(worker.client, winner, k, device))
     except Exception as error:
         outcome = error
-    active.state.stop.set()
-    if active.beat is not None:
-        active.beat.join(timeout=5)
-    if active.state.lost:
-        log.warning("final evaluation of %s: lease lost; results dropped", lease.study)
-        return "lost"
     if outcome is None and not results:
         outcome = _ForGood("the task named no winner")
-    if outcome is not None:
-        reason = f"{type(outcome).__name__}: {outcome}"
-        retryable = not isinstance(outcome, _ForGood | ConfigError | ValueError)
-        log.error("final evaluation of %s failed: %s", lease.study, reason)
-        return worker.send_fail(lease, reason, retryable)
-    try:
-        answer = worker.retrying(
-            "final-evaluation",
-            lambda: worker.client.final_evaluation(lease.trial_id, lease.lease_token, results),
-        )
-    except LeaseLost as error:
-        log.warning("final evaluation of %s: result refused: %s", lease.study, error)
+    ended = end_task(worker, active, "final evaluation", outcome, for_good=(_ForGood,))
+    if ended is not None:
+        return ended
+    answer = send_task_result(
+        worker,
+        active,
+        "final-evaluation",
+        lambda: worker.client.final_evaluation(lease.trial_id, lease.lease_token, results),
+    )
+    if answer is None:
         return "lost"
     log.info(
         "final evaluation of %s: stored for trials %s (k=%d)",

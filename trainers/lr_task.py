@@ -12,10 +12,9 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from hpo_service.client import LeaseLost
 from hpo_service.schemas import Lease
-from trainers.errors import ConfigError
 from trainers.lr_finder import LRFinderResult, find_lr
+from trainers.task_settle import end_task, send_task_result
 
 if TYPE_CHECKING:
     from trainers.worker import Worker
@@ -47,25 +46,19 @@ def run_lr_range_test(worker: Worker, lease: Lease) -> str:
         outcome: LRFinderResult | Exception = find_lr(active.config, **settings)
     except Exception as error:
         outcome = error
-    active.state.stop.set()
-    if active.beat is not None:
-        active.beat.join(timeout=5)
-    if active.state.lost:
-        log.warning("LR range test of %s: lease lost; result dropped", lease.study)
-        return "lost"
-    if isinstance(outcome, Exception):
-        reason = f"{type(outcome).__name__}: {outcome}"
-        retryable = not isinstance(outcome, ConfigError | ValueError)
-        log.error("LR range test of %s failed: %s", lease.study, reason)
-        return worker.send_fail(lease, reason, retryable)
+    failure = outcome if isinstance(outcome, Exception) else None
+    ended = end_task(worker, active, "LR range test", failure)
+    if ended is not None:
+        return ended
+    assert isinstance(outcome, LRFinderResult)
     body = result_body(outcome, time.monotonic() - active.started)
-    try:
-        answer = worker.retrying(
-            "lr-range-test",
-            lambda: worker.client.lr_range_test(lease.trial_id, lease.lease_token, body),
-        )
-    except LeaseLost as error:
-        log.warning("LR range test of %s: result refused: %s", lease.study, error)
+    answer = send_task_result(
+        worker,
+        active,
+        "lr-range-test",
+        lambda: worker.client.lr_range_test(lease.trial_id, lease.lease_token, body),
+    )
+    if answer is None:
         return "lost"
     log.info(
         "LR range test of %s: %s %s%s",
