@@ -9,7 +9,6 @@ is recorded as such on the study.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 
@@ -20,11 +19,12 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo_service import final_eval
 from hpo_service.artifacts import artifact_id_for, read_artifact
 from hpo_service.errors import CheckpointNotFound, InvalidSpec, TrialNotFound, WrongLeaseKind
-from hpo_service.lr_range import TASK_ATTR, TASK_OUTCOME_ATTR
+from hpo_service.lr_range import TASK_ATTR
 from hpo_service.models import LeaseRow
 from hpo_service.schemas import FinalEvaluationAnswer, FinalEvaluationResult
-from hpo_service.studies._checks import check_lease, not_running
+from hpo_service.studies._checks import check_lease
 from hpo_service.studies._core import LoadedStudy, StudyCore
+from hpo_service.studies._task_results import settle_task_result
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +142,6 @@ class FinalEvaluations:
         """Store the winners' results on the study and end the task (FAIL: no sampler learns
         from it). The same result again gets the same answer; a trial's lease raises
         ``WrongLeaseKind``; a result for a trial the task did not name raises ``InvalidSpec``."""
-        from hpo_service.studies._finishing import Finishing, previous_answer
-
         core = self.core
         with core.db.session() as session:
             row = check_lease(session, trial_id, token)
@@ -162,30 +160,23 @@ class FinalEvaluations:
                     f"trial {item.trial_number} is not one of the task's winners {sorted(named)}",
                 )
         loaded = core.load(row.study_id)
-        digest = hashlib.sha256(result.model_dump_json(exclude={"lease_token"}).encode())
-        fingerprint = digest.hexdigest()
-        finishing = Finishing(core)
-        previous = previous_answer(row, "complete", fingerprint)
-        if previous is None:
-            previous = finishing._claim(row, "complete", fingerprint, same=fingerprint)
-        if previous is not None:
-            return FinalEvaluationAnswer.model_validate(previous)
         results = [item.model_dump(mode="json") for item in result.results]
-        with core.study_lock(row.study_id):
-            trial = core.storage.get_trial(trial_id)
-            if trial.state != TrialState.RUNNING:
-                finishing._release(row, "complete", fingerprint)
-                raise not_running(row, trial.state)
+        wrote: list[bool] = []
+
+        def write() -> FinalEvaluationAnswer:
             outcome = final_eval.outcome_attr(results, int(settings.get("k", 0)), row.trial_number)
             core.storage.set_study_user_attr(row.study_id, final_eval.STUDY_ATTR, outcome)
-            core.storage.set_trial_user_attr(trial_id, TASK_OUTCOME_ATTR, "complete")
-            loaded.study.tell(row.trial_number, state=TrialState.FAIL)
-            core.forget_running(trial_id)
-        answer = FinalEvaluationAnswer(
-            trial_id=trial_id,
-            trial_number=row.trial_number,
-            stored=sorted(item.trial_number for item in result.results),
+            wrote.append(True)
+            return FinalEvaluationAnswer(
+                trial_id=trial_id,
+                trial_number=row.trial_number,
+                stored=sorted(item.trial_number for item in result.results),
+            )
+
+        answer = FinalEvaluationAnswer.model_validate(
+            settle_task_result(core, row, loaded, result, write)
         )
-        finishing._record_answer(trial_id, "complete", answer.model_dump(mode="json"))
+        if not wrote:  # a repeat: the stored answer, nothing new to log
+            return answer
         log.info("final evaluation of %s stored for trials %s", loaded.spec.name, answer.stored)
         return answer

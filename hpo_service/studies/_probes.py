@@ -10,10 +10,9 @@ ranges and the study says so.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -22,8 +21,9 @@ from hpo_service import lr_range
 from hpo_service.errors import WrongLeaseKind
 from hpo_service.schemas import LRRangeTestAnswer, LRRangeTestResult
 from hpo_service.search_space import resolve_config
-from hpo_service.studies._checks import check_lease, not_running
+from hpo_service.studies._checks import check_lease
 from hpo_service.studies._core import LoadedStudy, StudyCore
+from hpo_service.studies._task_results import settle_task_result
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,6 @@ class ProbeResults:
         """Record a probe's curve and set the study's ranges from it (or keep the defaults and
         say why). The same result again gets the same answer; another result after the first
         raises ``ResultConflict``; a trial lease raises ``WrongLeaseKind``."""
-        from hpo_service.studies._finishing import Finishing, previous_answer
-
         core = self.core
         with core.db.session() as session:
             row = check_lease(session, trial_id, token)
@@ -102,34 +100,25 @@ class ProbeResults:
                 "values to `complete`"
             )
         loaded = core.load(row.study_id)
-        fingerprint = hashlib.sha256(result.model_dump_json(exclude={"lease_token"}).encode())
-        digest = fingerprint.hexdigest()
-        finishing = Finishing(core)
-        previous = previous_answer(row, "complete", digest)
-        if previous is None:
-            previous = finishing._claim(row, "complete", digest, same=digest)
-        if previous is not None:
-            return LRRangeTestAnswer.model_validate(previous)
         ranges = lr_range.ranges_from(result)
-        with core.study_lock(row.study_id):
-            trial = core.storage.get_trial(trial_id)
-            if trial.state != TrialState.RUNNING:
-                finishing._release(row, "complete", digest)
-                raise not_running(row, trial.state)
-            outcome = lr_range.outcome_attr(result, ranges, row.trial_number)
+        outcome: dict[str, Any] = {}
+
+        def write() -> LRRangeTestAnswer:
+            outcome.update(lr_range.outcome_attr(result, ranges, row.trial_number))
             core.storage.set_study_user_attr(row.study_id, lr_range.STUDY_ATTR, outcome)
-            core.storage.set_trial_user_attr(trial_id, lr_range.TASK_OUTCOME_ATTR, "complete")
-            # FAIL: the one finished state no sampler learns from (hpo_service.lr_range)
-            loaded.study.tell(row.trial_number, state=TrialState.FAIL)
-            core.forget_running(trial_id)
             core.forget_loaded(row.study_id)  # the next lease loads the space with the ranges
-        answer = LRRangeTestAnswer(
-            trial_id=trial_id,
-            trial_number=row.trial_number,
-            status=outcome["status"],
-            ranges={} if isinstance(ranges, str) else ranges,
-            reason=outcome.get("reason"),
+            return LRRangeTestAnswer(
+                trial_id=trial_id,
+                trial_number=row.trial_number,
+                status=outcome["status"],
+                ranges={} if isinstance(ranges, str) else ranges,
+                reason=outcome.get("reason"),
+            )
+
+        answer = LRRangeTestAnswer.model_validate(
+            settle_task_result(core, row, loaded, result, write)
         )
-        finishing._record_answer(trial_id, "complete", answer.model_dump(mode="json"))
+        if not outcome:  # a repeat: the stored answer, nothing new to log
+            return answer
         log.info("LR range test of %s: %s", loaded.spec.name, lr_range.summary(outcome))
         return answer
