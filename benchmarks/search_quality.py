@@ -21,7 +21,8 @@ real VAEs on mnist5k with ``binarize: true``, one trial at a time:
 * ``tpe-optuna``: TPE as Optuna 5 ships it (10 random start-up trials, multivariate, constant
   liar), the median pruner, no constraints, no phase-aware pruning, no curated starts;
 * ``service``: the service's defaults with issue 10 on — collapse/divergence constraints,
-  phase-aware pruning, curated starts enqueued first, 4 random start-up trials.
+  phase-aware pruning, 4 random start-up trials, the LR range test step setting the LR ranges;
+* ``service-curated``: the same with the curated starts enqueued first (off by default).
 
 Each seed gives every arm a distinct sampler seed (``seed·10 + arm``). Per arm and seed the
 best *feasible* trial (active units ≥ 10 % of the latent size, KL ≥ 0.1 nats, finite; judged
@@ -59,7 +60,7 @@ from hpo_service.constraints import measure  # noqa: E402
 from hpo_service.schemas import ConstraintSpec  # noqa: E402
 from trainers.worker import Worker, WorkerOptions  # noqa: E402
 
-ARMS = ("default-config", "random-2x", "tpe-optuna", "service")
+ARMS = ("default-config", "random-2x", "tpe-optuna", "service", "service-curated")
 ADMIN = {"Authorization": "Bearer bench-admin"}
 WORKER = {"Authorization": "Bearer bench-worker"}
 
@@ -109,9 +110,13 @@ def _spec(arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         body["pruner"] = {"name": "median", "phase_aware": False}
         body["constraints"] = off
     else:
+        # The service's defaults (constraints on, phase-aware median pruner, 4 start-up trials)
+        # with the LR range test step switched on; ``service-curated`` also enqueues the curated
+        # starts first, which are off by default until this benchmark says they pay.
         body["sampler"] = {"name": "tpe", "seed": sampler_seed, "n_startup_trials": 4}
         body["pruner"] = {"name": "median"}  # phase-aware by default
-        body["curated_starts"] = True
+        body["lr_range_test"] = {"enabled": True}
+        body["curated_starts"] = arm == "service-curated"
     return body
 
 
@@ -140,6 +145,9 @@ def _run_arm(client: TestClient, arm: str, seed: int, args: argparse.Namespace) 
     wall = time.perf_counter() - started
     storage = client.app.state.service.storage
     trials = optuna.load_study(study_name=body["name"], storage=storage).trials
+    # The LR range test and final evaluation are stored as FAIL trials tagged ``task`` (so no
+    # sampler learns from them): they are steps of the study, not trials of the budget.
+    trials = [t for t in trials if "task" not in t.user_attrs]
     verdicts = [_judge(t) for t in trials]
     feasible = [t for t, v in zip(trials, verdicts, strict=True) if v == "feasible"]
     best = min(feasible, key=lambda t: t.values[0], default=None)
