@@ -117,12 +117,36 @@ def attach_to_trial(
     Raises ``optuna.exceptions.UpdateFinishedTrialError`` once the trial has finished.
     """
     store.write(artifact_id, io.BytesIO(content))
+    storage.set_trial_system_attr(
+        trial_id, ARTIFACT_ATTR_PREFIX + artifact_id, _meta(artifact_id, filename, mimetype)
+    )
+
+
+def attach_to_study(
+    store: ArtifactStore,
+    storage: optuna.storages.BaseStorage,
+    study_id: int,
+    *,
+    artifact_id: str,
+    filename: str,
+    content: bytes,
+    mimetype: str,
+) -> None:
+    """Write ``content`` and list it on the study (the dashboard's study page shows it), in
+    the order and with the overwrite-in-place rule of :func:`attach_to_trial`. A study never
+    finishes, so this works at any time."""
+    store.write(artifact_id, io.BytesIO(content))
+    storage.set_study_system_attr(
+        study_id, ARTIFACT_ATTR_PREFIX + artifact_id, _meta(artifact_id, filename, mimetype)
+    )
+
+
+def _meta(artifact_id: str, filename: str, mimetype: str) -> str:
+    """Optuna's artifact metadata as it stores it (``optuna.artifacts.upload_artifact``)."""
     meta = ArtifactMeta(
         artifact_id=artifact_id, filename=filename, mimetype=mimetype, encoding=None
     )
-    storage.set_trial_system_attr(
-        trial_id, ARTIFACT_ATTR_PREFIX + artifact_id, json.dumps(asdict(meta))
-    )
+    return json.dumps(asdict(meta))
 
 
 def read_artifact(store: ArtifactStore, artifact_id: str) -> bytes:

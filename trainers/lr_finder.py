@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hpo_service.lr_range_plot import Mark, RangeCurve, render_lr_range
 from trainers.config import TrainConfig
 from trainers.data import load_dataset
 from trainers.errors import ConfigError
@@ -389,42 +390,28 @@ def find_lr(
 
 
 def plot_lr_finder(result: LRFinderResult, path: str | Path) -> None:
-    """Write the loss-vs-LR curve (raw and smoothed, log LR axis, suggestions marked) as a PNG.
-
-    Uses matplotlib's Agg canvas directly (no pyplot global state, no display needed).
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    if result.lrs:
-        ax.plot(result.lrs, result.losses, color="0.75", lw=1, label="loss")
-        ax.plot(result.lrs, result.smoothed, color="C0", lw=2, label="smoothed (debiased EMA)")
-        ax.set_xscale("log")
-        # Clip the y axis at twice the initial drop: the exploding tail would squash the descent.
-        low = min(*result.smoothed, *result.losses)
-        high = max(result.smoothed)
-        top = min(high, result.smoothed[0] + (result.smoothed[0] - low))
-        pad = 0.05 * (top - low) + 1e-9 * (abs(low) + 1.0)  # never an empty range
-        ax.set_ylim(low - pad, top + pad)
-    marks = (
-        (result.suggested_base_lr, "C2", "base_lr"),
-        (result.suggested_max_lr, "C3", "max_lr (Smith)"),
-        (result.valley_lr, "C4", "valley (fastai)"),
-        (result.steepest_lr, "C1", "steepest"),
+    """Write the loss-vs-LR curve (raw and smoothed, log LR axis, suggestions marked) as a PNG
+    (``hpo_service.lr_range_plot``, the drawing the server attaches to a study's test)."""
+    marks = [
+        Mark(lr, name, color)
+        for lr, color, name in (
+            (result.suggested_base_lr, "C2", "base_lr"),
+            (result.suggested_max_lr, "C3", "max_lr (Smith)"),
+            (result.valley_lr, "C4", "valley (fastai)"),
+            (result.steepest_lr, "C1", "steepest"),
+        )
+        if lr is not None
+    ]
+    curve = RangeCurve(
+        lrs=result.lrs,
+        losses=result.losses,
+        smoothed=result.smoothed,
+        batch_size=result.batch_size,
+        marks=marks,
+        stopped_on_divergence=result.stopped_on_divergence,
+        ylabel=f"objective at β = {result.beta:g} (nats/example)",
     )
-    for lr, color, name in marks:
-        if lr is not None:
-            ax.axvline(lr, color=color, ls="--", lw=1, label=f"{name} {lr:.2e}")
-    ax.set_xlabel(f"learning rate (effective, batch {result.batch_size})")
-    ax.set_ylabel(f"objective at β = {result.beta:g} (nats/example)")
-    title = "LR range test" + (" — stopped on divergence" if result.stopped_on_divergence else "")
-    ax.set_title(title)
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(Path(path), format="png")
+    Path(path).write_bytes(render_lr_range(curve))
 
 
 def _check_arguments(

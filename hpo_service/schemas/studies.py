@@ -59,7 +59,9 @@ class StudyInfo(BaseModel):
         None,
         description="The LR range test step (`spec.lr_range_test`): `status` pending, applied "
         "(with the `ranges` set and the `suggested` LRs) or failed (with the `reason`); the "
-        "curve is in the study's `lr_range_test` user attribute. Null when the test is off.",
+        "curve is in the study's `lr_range_test` user attribute, and drawn: `plot` is where the "
+        "dashboard serves the PNG (listed on the study's page) once drawn. Null when the test is "
+        "off.",
     )
     final_evaluation: dict[str, Any] | None = Field(
         None,

@@ -112,7 +112,7 @@ class StudyService:
         self.reporting = Reporting(self.core, self.diagnostics)
         self.finishing = Finishing(self.core, self.diagnostics)
         self.reaper = Reaper(self.core)
-        self.probes = ProbeResults(self.core)
+        self.probes = ProbeResults(self.core, self.diagnostics)
         self.checkpoints = Checkpoints(self.core)  # issue 14: checkpoints, resume, retention
         self.final_evaluations = FinalEvaluations(self.core)  # issue 14.4: the winners
 

@@ -28,16 +28,21 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from optuna.artifacts._protocol import ArtifactStore
 from optuna.exceptions import UpdateFinishedTrialError
 
-from hpo_service.artifacts import ARTIFACT_ATTR_PREFIX, artifact_id_for, attach_to_trial
+from hpo_service.artifacts import (
+    ARTIFACT_ATTR_PREFIX,
+    artifact_id_for,
+    attach_to_study,
+    attach_to_trial,
+)
 from hpo_service.diagnostics_plot import render_diagnostics
 from hpo_service.errors import HPOError
 from hpo_service.history import EpochHistory, EpochRecord
@@ -48,6 +53,7 @@ from hpo_service.studies._core import StudyCore
 log = logging.getLogger(__name__)
 
 PLOT_KIND = "diagnostics.png"
+_Drawn = TypeVar("_Drawn")
 #: Trials whose last plot this process drew (so a late background redraw skips), remembered.
 FINISHED_MEMORY = 4096
 
@@ -111,10 +117,54 @@ class Diagnostics:
                 return  # the queued refresh will read the newest records
             else:
                 self._pending.add(row.trial_id)
+        self._thread_pool().submit(self._job, row, last)
+
+    def _thread_pool(self) -> ThreadPoolExecutor:
+        with self._guard:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="hpo-diagnostics")
-            executor = self._executor
-        executor.submit(self._job, row, last)
+            return self._executor
+
+    # --- plots of a study (the LR range test's curve) ------------------------------------------
+
+    def draw_study_plot(
+        self,
+        study_id: int,
+        artifact_id: str,
+        filename: str,
+        render: Callable[..., bytes | None],
+        *args: Any,
+    ) -> None:
+        """Have ``render(*args)`` draw a PNG in the drawing process, off the request, and list
+        it on the study under ``artifact_id`` (the dashboard's study page shows it). A render
+        that returns None draws nothing; one that fails is logged, never raised."""
+        if self.store is None:
+            return
+        self._thread_pool().submit(self._study_job, study_id, artifact_id, filename, render, args)
+
+    def _study_job(
+        self,
+        study_id: int,
+        artifact_id: str,
+        filename: str,
+        render: Callable[..., bytes | None],
+        args: tuple[Any, ...],
+    ) -> None:
+        assert self.store is not None
+        try:
+            png = self._in_child(render, *args)
+            if png is not None:
+                attach_to_study(
+                    self.store,
+                    self.core.storage,
+                    study_id,
+                    artifact_id=artifact_id,
+                    filename=filename,
+                    content=png,
+                    mimetype="image/png",
+                )
+        except Exception:  # a plot must never take the server down
+            log.exception("drawing %s of study %d failed", filename, study_id)
 
     def _job(self, row: LeaseRow, last: bool) -> None:
         try:
@@ -181,7 +231,9 @@ class Diagnostics:
             started = time.perf_counter()
             name = self.core.load(row.study_id).spec.name
             beat = row.trial_id if keep_alive else None
-            png = self._render(records, f"{name} · trial {row.trial_number}", beat)
+            png = self._in_child(
+                render_diagnostics, records, f"{name} · trial {row.trial_number}", beat=beat
+            )
             self.last_render_s = time.perf_counter() - started
             artifact_id = artifact_id_for(row.study_id, row.trial_id, PLOT_KIND)
             if not list_it:
@@ -209,8 +261,10 @@ class Diagnostics:
                 self.last_render_s,
             )
 
-    def _render(self, records: list[dict[str, Any]], title: str, beat: int | None = None) -> bytes:
-        """``render_diagnostics`` in the child process (started on first use; a new one if it
+    def _in_child(
+        self, render: Callable[..., _Drawn], *args: Any, beat: int | None = None
+    ) -> _Drawn:
+        """``render(*args)`` in the child process (started on first use; a new one if it
         died). Spawned, not forked: forking a process with running threads is unsafe.
 
         ``beat``: a trial whose lease this waits on (``complete`` drawing before its tell): its
@@ -223,7 +277,7 @@ class Diagnostics:
                 )
             renderer = self._renderer
         try:
-            future = renderer.submit(render_diagnostics, records, title)
+            future = renderer.submit(render, *args)
             while True:
                 if beat is not None:
                     self.core.record_beat(beat)

@@ -18,14 +18,20 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo_service import lr_range
+from hpo_service.artifacts import artifact_id_for
 from hpo_service.errors import WrongLeaseKind
+from hpo_service.lr_range_plot import render_study_lr_range
 from hpo_service.schemas import LRRangeTestAnswer, LRRangeTestResult
 from hpo_service.search_space import resolve_config
 from hpo_service.studies._checks import check_lease
 from hpo_service.studies._core import LoadedStudy, StudyCore
+from hpo_service.studies._diagnostics import Diagnostics
 from hpo_service.studies._task_results import settle_task_result
 
 log = logging.getLogger(__name__)
+
+#: The file name of the test's plot among the study's artifacts.
+PLOT_KIND = "lr_range_test.png"
 
 #: What a lease does with a study whose test is pending: wait (nothing to hand out), go on
 #: sampling (the test is settled), or hand out this probe (trial id, number, config).
@@ -79,10 +85,12 @@ class ProbeLeasing:
 
 
 class ProbeResults:
-    """``POST /v1/trials/{trial_id}/lr-range-test``: a probe's curve, once."""
+    """``POST /v1/trials/{trial_id}/lr-range-test``: a probe's curve, once; its plot is drawn
+    off the request and listed on the study (``PLOT_KIND``) when the server has a store."""
 
-    def __init__(self, core: StudyCore) -> None:
+    def __init__(self, core: StudyCore, diagnostics: Diagnostics) -> None:
         self.core = core
+        self.diagnostics = diagnostics
 
     def lr_range_test(
         self, trial_id: int, token: str, result: LRRangeTestResult
@@ -121,4 +129,12 @@ class ProbeResults:
         if not outcome:  # a repeat: the stored answer, nothing new to log
             return answer
         log.info("LR range test of %s: %s", loaded.spec.name, lr_range.summary(outcome))
+        self.diagnostics.draw_study_plot(
+            row.study_id,
+            artifact_id_for(row.study_id, trial_id, PLOT_KIND),
+            PLOT_KIND,
+            render_study_lr_range,
+            loaded.spec.name,
+            outcome,
+        )
         return answer

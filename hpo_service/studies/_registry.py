@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
@@ -13,6 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import select
 
 from hpo_service import final_eval, lr_range
+from hpo_service.artifacts import ARTIFACT_ATTR_PREFIX
 from hpo_service.constraints import feasibility_of
 from hpo_service.curated_starts import SOURCE_ATTR, curated_starts
 from hpo_service.errors import InvalidSpec, StudyExists, StudyNotRunning
@@ -220,7 +222,18 @@ class StudyRegistry:
             return {"status": "pending"}
         shown = {key: value for key, value in attr.items() if key != "curve"}
         shown["curve_points"] = len(attr.get("curve", {}).get("lrs", []))
+        plot = self._study_plot(study_id, "lr_range_test.png")
+        if plot is not None:
+            shown["plot"] = plot
         return shown
+
+    def _study_plot(self, study_id: int, filename: str) -> str | None:
+        """Where the dashboard serves a plot listed on the study (``artifacts.attach_to_study``),
+        or None while it is not drawn."""
+        for key, value in self.core.storage.get_study_system_attrs(study_id).items():
+            if key.startswith(ARTIFACT_ATTR_PREFIX) and json.loads(value)["filename"] == filename:
+                return f"/artifacts/{study_id}/{key.removeprefix(ARTIFACT_ATTR_PREFIX)}"
+        return None
 
     def list_trials(self, name: str, offset: int = 0, limit: int = 100) -> TrialPage:
         core = self.core

@@ -11,6 +11,7 @@ from typing import Any
 
 import optuna
 import pytest
+from byo_helpers import wait_for
 from fastapi.testclient import TestClient
 from helpers import ADMIN, VIEWER, WORKER, spec
 
@@ -200,3 +201,27 @@ def test_bad_curves_are_422_and_leave_the_probe_running(client: TestClient) -> N
         assert needle in response.text
     assert lease(client, "w2") is None  # still the probe's turn
     assert send(client, probe, curve(1e-4, 2e-3)).status_code == 200
+
+
+def test_the_curve_is_drawn_and_listed_on_the_study_s_dashboard_page(
+    client: TestClient,
+) -> None:
+    create(client, "lrplot", budget={"n_trials": 2, "max_concurrent": 2})
+    probe = lease(client)
+    assert probe is not None and study(client, "lrplot")["lr_range_test"] == {"status": "pending"}
+    assert send(client, probe, {**curve(1e-4, 2e-3), "lr_scale": 2.0}).status_code == 200
+    # drawn off the request by the drawing process: wait for the listing
+    url = wait_for(
+        lambda: study(client, "lrplot")["lr_range_test"].get("plot"), 300, "the LR plot listed"
+    )
+    storage = client.app.state.service.storage  # type: ignore[attr-defined]
+    study_id = storage.get_study_id_from_name("lrplot")
+    detail = client.get(f"/api/studies/{study_id}", headers=VIEWER).json()
+    (listed,) = [a for a in detail["artifacts"] if a["filename"] == "lr_range_test.png"]
+    assert url == f"/artifacts/{study_id}/{listed['artifact_id']}"
+    assert listed["mimetype"] == "image/png"
+    served = client.get(url, headers=VIEWER)
+    assert served.status_code == 200 and served.content[:8] == b"\x89PNG\r\n\x1a\n"
+    # the trials' own pages do not list it: it belongs to the study
+    for trial in detail["trials"]:
+        assert all(a["filename"] != "lr_range_test.png" for a in trial["artifacts"])
