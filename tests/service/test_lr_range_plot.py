@@ -39,9 +39,7 @@ def test_suggestions_and_the_applied_range_are_drawn_at_effective_lrs() -> None:
 
 
 def test_a_failed_test_shows_its_curve_and_why_without_a_range() -> None:
-    failed = outcome(
-        status="failed", reason="the curve gave no range; the default ranges are kept"
-    )
+    failed = outcome(status="failed", reason="the curve gave no range; the default ranges are kept")
     failed.pop("ranges")
     failed["suggested"] = {"base_lr": None, "max_lr": None}
     curve = study_curve("s", failed)
