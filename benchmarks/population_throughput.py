@@ -95,8 +95,15 @@ def sequential_rate(args: argparse.Namespace, batch: int) -> float:
     return len(results) / seconds
 
 
-def floor_rate(batch: int, k: int, device: torch.device, steps: int) -> float:
-    """Samples/s of the step's matrix products alone, widened to K (``baddbmm``/``bmm``)."""
+def floor_rate(
+    batch: int, k: int, device: torch.device, steps: int, with_adam: bool = False
+) -> float:
+    """Samples/s of the step's matrix products alone, widened to K (``baddbmm``/``bmm``).
+
+    ``with_adam``: plus one fused AdamW step over the stacked weights and biases per step —
+    the least an Adam-trained step must add to its products (it reads and writes every
+    weight, gradient and moment once), so ``floor+adam / floor`` bounds what any fused step
+    can reach of the floor with an Adam-family optimizer, however little Python it runs."""
     gen = torch.Generator(device=device).manual_seed(0)
     encoder = [784, 512, 256, 64]
     decoder = [32, 256, 512, 784]
@@ -112,6 +119,15 @@ def floor_rate(batch: int, k: int, device: torch.device, steps: int) -> float:
         ops.append(lambda g=g, x=x: torch.bmm(g.transpose(1, 2), x))  # ∂W = gᵀ x
         if i > 0:  # the first layer's input is data: no input gradient
             ops.append(lambda g=g, w=w: torch.bmm(g, w))  # ∂x = g W
+    if with_adam:
+        stacked = [torch.nn.Parameter(torch.randn(k, n_out, n_in, device=device, generator=gen))
+                   for n_in, n_out in layers] + [
+                   torch.nn.Parameter(torch.zeros(k, 1, n_out, device=device))
+                   for _, n_out in layers]  # fmt: skip
+        for param in stacked:
+            param.grad = torch.randn(param.shape, device=device, generator=gen)
+        fused = device.type in ("cpu", "cuda")
+        ops.append(torch.optim.AdamW(stacked, lr=1e-3, fused=fused, foreach=not fused).step)
     for op in ops:
         op()
     sync(device)
@@ -266,14 +282,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {device_name(device)}, "
           f"torch {torch.__version__}, load before: {load()}")  # fmt: skip
     print("# 784-512-256-32 MLP VAE on mnist5k, fp32; samples/s over training steps of epochs 2..")
-    print("batch     K        fused   sequential        floor   fused/seq  fused/floor")
+    print("# floor+adam: the floor plus one fused AdamW step over the stack; its ratio to the "
+          "floor bounds fused/floor")  # fmt: skip
+    print("batch     K        fused   sequential        floor   floor+adam   fused/seq  "
+          "fused/floor  (floor+adam)/floor")  # fmt: skip
     for batch in batch_sizes if ks else []:
         seq = sequential_rate(args, batch)
         for k in ks:
             fused = fused_rate(args, batch, k)
             floor = floor_rate(batch, k, device, args.floor_steps)
-            print(f"{batch:5d} {k:5d} {fused:12.0f} {seq:12.0f} {floor:12.0f} "
-                  f"{fused / seq:10.2f}x {fused / floor:11.2f}x", flush=True)  # fmt: skip
+            bound = floor_rate(batch, k, device, args.floor_steps, with_adam=True)
+            print(f"{batch:5d} {k:5d} {fused:12.0f} {seq:12.0f} {floor:12.0f} {bound:12.0f} "
+                  f"{fused / seq:10.2f}x {fused / floor:11.2f}x {bound / floor:18.2f}x",
+                  flush=True)  # fmt: skip
     if args.extras:
         for batch in batch_sizes:
             for k in (4, 16):

@@ -4,6 +4,7 @@ to an optimizer's groups each step, and gradient clipping."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -86,3 +87,46 @@ def clip_gradients(
         fired = fired | (torch.nn.utils.get_total_norm(grads, norm_type=math.inf) > max_value)
         torch.nn.utils.clip_grad_value_(params, max_value)
     return norm, fired.float()
+
+
+def clip_stacked_gradients(
+    grads: list[torch.Tensor], max_norms: Sequence[float], max_values: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`clip_gradients` for K stacked members at once, in place.
+
+    ``grads`` are the stack's gradients, each ``(K, …)`` with member k in row k; ``max_norms``
+    and ``max_values`` hold each member's thresholds (≤ 0: that clip off for that member). Per
+    member the rule is the one it gets alone: the global L2 norm over the member's own
+    gradients, a scale of min(1, max_norm/(norm + 1e-6)), then a clamp by value; returns the
+    pre-clip norms ``(K,)`` and 1.0 where either clip fired. A few ops per stacked tensor instead
+    of K calls of ``clip_grad_norm_`` over K lists, the norms in torch's order (each tensor's
+    norm, then the norm of those).
+    """
+    k, device = len(max_norms), grads[0].device
+
+    def per_member(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return values.view(k, *([1] * (like.dim() - 1)))  # broadcast over each member's row
+
+    # torch's order: each tensor's norm, then the norm of those (per member: dim 1)
+    per_tensor = [torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads]
+    norms = torch.linalg.vector_norm(torch.stack(per_tensor), dim=0)
+    fired = torch.zeros(k, dtype=torch.bool, device=device)
+    if any(v > 0 for v in max_norms):
+        bound = torch.tensor(max_norms, dtype=norms.dtype, device=device)
+        clipping = bound > 0
+        fired = clipping & (norms > bound)
+        coef = torch.where(clipping, (bound / (norms + 1e-6)).clamp(max=1.0), 1.0)
+        for g in grads:
+            g.mul_(per_member(coef, g))
+    if any(v > 0 for v in max_values):
+        limit = torch.tensor(
+            [v if v > 0 else math.inf for v in max_values], dtype=norms.dtype, device=device
+        )
+        peaks = torch.stack(
+            [torch.linalg.vector_norm(g.flatten(1), ord=math.inf, dim=1) for g in grads]
+        ).amax(0)
+        fired = fired | (peaks > limit)
+        for g in grads:
+            bound_k = per_member(limit, g)
+            torch.clamp(g, min=-bound_k, max=bound_k, out=g)
+    return norms, fired.float()

@@ -9,9 +9,10 @@ builds it, same seed → same initial weights), and its ``Parameter`` objects ar
 (``param.data = stacked[k]``) at rows of one ``(K, …)`` tensor per parameter. The fused forward
 and backward run on the stacked tensors; after backward each member's ``.grad`` is set to its row
 of the stacked gradient (a view, no copy). So every member keeps its own torch optimizer
-(AdamW, RAdam, Adam side by side, each with its own LR, β, weight decay), its own
-``clip_gradients`` (the norm of that member's gradients only, never of the stack) and its own
-``evaluate``/``final_metrics`` — the very functions ``train()`` uses. Optimizers update the rows
+(AdamW, RAdam, Adam side by side, each with its own LR, β, weight decay), its own clipping
+(``clip_stacked_gradients``: ``clip_gradients``' rule per member, over that member's gradients
+only, never the stack's, in one pass over the stacked gradients) and its own
+``evaluate``/``final_metrics`` — the functions ``train()`` uses. Optimizers update the rows
 in place, which is the stacked storage, so the next fused forward sees the new weights.
 
 Measured (``benchmarks/population_throughput.py --extras``, docs/benchmarks.md, "Population
@@ -19,7 +20,7 @@ throughput"): on this shared 2-core CPU hand-written ``baddbmm`` was 1.1–2.6×
 ``torch.func.stack_module_state`` + ``vmap(functional_call)`` in 4 of 6 cases and slower in 2
 (0.64× at batch 32, K = 16; 0.96× at batch 128, K = 16), under a load that varied 2–27. It is kept
 because it is never far behind and it keeps each member's ``Parameter`` objects (and so its own
-torch optimizer and ``clip_gradients``) instead of functional copies of them.
+torch optimizer) instead of functional copies of them.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from torch import nn
 from trainers.config import TrainConfig
 from trainers.losses import elbo_terms
 from trainers.models import VAE
-from trainers.train import clip_gradients, resolve_device, uses_bf16, vae_step_stats
+from trainers.optim import clip_stacked_gradients
+from trainers.train import resolve_device, uses_bf16, vae_step_stats
 
 #: Fields that must be equal for members to share a step, each for one reason:
 #: the stacked weights need one shape (``model``, ``hidden_sizes``, ``latent_dim``), the forward
@@ -188,8 +190,9 @@ def stacked_vae_step(
     """One update of every member; ``(VAE_STEP_STATS, K)`` and ``(VAE_CHECKS, K)`` on the device.
 
     The loss, clipping and optimizer step are ``train()``'s, per member: ``elbo_terms`` with
-    that member's β and λ and free-bits mode, ``clip_gradients`` over that member's parameters
-    with its thresholds, then its own optimizer's ``step``.
+    that member's β and λ and free-bits mode, ``clip_gradients``' rule over that member's
+    gradients with its thresholds (``clip_stacked_gradients``), then its own optimizer's
+    ``step``.
     """
     cfg = configs[0]  # the group's likelihood is the same for all (GROUP_FIELDS)
     with autocast():
@@ -200,13 +203,15 @@ def stacked_vae_step(
         free_bits_mode=[c.free_bits_mode for c in configs],
     )  # fmt: skip
     stack.backward(terms.objective)
-    norms, clipped = [], []
-    for params, member, optimizer in zip(stack.member_params, configs, optimizers, strict=True):
-        norm, fired = clip_gradients(params, member.grad_clip_norm, member.grad_clip_value)
+    # each member clipped by its own thresholds over its own gradients, all in one pass
+    norms, clipped = clip_stacked_gradients(
+        [leaf.grad for leaf in stack.stacked if leaf.grad is not None],
+        [c.grad_clip_norm for c in configs],
+        [c.grad_clip_value for c in configs],
+    )
+    for optimizer in optimizers:
         optimizer.step()
-        norms.append(norm)
-        clipped.append(fired)
-    return vae_step_stats(terms, torch.stack(norms), torch.stack(clipped))
+    return vae_step_stats(terms, norms, clipped)
 
 
 __all__ = [

@@ -11,10 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 from test_vae_train import SMALL as TRAIN_SMALL
 
 from trainers.config import TrainConfig
 from trainers.errors import ConfigError, NonFiniteLossError
+from trainers.optim import clip_gradients, clip_stacked_gradients
 from trainers.population import Outcome, train_population
 from trainers.population_stack import GROUP_FIELDS, group_configs, group_key, unfusable_reason
 from trainers.train import Decision, EpochMetrics, TrainResult, train
@@ -35,7 +37,7 @@ REL, ABS = 1e-5, 1e-6
 DIFFERENT: list[dict[str, Any]] = [
     {"seed": 1},
     {"seed": 2, "optimizer": "radam", "weight_decay": 0.1, "free_bits": 0.5,
-     "grad_clip_norm": 5.0, "reference_batch_size": 64},
+     "grad_clip_norm": 2.0, "reference_batch_size": 64},
     {"seed": 3, "lr_policy": "one_cycle", "max_lr": 1e-2, "free_bits": 0.2,
      "free_bits_mode": "per_example_per_group", "kl_schedule": "sigmoid",
      "lr_scaling": "sqrt", "reference_batch_size": 256},
@@ -283,3 +285,27 @@ def test_patience_must_be_a_positive_number_of_epochs_in_the_population(train_de
     with pytest.raises(ConfigError) as info:
         train_population([("a", config(train_device))], patience=0)
     assert info.value.field == "patience"
+
+
+def test_stacked_clipping_clips_each_member_as_clip_gradients_does_alone() -> None:
+    """Norm clip on, off and never reached, value clip on one member: each member's clipped
+    gradients, pre-clip norm and fired flag equal ``clip_gradients`` on that member alone."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(3, 5, 4), (3, 1, 5), (3, 6)]
+    grads = [torch.randn(*s, generator=gen) * 3 for s in shapes]
+    max_norms, max_values = [2.0, 0.0, 1e6], [0.0, 0.5, 0.0]
+    expected = []
+    for k in range(3):
+        params = [torch.nn.Parameter(torch.zeros(g.shape[1:])) for g in grads]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g[k].clone()
+        norm, fired = clip_gradients(params, max_norms[k], max_values[k])  # type: ignore[arg-type]
+        expected.append((norm, fired, [p.grad for p in params]))
+    norms, fired = clip_stacked_gradients(grads, max_norms, max_values)
+    for k, (norm, was_fired, clipped) in enumerate(expected):
+        assert norms[k] == pytest.approx(norm.item(), rel=1e-6)
+        assert fired[k].item() == was_fired.item()
+        for g, alone in zip(grads, clipped, strict=True):
+            assert torch.allclose(g[k], alone, rtol=1e-6, atol=1e-7)
+    assert fired.tolist() == [1.0, 1.0, 0.0]  # norm 2 fired, value 0.5 fired, 1e6 never
+    assert grads[2][1].abs().max() <= 0.5  # member 1 clamped by value only
