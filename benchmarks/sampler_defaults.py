@@ -17,7 +17,10 @@ Arms (sampler seed ``seed·10 + arm index``, so no two arms share a random strea
   cycle parameters exist only under some schedules, which plain multivariate TPE samples
   independently);
 * ``gp-4``: Optuna's GPSampler with 4 start-up trials (needs torch; the server image has none);
-* ``random-2x``: random search with twice the trials.
+* ``random-2x``: random search with twice the trials;
+* ``cmaes-4``: Optuna's CmaEsSampler with 4 start-up trials (categorical and conditional
+  dimensions sampled independently, at random). Last in the list so the other arms' seeds
+  (``seed·10 + arm index``) stay those of earlier runs.
 
 Per arm and seed it prints the best feasible validation −ELBO (the study's objective, nats per
 example), that trial's test −ELBO, the best value after each quarter of the budget, the
@@ -58,7 +61,7 @@ from hpo_service.search_space import build_space, resolve_config, suggest  # noq
 from trainers.errors import TrainerError  # noqa: E402
 from trainers.train import train  # noqa: E402
 
-ARMS = ("tpe-10", "tpe-4", "tpe-4-group", "gp-4", "random-2x")
+ARMS = ("tpe-10", "tpe-4", "tpe-4-group", "gp-4", "random-2x", "cmaes-4")
 
 
 def _sampler(arm: str, seed: int) -> BaseSampler:
@@ -68,6 +71,13 @@ def _sampler(arm: str, seed: int) -> BaseSampler:
             return optuna.samplers.RandomSampler(seed=seed)
         if arm == "gp-4":
             return optuna.samplers.GPSampler(
+                seed=seed, n_startup_trials=4, warn_independent_sampling=False
+            )
+        if arm == "cmaes-4":
+            # CMA-ES models the numerical dimensions; the categorical and conditional ones
+            # (schedule, optimizer, batch size, cycle parameters) go to its independent
+            # sampler, random search — which is what a user picking `cmaes` gets.
+            return optuna.samplers.CmaEsSampler(
                 seed=seed, n_startup_trials=4, warn_independent_sampling=False
             )
         startup = 10 if arm == "tpe-10" else 4
