@@ -6,6 +6,7 @@ runs the real worker process on real data."""
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -14,6 +15,9 @@ import pytest
 from byo_helpers import wait_for
 from fastapi.testclient import TestClient
 from helpers import ADMIN, VIEWER, WORKER, spec
+
+from hpo_service import lr_range
+from hpo_service.schemas import LRRangeTestResult
 
 KINDS = ["trial", "lr_range_test"]
 #: The default space's base_lr range (hpo_service.search_space.default_space).
@@ -84,8 +88,11 @@ def test_the_probe_goes_first_alone_and_its_range_bounds_the_trials(client: Test
     answer = send(client, probe, curve(1e-4, 2e-3))
     assert answer.status_code == 200, answer.text
     assert answer.json()["status"] == "applied"
+    # base_lr's top: max(hi/10, √(lo·hi)) = √(2e-7) ≈ 4.47e-4 (a narrow curve: the middle);
     # max_lr_factor's top: hi/lo = 20, clamped to the default space's 10
-    assert answer.json()["ranges"] == {"base_lr": [1e-4, 2e-3], "max_lr_factor": [2.0, 10.0]}
+    ranges = answer.json()["ranges"]
+    assert ranges["base_lr"] == [1e-4, pytest.approx(math.sqrt(1e-4 * 2e-3))]
+    assert ranges["max_lr_factor"] == [2.0, 10.0]
     assert send(client, probe, curve(1e-4, 2e-3)).json() == answer.json()  # idempotent
     again = send(client, probe, curve(1e-4, 3e-3))
     assert again.status_code == 409 and again.json()["error"]["code"] == "result_conflict"
@@ -93,7 +100,7 @@ def test_the_probe_goes_first_alone_and_its_range_bounds_the_trials(client: Test
     trials = [lease(client, f"t{i}") for i in range(4)]
     assert all(t is not None and t["kind"] == "trial" for t in trials)
     base_lrs = [t["params"]["base_lr"] for t in trials if t is not None]
-    assert all(1e-4 <= lr <= 2e-3 for lr in base_lrs), base_lrs
+    assert all(1e-4 <= lr <= 4.48e-4 for lr in base_lrs), base_lrs
     info = study(client, "lr")
     assert info["lr_range_test"]["status"] == "applied"
     assert info["lr_range_test"]["curve_points"] == 20
@@ -107,7 +114,7 @@ def test_the_probe_goes_first_alone_and_its_range_bounds_the_trials(client: Test
     assert recorded.user_attrs["lr_range_test"]["curve"]["losses"][0] == 100.0
     for trial in recorded.trials[1:]:
         bounds = trial.distributions["base_lr"]
-        assert (bounds.low, bounds.high) == (1e-4, 2e-3)  # the sampler saw the new range
+        assert (bounds.low, bounds.high) == (1e-4, ranges["base_lr"][1])  # the new range
 
 
 def test_a_curve_without_a_range_keeps_the_defaults_and_says_why(client: TestClient) -> None:
@@ -225,3 +232,25 @@ def test_the_curve_is_drawn_and_listed_on_the_study_s_dashboard_page(
     # the trials' own pages do not list it: it belongs to the study
     for trial in detail["trials"]:
         assert all(a["filename"] != "lr_range_test.png" for a in trial["artifacts"])
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi", "base_top", "factor_top"),
+    [
+        # a wide curve (the session-6 probe on mnist5k): base_lr tops out 10× below hi
+        (2.3e-4, 0.107, 0.0107, 10.0),
+        # a narrow one: the geometric middle, and the peak factor's floor of 2.5
+        (1e-3, 2e-3, math.sqrt(2e-6), 2.5),
+    ],
+)
+def test_the_ranges_keep_base_lr_an_order_of_magnitude_below_where_the_loss_stopped_falling(
+    lo: float, hi: float, base_top: float, factor_top: float
+) -> None:
+    result = LRRangeTestResult(
+        lease_token="t", lrs=[], losses=[], suggested_base_lr=lo, suggested_max_lr=hi,
+        batch_size=128,
+    )  # fmt: skip
+    ranges = lr_range.ranges_from(result)
+    assert isinstance(ranges, dict)
+    assert ranges["base_lr"] == [lo, pytest.approx(base_top)]
+    assert ranges["max_lr_factor"] == [2.0, pytest.approx(factor_top)]
