@@ -150,8 +150,11 @@ def test_a_reaped_evaluation_is_retried_with_the_same_winners(client: TestClient
     # be reaped and retried); one that runs trials only is idle.
     assert _work(client, KINDS) == "wait" and _work(client, ["trial"]) == "idle"
     assert first["task"]["k"] == 2
+    _only_the_task_holder_gets_the_model(client, first, winner["trial_id"])
     time.sleep(2.2)  # past the 1 s lease timeout, by the database clock
     client.app.state.service.reap()  # type: ignore[attr-defined]
+    reaped = _best_model(client, winner["trial_id"], first)
+    assert reaped.status_code == 409 and reaped.json()["error"]["code"] == "trial_reaped"
     result = {"trial_number": winner["trial_number"], "test_is_nll": 50.0, "k": 2,
               "n_examples": 10, "best_epoch": 1}  # fmt: skip
     late = _send(client, first, [result])
@@ -175,6 +178,47 @@ def test_a_reaped_evaluation_is_retried_with_the_same_winners(client: TestClient
     assert info["state"] == "completed" and info["counts"]["fail"] == 0
     assert _lease(client, "w3") is None  # one evaluation per study
     assert _work(client, KINDS) == "idle"
+
+
+def _best_model(
+    client: TestClient,
+    trial_id: int,
+    task: dict[str, Any] | None,
+    headers: dict[str, str] = WORKER,
+    token: str | None = None,
+) -> httpx.Response:
+    lease = {}
+    if task is not None:
+        lease = {
+            "X-Lease-Trial": str(task["trial_id"]),
+            "X-Lease-Token": token or task["lease_token"],
+        }
+    return client.get(f"/v1/trials/{trial_id}/best-model", headers={**headers, **lease})
+
+
+def _only_the_task_holder_gets_the_model(
+    client: TestClient, task: dict[str, Any], winner_id: int
+) -> None:
+    """A best model is what a user trained on their data: a worker token alone does not get
+    it, only the live final_evaluation lease naming its trial (or an admin)."""
+    held = _best_model(client, winner_id, task)
+    assert held.status_code == 200, held.text
+    assert held.headers["X-Checkpoint-SHA256"] and len(held.content) > 0
+    assert _best_model(client, winner_id, None, ADMIN).content == held.content
+    refused = {
+        "no lease": (_best_model(client, winner_id, None), 403, "lease_required"),
+        "a viewer": (_best_model(client, winner_id, task, VIEWER), 403, "forbidden"),
+        "wrong token": (
+            _best_model(client, winner_id, task, token="x" * 32),
+            409,
+            "lease_mismatch",
+        ),
+        # the task's own trial is not one of its winners
+        "not named": (_best_model(client, task["trial_id"], task), 403, "lease_required"),
+    }
+    for why, (response, status, code) in refused.items():
+        assert response.status_code == status, (why, response.text)
+        assert response.json()["error"]["code"] == code, (why, response.text)
 
 
 def _cpu() -> Any:
