@@ -159,6 +159,8 @@ def test_a_trial_killed_at_epoch_6_of_10_resumes_and_ends_as_if_never_killed(
         finally:
             rescuer.kill()
         retry = http.get("/v1/studies/killed/trials").json()["trials"][1]
+        # one history too: the killed attempt's epochs 1-6 carried over, then the retry's own
+        history = http.get("/v1/studies/killed/trials/1/history").json()["epochs"]
     study = optuna.load_study(study_name="killed", storage=settings.database_url)
     config = dict(study.trials[1].user_attrs["config"])  # what the sampler chose, resolved
     rescuer_log = (tmp_path / "rescuer.log").read_text()
@@ -180,3 +182,6 @@ def test_a_trial_killed_at_epoch_6_of_10_resumes_and_ends_as_if_never_killed(
     for name in ("val_neg_elbo", "test_neg_elbo", "test_is_nll", "active_units", "best_epoch"):
         assert retry["metrics"][name] == pytest.approx(whole.metrics[name], rel=REL_TOL), name
     assert retry["values"][0] == pytest.approx(whole.metrics["val_neg_elbo"], rel=REL_TOL)
+    assert [r["epoch"] for r in history] == list(range(1, EPOCHS + 1)), history
+    kept = {str(r["epoch"]): r["val_neg_elbo"] for r in history}
+    assert kept == pytest.approx(reference, rel=1e-5)  # records keep 6 significant digits

@@ -119,9 +119,25 @@ def test_a_retry_resumes_from_the_checkpoint_and_carries_the_curve(
     reference = {str(e.epoch): e.values["val_neg_elbo"] for e in whole.history}
     assert curve == pytest.approx(reference, rel=1e-6)
     assert retry["values"][0] == pytest.approx(whole.metrics["val_neg_elbo"], rel=1e-6)
+    _history_is_one_run(ckpt_client, "resume", 3, reference)
     assert retry["metrics"]["test_neg_elbo"] == pytest.approx(
         whole.metrics["test_neg_elbo"], rel=1e-6
     )
+
+
+def _history_is_one_run(
+    client: TestClient, name: str, resumed_at: int, reference: dict[str, float]
+) -> None:
+    """The retry's ``history``: the first attempt's records of epochs 1..``resumed_at``
+    (carried over by ``resumed``), then its own, so its plot is whole too; every epoch's
+    −ELBO that of the uninterrupted run (records keep 6 significant digits)."""
+    first, retry = (
+        client.get(f"/v1/studies/{name}/trials/{n}/history", headers=VIEWER).json() for n in (0, 1)
+    )
+    assert [r["epoch"] for r in retry["epochs"]] == list(range(1, EPOCHS + 1)), retry
+    assert retry["epochs"][:resumed_at] == first["epochs"][:resumed_at]
+    kept = {str(r["epoch"]): r["val_neg_elbo"] for r in retry["epochs"]}
+    assert kept == pytest.approx(reference, rel=1e-5)
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "missing"])
