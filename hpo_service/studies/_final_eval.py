@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 import optuna
 from optuna.artifacts.exceptions import ArtifactNotFound
@@ -197,7 +198,10 @@ class FinalEvaluations:
         wrote: list[bool] = []
 
         def write() -> FinalEvaluationAnswer:
-            outcome = final_eval.outcome_attr(results, int(settings.get("k", 0)), row.trial_number)
+            evaluated_at = datetime.now(UTC).isoformat(timespec="seconds")
+            outcome = final_eval.outcome_attr(
+                results, int(settings.get("k", 0)), row.trial_number, evaluated_at
+            )
             core.storage.set_study_user_attr(row.study_id, final_eval.STUDY_ATTR, outcome)
             wrote.append(True)
             return FinalEvaluationAnswer(

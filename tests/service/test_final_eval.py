@@ -5,8 +5,10 @@ the study stores them and ``hpo best`` shows them. Bad settings are 422."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -94,12 +96,32 @@ def test_the_ended_study_leases_one_evaluation_and_hpo_best_shows_it(
         elbo = trial.user_attrs["metrics"]["test_neg_elbo"]
         assert 0 < result["test_is_nll"] < elbo, (result, elbo)
 
-    shown = CliRunner().invoke(app, ["best", "final", "--server", url, "--token", "viewer-token"])
+    assert _near_now(outcome["evaluated_at"])
+    viewer = ["--server", url, "--token", "viewer-token"]
+    shown = CliRunner().invoke(app, ["best", "final", *viewer])
     assert shown.exit_code == 0, shown.output
-    assert "final evaluation" in shown.output
+    assert f"final evaluation (full test split, evaluated {outcome['evaluated_at']}):" in (
+        shown.output
+    )
     for trial in ranked[:2]:
         line = f"trial {trial.number}: test IS-NLL {results[str(trial.number)]['test_is_nll']:.3f}"
         assert line in shown.output, shown.output
+    as_json = CliRunner().invoke(app, ["best", "final", "--json", *viewer])
+    assert as_json.exit_code == 0, as_json.output
+    (best,) = json.loads(as_json.output)  # one objective: the best trial, with its evaluation
+    assert best["number"] == ranked[0].number
+    assert best["final_evaluation"] == {
+        **results[str(ranked[0].number)],
+        "evaluated_at": outcome["evaluated_at"],
+    }
+
+
+def _near_now(stamp: str) -> bool:
+    """An ISO 8601 UTC time within the last hour (the test's own span, on a slow box)."""
+    when = datetime.fromisoformat(stamp)
+    return (
+        when.utcoffset() == timedelta(0) and 0 <= (datetime.now(UTC) - when).total_seconds() < 3600
+    )
 
 
 KINDS = ["trial", "final_evaluation"]
