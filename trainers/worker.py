@@ -44,6 +44,8 @@ from trainers.train import EpochMetrics, TrainResult, train
 log = logging.getLogger("hpo.worker")
 
 T = TypeVar("T")
+#: The lease kinds that are tasks, not trials: run alone, never counted as trials.
+TASK_KINDS = ("lr_range_test", "final_evaluation")
 TrainFn = Callable[..., TrainResult]
 
 
@@ -166,12 +168,7 @@ class Worker:
             if self.options.max_trials is not None and self.trials_done >= self.options.max_trials:
                 break
             if self.options.population != 1:
-                # Imported here: trainers.population_worker imports this module.
-                from trainers.population_worker import lease_population, run_population
-
-                leases = lease_population(self)  # the batched routes, one identity per slot
-                if leases:
-                    self.trials_done += run_population(self, leases)
+                leases = self._population_round()
             else:
                 lease = self._retrying(
                     "lease",
@@ -179,26 +176,15 @@ class Worker:
                         self.lease_identity(),
                         self.options.wait_s,
                         self.options.device,
-                        kinds=("trial", "lr_range_test", "final_evaluation"),
+                        kinds=("trial", *TASK_KINDS),
                     ),
                 )
                 leases = []
                 if isinstance(lease, NoWork):
                     self.last_idle = lease.idle
-                elif lease.kind == "lr_range_test":  # a study's first step, not a trial
-                    from trainers.lr_task import run_lr_range_test  # it imports this module
-
-                    run_lr_range_test(self, lease)
-                    leases = [lease]
-                elif lease.kind == "final_evaluation":  # an ended study's winners (14.4)
-                    from trainers.final_eval_task import run_final_evaluation  # imports this
-
-                    run_final_evaluation(self, lease)
-                    leases = [lease]
                 else:
                     leases = [lease]
-                    self.run_trial(lease)
-                    self.trials_done += 1
+                    self._run_lease(lease)
             if not leases:
                 if self.last_idle and self.options.exit_when_idle:
                     log.info("no study can give work now; exiting")
@@ -210,6 +196,44 @@ class Worker:
                 continue
             idle_since = time.monotonic()
         return self.trials_done
+
+    def _run_lease(self, lease: Lease) -> None:
+        """Run one lease of any kind: a trial (counted) or a task."""
+        if lease.kind == "lr_range_test":  # a study's first step, not a trial
+            from trainers.lr_task import run_lr_range_test  # it imports this module
+
+            run_lr_range_test(self, lease)
+        elif lease.kind == "final_evaluation":  # an ended study's winners (14.4)
+            from trainers.final_eval_task import run_final_evaluation  # imports this
+
+            run_final_evaluation(self, lease)
+        else:
+            self.run_trial(lease)
+            self.trials_done += 1
+
+    def _population_round(self) -> list[Lease]:
+        """One round of ``--population K``: a task first (the batched route leases trials
+        only, and a population worker is often a study's only worker, so the LR range test
+        and the final evaluation must not wait for another kind of worker), else the
+        population's trials. Returns what was leased."""
+        # Imported here: trainers.population_worker imports this module.
+        from trainers.population_worker import lease_population, run_population
+
+        task = self._retrying(
+            "lease",
+            lambda: self.client.next_lease(
+                self.options.worker_id, 0.0, self.options.device, kinds=TASK_KINDS
+            ),
+        )
+        if not isinstance(task, NoWork):
+            self._run_lease(task)  # a trial only if this id still held one (a restart)
+            return [task]
+        leases = lease_population(self)  # the batched routes, one identity per slot
+        if leases:
+            self.trials_done += run_population(self, leases)
+        else:
+            self.last_idle = self.last_idle and task.idle  # idle only if both say so
+        return leases
 
     def retrying(self, what: str, call: Callable[[], T]) -> T:
         """Call ``call``, retrying while the server is unreachable (``_retrying``)."""

@@ -21,7 +21,7 @@ from live import LiveServer
 from typer.testing import CliRunner
 
 from hpo_service.cli import app
-from hpo_service.client import HPOClient
+from hpo_service.client import HPOClient, NoWork
 from hpo_service.config import Settings
 from trainers.data import load_dataset
 from trainers.run_setup import parse_config
@@ -299,3 +299,24 @@ def test_the_morning_report_lists_the_final_evaluation() -> None:
         "final evaluation: trial 4: test IS-NLL 91.250 nats (k=5000, 500 test examples, "
         "best epoch 7)",
     ]
+
+
+def test_an_sdk_loop_never_leases_a_task_and_says_what_to_do(client: TestClient) -> None:
+    """The SDK and `hpo agent` train the user's code: they lease trials only, so a study
+    whose LR range test is pending gives them nothing — and, rather than wait in silence,
+    they say so once, naming the study and what the user does (start one hpo-worker)."""
+    from hpo_service.sdk import TaskWatch
+
+    body = spec(name="needs-a-worker", lr_range_test={"enabled": True, "num_iter": 10})
+    assert client.post("/v1/studies", json=body, headers=ADMIN).status_code == 201
+    client.headers.update(WORKER)
+    sdk_client = HPOClient(client)
+    assert isinstance(sdk_client.next_lease("sdk", 0.0), NoWork)  # trials only: nothing yet
+    watch = TaskWatch(sdk_client, after_s=0.0)
+    (said,) = watch.waited()
+    assert "study needs-a-worker" in said and "lr_range_test" in said
+    assert "hpo-worker --exit-when-idle" in said
+    assert watch.waited() == []  # once per study
+    # a worker that runs tasks gets the probe at once
+    lease = sdk_client.next_lease("hpo-worker", 0.0, kinds=["trial", "lr_range_test"])
+    assert not isinstance(lease, NoWork) and lease.kind == "lr_range_test"
