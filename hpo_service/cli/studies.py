@@ -123,9 +123,9 @@ def best(
     as_json: JsonOpt = False,
 ) -> None:
     """The best trial (or the Pareto front of a multi-objective study), with the final
-    evaluation of the winners when there is one. With ``--json``: a list of the best trials,
-    each with its ``final_evaluation`` (``test_is_nll``, ``k``, ``n_examples``,
-    ``best_epoch``, ``evaluated_at``; null when it was not evaluated)."""
+    evaluation of the winners when there is one. With --json: a list of the best trials,
+    each with its final_evaluation (test IS-NLL, k, examples, best epoch, when it was
+    evaluated; null when it was not)."""
     try:
         info = _client(server, token).get_study(name)
     except ClientError as error:
