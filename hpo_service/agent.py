@@ -58,7 +58,8 @@ import typer
 
 from hpo_service.client import HPOClient, LeaseLost, NoWork, make_http_client
 from hpo_service.schemas import OUTPUT_TAIL_CHARS, Lease
-from hpo_service.sdk import REASON_CHARS, TaskWatch, WorkerShutdown, _number, _retrying
+from hpo_service.sdk import REASON_CHARS, WorkerShutdown, _number, _retrying
+from hpo_service.task_watch import TaskWatch
 
 log = logging.getLogger("hpo.agent")
 

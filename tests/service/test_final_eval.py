@@ -305,7 +305,7 @@ def test_an_sdk_loop_never_leases_a_task_and_says_what_to_do(client: TestClient)
     """The SDK and `hpo agent` train the user's code: they lease trials only, so a study
     whose LR range test is pending gives them nothing — and, rather than wait in silence,
     they say so once, naming the study and what the user does (start one hpo-worker)."""
-    from hpo_service.sdk import TaskWatch
+    from hpo_service.task_watch import TaskWatch
 
     body = spec(name="needs-a-worker", lr_range_test={"enabled": True, "num_iter": 10})
     assert client.post("/v1/studies", json=body, headers=ADMIN).status_code == 201
