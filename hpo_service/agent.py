@@ -59,6 +59,7 @@ import typer
 from hpo_service.client import HPOClient, LeaseLost, NoWork, make_http_client
 from hpo_service.schemas import OUTPUT_TAIL_CHARS, Lease
 from hpo_service.sdk import REASON_CHARS, WorkerShutdown, _number, _retrying
+from hpo_service.task_watch import TaskWatch
 
 log = logging.getLogger("hpo.agent")
 
@@ -168,6 +169,7 @@ class Agent:
     def _loop(self) -> int:
         idle_since = time.monotonic()
         opts = self.options
+        watch = TaskWatch(self.client)  # says what it waits on that only hpo-worker runs
         while self._shutdown is None:
             if opts.max_trials is not None and self.trials_done >= opts.max_trials:
                 break
@@ -178,6 +180,8 @@ class Agent:
             except (KeyboardInterrupt, WorkerShutdown):
                 break
             if isinstance(lease, NoWork):
+                for line in watch.waited():
+                    opts.echo(f"[hpo agent] {line}")
                 if lease.idle and opts.exit_when_idle:
                     log.info("no study can give work now; exiting")
                     break
@@ -200,6 +204,7 @@ class Agent:
             )
             self.trials_done += 1
             idle_since = time.monotonic()
+            watch.worked()
         return self.trials_done
 
     # --- one trial --------------------------------------------------------------------------

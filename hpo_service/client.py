@@ -238,10 +238,13 @@ class HPOClient:
         response = self._call("POST", f"/trials/{trial_id}/final-evaluation", json=body, trial=True)
         return FinalEvaluationAnswer.model_validate(response.json())
 
-    def best_model(self, trial_id: int) -> tuple[bytes, str]:
+    def best_model(self, trial_id: int, task_id: int, token: str) -> tuple[bytes, str]:
         """A finished trial's kept best model and its SHA-256 (``trainers.checkpoints.
-        load_best_model`` reads them). Raises ``APIError`` (``checkpoint_not_found``)."""
-        response = self._call("GET", f"/trials/{trial_id}/best-model")
+        load_best_model`` reads them), for the ``final_evaluation`` lease ``task_id`` with
+        ``token`` that names it. Raises ``APIError`` (``checkpoint_not_found``,
+        ``lease_required``, ``trial_reaped``…)."""
+        headers = {"X-Lease-Trial": str(task_id), "X-Lease-Token": token}
+        response = self._call("GET", f"/trials/{trial_id}/best-model", headers=headers)
         return response.content, response.headers.get("X-Checkpoint-SHA256", "")
 
     def heartbeat(self, trial_id: int, token: str) -> HeartbeatAnswer:

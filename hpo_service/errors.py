@@ -21,6 +21,7 @@ HTTP status codes in one place.
     │   ├── WrongLeaseKind     a result route that does not fit the lease's kind
     │   └── ScheduleExists
     ├── AuthError              missing or wrong credentials (401) / scope (403)
+    │   └── LeaseRequired      a worker token alone cannot do this: it needs a lease (403)
     ├── ReadOnly               a write through a read-only view, e.g. the dashboard (405)
     ├── StorageUnavailable     the database could not be reached (503)
     └── SchemaMismatch         the database schema is not the one this version needs
@@ -158,6 +159,15 @@ class AuthError(HPOError):
         self.forbidden = forbidden
         if forbidden:
             self.code = "forbidden"
+
+
+class LeaseRequired(AuthError):
+    """Raised when a worker token asks for something only the holder of a certain lease may
+    have (a trial's best model: a live ``final_evaluation`` lease naming that trial)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, forbidden=True)
+        self.code = "lease_required"
 
 
 class ReadOnly(HPOError):

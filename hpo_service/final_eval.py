@@ -12,9 +12,9 @@ importance samples on the full test split (Burda et al. 2016, Eq. 8;
 ``trainers.metrics.importance_sampled_nll``) and sends the results.
 
 Finished trials' attributes are frozen by Optuna, so the results live on the study's user
-attribute ``final_evaluation``: ``{"status", "k", "task_trial", "results": {number: {...}}}``,
-keyed by trial number (a string, as JSON keeps it). The task ends FAIL (no sampler learns from
-it) and never counts toward the budget or the counts.
+attribute ``final_evaluation``: ``{"status", "k", "task_trial", "evaluated_at", "results":
+{number: {...}}}``, keyed by trial number (a string, as JSON keeps it). The task ends FAIL (no
+sampler learns from it) and never counts toward the budget or the counts.
 """
 
 from __future__ import annotations
@@ -74,14 +74,30 @@ def task_settings(chosen: Sequence[FrozenTrial], k: int) -> dict[str, Any]:
     }
 
 
-def outcome_attr(results: Sequence[Mapping[str, Any]], k: int, task_number: int) -> dict[str, Any]:
-    """The study's ``final_evaluation`` user attribute once the task's results arrived."""
+def outcome_attr(
+    results: Sequence[Mapping[str, Any]], k: int, task_number: int, evaluated_at: str
+) -> dict[str, Any]:
+    """The study's ``final_evaluation`` user attribute once the task's results arrived
+    (``evaluated_at``: when they were stored, ISO 8601 UTC)."""
     return {
         "status": "complete",
         "k": k,
         "task_trial": task_number,
+        "evaluated_at": evaluated_at,
         "results": {str(r["trial_number"]): dict(r) for r in results},
     }
+
+
+def trial_result(attr: Mapping[str, Any] | None, number: int) -> dict[str, Any] | None:
+    """Trial ``number``'s final evaluation (its ``WinnerEvaluation`` fields and the
+    ``evaluated_at`` of the task), or None when it was not evaluated (not a winner, or the
+    evaluation is off, pending, skipped or failed)."""
+    if not attr or attr.get("status") != "complete":
+        return None
+    result = (attr.get("results") or {}).get(str(number))
+    if result is None:
+        return None
+    return {**result, "evaluated_at": attr.get("evaluated_at")}
 
 
 def summary_lines(attr: Mapping[str, Any] | None) -> list[str]:

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, literal, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -141,6 +141,35 @@ class EpochHistory:
         statement = self._insert(EpochRecordRow).values(rows).on_conflict_do_nothing()
         with self.db.session() as session:
             session.execute(statement)
+
+    def copy_epochs(self, source_id: int, trial_id: int, study_id: int, up_to: int) -> int:
+        """Copy ``source_id``'s records of epochs 1..``up_to`` onto ``trial_id`` (a retry
+        resumed from its checkpoint of ``up_to``), in one ``INSERT … SELECT``: the retry's
+        history reads as one run. Epochs it already holds are left as they are. Returns how
+        many records ``source_id`` had in that range."""
+        rows = (
+            select(
+                literal(trial_id),
+                EpochRecordRow.epoch,
+                literal(study_id),
+                EpochRecordRow.record,
+            )
+            .where(EpochRecordRow.trial_id == source_id)
+            .where(EpochRecordRow.epoch <= up_to)
+        )
+        statement = (
+            self._insert(EpochRecordRow)
+            .from_select(["trial_id", "epoch", "study_id", "record"], rows)
+            .on_conflict_do_nothing()
+        )
+        with self.db.session() as session:
+            session.execute(statement)
+            count = session.scalar(
+                select(func.count())
+                .select_from(EpochRecordRow)
+                .where(EpochRecordRow.trial_id == source_id, EpochRecordRow.epoch <= up_to)
+            )
+        return int(count or 0)
 
     def records(self, trial_id: int) -> list[dict[str, Any]]:
         """The trial's records, oldest epoch first, each with its ``epoch``."""

@@ -64,6 +64,7 @@ from hpo_service.client import (
     make_http_client,
 )
 from hpo_service.schemas import Lease
+from hpo_service.task_watch import TaskWatch
 
 log = logging.getLogger("hpo.sdk")
 
@@ -412,9 +413,11 @@ def trials(
     try:
         done = 0
         idle_since = time.monotonic()
+        watch = TaskWatch(client)
         while max_trials is None or done < max_trials:
             lease = _retrying("lease", lambda: client.next_lease(worker_id, wait_s, device))
             if isinstance(lease, NoWork):
+                watch.waited()  # a step only an hpo-worker runs may be what holds it back
                 if lease.idle and exit_when_idle:
                     log.info("no study can give work now; leaving the loop")
                     return
@@ -434,6 +437,7 @@ def trials(
                 trial._settle_normal_exit()
             done += 1
             idle_since = time.monotonic()
+            watch.worked()
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -49,7 +49,7 @@ def train_resumable(
     that fails), sending checkpoints every ``checkpoint_every_epochs`` and when
     ``handing_back()`` at a stop (the worker shuts down). ``retrying`` wraps the
     calls that must reach the server (the worker's backoff)."""
-    resume = _fetch(client, lease, retrying)
+    resume = fetch_resume(client, lease, retrying)
     if resume is None and lease.checkpoint_every_epochs == 0:
         return train_fn(config, on_epoch)
     if resume is not None:
@@ -57,7 +57,7 @@ def train_resumable(
             sending = _sending(on_epoch, client, lease, resume, retrying, handing_back)
             return train_fn(config, sending, resume=resume)
         except CheckpointError as error:  # it loaded but does not fit this run's model
-            _fell_back(client, lease, retrying, str(error))
+            fell_back(client, lease, retrying, str(error))
     return train_fn(config, _sending(on_epoch, client, lease, None, retrying, handing_back))
 
 
@@ -75,8 +75,9 @@ def send_best_model(client: HPOClient, lease: Lease, result: TrainResult) -> Non
         log.warning("trial %d: best model not stored: %s", lease.trial_number, error)
 
 
-def _fetch(client: HPOClient, lease: Lease, retrying: Retrying[Any]) -> TrainState | None:
-    """The checkpoint to resume from, verified; None (and the server told why) if unusable."""
+def fetch_resume(client: HPOClient, lease: Lease, retrying: Retrying[Any]) -> TrainState | None:
+    """The checkpoint ``lease`` resumes from, verified; None when it names none, or (and the
+    server is told why) when it is unusable."""
     source = lease.resume_from
     if source is None:
         return None
@@ -92,14 +93,15 @@ def _fetch(client: HPOClient, lease: Lease, retrying: Retrying[Any]) -> TrainSta
         content, sha256 = fetched
         return from_bytes(content, sha256 or source.sha256)
     except CheckpointError as error:
-        _fell_back(client, lease, retrying, str(error))
+        fell_back(client, lease, retrying, str(error))
         return None
     except APIError as error:  # the lease was lost meanwhile: the first report will say so
         log.warning("trial %d: resume not possible: %s", lease.trial_number, error)
         return None
 
 
-def _fell_back(client: HPOClient, lease: Lease, retrying: Retrying[Any], reason: str) -> None:
+def fell_back(client: HPOClient, lease: Lease, retrying: Retrying[Any], reason: str) -> None:
+    """Say (log, and ``resumed`` with no epoch) that the retry starts fresh, and why."""
     assert lease.resume_from is not None
     source = lease.resume_from.trial_number
     log.warning(
@@ -130,26 +132,38 @@ def _sending(
     report) and after every ``checkpoint_every_epochs``-th epoch answered "continue" sends the
     run's state."""
     pending = resumed
-    every = lease.checkpoint_every_epochs
-    last_epoch = int(lease.config.get("epochs", 0))
 
     def wrapped(epoch: EpochMetrics) -> str | None:
         nonlocal pending
         if pending is not None:
-            _say_resumed(client, lease, pending.epoch, retrying)
+            say_resumed(client, lease, pending.epoch, retrying)
             pending = None
         decision = on_epoch(epoch)
-        if every == 0 or epoch.epoch == last_epoch or epoch.checkpoint is None:
-            return decision
-        due = epoch.epoch % every == 0 and decision != "stop"
-        if due or (decision == "stop" and handing_back()):
-            _send(client, lease, epoch.epoch, epoch.checkpoint)
+        if epoch.checkpoint is not None and checkpoint_due(
+            lease, epoch.epoch, decision, handing_back
+        ):
+            send_checkpoint(client, lease, epoch.epoch, epoch.checkpoint)
         return decision
 
     return wrapped
 
 
-def _say_resumed(client: HPOClient, lease: Lease, epoch: int, retrying: Retrying[Any]) -> None:
+def checkpoint_due(
+    lease: Lease, epoch: int, decision: str | None, handing_back: Callable[[], bool]
+) -> bool:
+    """Whether the state at the end of ``epoch`` (answered ``decision``) is sent: every
+    ``checkpoint_every_epochs``-th epoch that goes on, and the epoch a trial handed back stops
+    at; never the last epoch (nothing is left to resume)."""
+    every = lease.checkpoint_every_epochs
+    if every == 0 or epoch == int(lease.config.get("epochs", 0)):
+        return False
+    if decision == "stop":
+        return handing_back()
+    return epoch % every == 0
+
+
+def say_resumed(client: HPOClient, lease: Lease, epoch: int, retrying: Retrying[Any]) -> None:
+    """Tell the server the retry resumed at ``epoch`` (before its first report)."""
     assert lease.resume_from is not None
     source = lease.resume_from.trial_number
     log.info(
@@ -167,7 +181,11 @@ def _say_resumed(client: HPOClient, lease: Lease, epoch: int, retrying: Retrying
         log.warning("trial %d: could not record the resume: %s", lease.trial_number, error)
 
 
-def _send(client: HPOClient, lease: Lease, epoch: int, state: Callable[[], TrainState]) -> None:
+def send_checkpoint(
+    client: HPOClient, lease: Lease, epoch: int, state: Callable[[], TrainState]
+) -> None:
+    """Serialize ``state()`` and store it as the trial's checkpoint of ``epoch``; a failure is
+    logged and skipped (a retry resumes from an older one or starts fresh)."""
     started = time.perf_counter()
     content = to_bytes(state())
     serialized = time.perf_counter()

@@ -184,14 +184,25 @@ def load_best_model(
         raise CheckpointError(f"unreadable best model: {type(error).__name__}: {error}") from error
 
 
+def _own(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on the CPU, holding only its own elements. A population member's weights
+    are views of rows of the stacked ``(K, …)`` storage (``trainers.population_stack``), and
+    ``torch.save`` writes a view's whole storage: without the copy one member's checkpoint
+    would hold all K members' weights, and differ from the single-trial worker's."""
+    cpu = tensor.detach().cpu()
+    if cpu.untyped_storage().nbytes() != cpu.numel() * cpu.element_size():
+        return cpu.clone()
+    return cpu
+
+
 def _cpu(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: value.detach().cpu() for name, value in tensors.items()}
+    return {name: _own(value) for name, value in tensors.items()}
 
 
 def _cpu_nested(value: Any) -> Any:
     """An optimizer's state dict with every tensor on the CPU (numbers and lists kept)."""
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
+        return _own(value)
     if isinstance(value, Mapping):
         return {key: _cpu_nested(item) for key, item in value.items()}
     if isinstance(value, list | tuple):

@@ -2,12 +2,13 @@
 study's winners precisely from their kept best models and send the results, under the same
 heartbeat and failure rules as a trial.
 
-Per winner: fetch its best model (``GET /v1/trials/{id}/best-model``), rebuild the VAE from the
-winner's config, load the weights and estimate −log p(x) with ``k`` importance samples on the
-full test split (Burda et al. 2016, Eq. 8; ``trainers.metrics.importance_sampled_nll``), with
-the evaluation generator's fixed seed (``trainers.evaluation.eval_generator``). A missing or
-unreadable best model, or a bad config, fails the task for good (retrying cannot bring it
-back); any other exception fails it as retryable; a lease lost meanwhile is dropped.
+Per winner: fetch its best model (``GET /v1/trials/{id}/best-model`` with this task's lease: only
+its holder may), rebuild the VAE from the winner's config, load the weights and estimate
+−log p(x) with ``k`` importance samples on the full test split (Burda et al. 2016, Eq. 8;
+``trainers.metrics.importance_sampled_nll``), with the evaluation generator's fixed seed
+(``trainers.evaluation.eval_generator``). A missing or unreadable best model, or a bad config,
+fails the task for good (retrying cannot bring it back); any other exception fails it as
+retryable; a lease lost meanwhile is dropped.
 """
 
 from __future__ import annotations
@@ -41,15 +42,18 @@ class _ForGood(Exception):
 
 
 def evaluate_winner(
-    client: HPOClient, winner: Mapping[str, Any], k: int, device: str | None
+    client: HPOClient, lease: Lease, winner: Mapping[str, Any], k: int, device: str | None
 ) -> dict[str, Any]:
-    """One winner's ``WinnerEvaluation`` fields."""
+    """One winner's ``WinnerEvaluation`` fields; the task's ``lease`` entitles the worker to
+    the winner's best model."""
     started = time.monotonic()
     config = dict(winner["config"])
     if device is not None:
         config["device"] = device
     try:
-        content, sha256 = client.best_model(int(winner["trial_id"]))
+        content, sha256 = client.best_model(
+            int(winner["trial_id"]), lease.trial_id, lease.lease_token
+        )
         state, best_epoch = load_best_model(content, sha256 or None)
     except (APIError, CheckpointError) as error:
         raise _ForGood(f"trial {winner['trial_number']}: best model: {error}") from error
@@ -95,7 +99,7 @@ def run_final_evaluation(worker: Worker, lease: Lease) -> str:
             for winner in task.get("winners", []):
                 if active.state.stop.is_set():
                     break  # the lease was lost: stop spending compute on it
-                results.append(evaluate_winner(worker.client, winner, k, device))
+                results.append(evaluate_winner(worker.client, lease, winner, k, device))
     except Exception as error:
         outcome = error
     if outcome is None and not results:

@@ -16,6 +16,12 @@ lease leaves mid-epoch), or when its loss goes NaN/Inf (it fails alone, the othe
 stack is then compacted, and at the end of every group epoch free slots are offered to
 ``refill``, whose new members start at their own epoch 1 in the next round.
 
+Checkpoints (issue 14), as ``train()``'s: each member's ``EpochMetrics.checkpoint`` captures the
+member's state (``trainers.checkpoints.capture``, the same ``TrainState`` ``train()`` captures,
+so either kind of worker can resume it), and with ``resume`` a member starts from a
+checkpoint's epoch instead of its epoch 1 (``trainers.checkpoints.restore``). A member's
+``TrainResult`` carries its ``best_state`` for the kept best model.
+
 Units and metric names are ``train()``'s. ``samples_per_sec`` is the member's own samples over
 the fused epoch's wall time (the population's total is the sum over members).
 """
@@ -31,9 +37,10 @@ from typing import Any
 
 import torch
 
+from trainers.checkpoints import TrainState, capture, restore
 from trainers.config import TrainConfig
 from trainers.data import Dataset
-from trainers.errors import ConfigError, NonFiniteLossError, TrainerError
+from trainers.errors import CheckpointError, ConfigError, NonFiniteLossError, TrainerError
 from trainers.models import VAE, build_vae
 from trainers.population_stack import (
     GroupKey,
@@ -82,6 +89,17 @@ RefillMany = Callable[[int], list[NewMember]]
 #: What a member ends with: its result, or the error that ended it alone.
 Outcome = TrainResult | TrainerError
 GRAD_NORM_ROW = VAE_STEP_STATS.index("grad_norm")
+
+
+@dataclass(frozen=True)
+class Resume:
+    """How members resume from checkpoints (issue 14). ``state_of(key)``: the checkpoint a new
+    member resumes from, or None (a fresh start); ``started(key, epoch, reason)``: it resumed
+    at ``epoch``, or (``epoch`` None) the checkpoint did not fit its run, for ``reason``, and
+    it starts fresh. Both are called as the member joins, before its first epoch."""
+
+    state_of: Callable[[MemberKey], TrainState | None]
+    started: Callable[[MemberKey, int | None, str | None], None]
 
 
 @dataclass
@@ -136,6 +154,7 @@ def train_population(
     on_epochs: PopulationOnEpochs | None = None,
     refill_many: RefillMany | None = None,
     patience: int | None = None,
+    resume: Resume | None = None,
 ) -> dict[MemberKey, Outcome]:
     """Train every member (and those ``refill`` adds, up to ``capacity`` at a time) fused.
 
@@ -146,6 +165,8 @@ def train_population(
     ``patience`` (epochs), as ``train()``'s: a member whose validation −ELBO has not improved on
     its best for that many epochs ends alone (``plateaued=True``, still evaluated on the test
     set); the others go on.
+
+    ``resume``: members that continue from a checkpoint (``Resume``); the rest start fresh.
 
     Returns each member's outcome by key, and hands it to ``on_done`` as soon as the member
     ends: a ``TrainResult`` as ``train()`` returns it (``stopped_early`` when ``on_epoch`` said
@@ -166,7 +187,7 @@ def train_population(
     if refill_many is None and refill is not None:
         one = refill
         refill_many = lambda free: [new] if (new := one()) is not None else []  # noqa: E731
-    population = _Population(on_epochs, should_leave, on_done, patience)
+    population = _Population(on_epochs, should_leave, on_done, patience, resume)
     for key, config in members:
         population.add(key, config)
     limit = capacity if capacity is not None else max(len(population), 1)
@@ -192,8 +213,10 @@ class _Population:
         should_leave: Callable[[MemberKey], bool] | None,
         on_done: Callable[[MemberKey, Outcome], None] | None,
         patience: int | None,
+        resume: Resume | None = None,
     ) -> None:
         self.on_epochs = on_epochs
+        self.resume = resume
         self.patience = patience
         self.should_leave = should_leave
         self.on_done = on_done
@@ -218,23 +241,49 @@ class _Population:
             if reason is not None:
                 raise ConfigError("compile" if cfg.compile else "model", reason)
             group = self._group(cfg)
-            torch.manual_seed(cfg.seed)  # model initialisation, as in train()
-            gen = torch.Generator(device=group.device)
-            gen.manual_seed(cfg.seed)
-            vae = build_vae(cfg, group.data.image_shape).to(group.device)
-            member = _Member(
-                key=key, cfg=cfg, vae=vae, optimizer=build_optimizer(vae, cfg, group.device),
-                ksched=kl_schedule_from_config(cfg, group.steps_per_epoch),
-                lsched=lr_schedule_from_config(cfg, group.steps_per_epoch), gen=gen,
-            )  # fmt: skip
+            member = self._build(key, cfg, group)
         except ConfigError as error:
             self.outcomes[key] = error
             if self.on_done is not None:
                 self.on_done(key, error)
             return
-        member.best_state = snapshot(vae)
+        state = self.resume.state_of(key) if self.resume is not None else None
+        if state is not None and self.resume is not None:
+            try:  # before restacking: the member's own tensors take the checkpoint
+                self._restore(member, state, group)
+                self.resume.started(key, state.epoch, None)
+            except CheckpointError as error:  # it does not fit: a fresh start, said so
+                member = self._build(key, cfg, group)
+                self.resume.started(key, None, str(error))
         group.members.append(member)
         group.restack()
+
+    @staticmethod
+    def _build(key: MemberKey, cfg: TrainConfig, group: _Group) -> _Member:
+        torch.manual_seed(cfg.seed)  # model initialisation, as in train()
+        gen = torch.Generator(device=group.device)
+        gen.manual_seed(cfg.seed)
+        vae = build_vae(cfg, group.data.image_shape).to(group.device)
+        member = _Member(
+            key=key, cfg=cfg, vae=vae, optimizer=build_optimizer(vae, cfg, group.device),
+            ksched=kl_schedule_from_config(cfg, group.steps_per_epoch),
+            lsched=lr_schedule_from_config(cfg, group.steps_per_epoch), gen=gen,
+        )  # fmt: skip
+        member.best_state = snapshot(vae)
+        return member
+
+    @staticmethod
+    def _restore(member: _Member, state: TrainState, group: _Group) -> None:
+        """``state`` into a freshly built member, as ``train(resume=state)`` does. Raises
+        ``CheckpointError`` when it does not fit (the member is then left half-loaded)."""
+        member.best_state = restore(
+            state, member.vae, [member.optimizer], member.gen, group.device, member.cfg.epochs
+        )
+        member.step, member.best = state.step, state.best
+        member.history = [
+            EpochMetrics(int(e["epoch"]), dict(e["values"]), list(e["kl_per_dim"]))
+            for e in state.history
+        ]
 
     def _group(self, cfg: TrainConfig) -> _Group:
         key = group_key(cfg)
@@ -351,7 +400,7 @@ class _Population:
                 continue
             values |= val
             values["epoch_seconds"] = time.perf_counter() - t_epoch
-            metrics = EpochMetrics(epoch=epoch, values=values, kl_per_dim=kl_per_dim)
+            metrics = EpochMetrics(epoch, values, kl_per_dim, checkpoint=_state_now(m))
             m.history.append(metrics)
             if val["val_neg_elbo"] < m.best[0]:
                 m.best = (val["val_neg_elbo"], epoch, val["active_units"])
@@ -376,6 +425,13 @@ class _Population:
             group.restack()
 
 
+def _state_now(m: _Member) -> Callable[[], TrainState]:
+    """``m``'s checkpoint, as ``train()``'s ``state_now``: call it inside ``on_epochs``,
+    before the next step moves the weights (and a restack re-points them)."""
+    return lambda: capture(m.epoch, m.step, m.vae, [m.optimizer], m.gen, m.best, m.best_state,
+                           m.history)  # fmt: skip
+
+
 def _stopped(m: _Member) -> TrainResult:
     """A member stopped early: its history so far, no test-set evaluation (as ``train()``)."""
     metrics: dict[str, float] = {}
@@ -386,7 +442,7 @@ def _stopped(m: _Member) -> TrainResult:
         )  # fmt: skip
     return TrainResult(
         metrics=metrics, history=m.history, epochs_run=m.epoch, best_epoch=m.best[1],
-        stopped_early=True,
+        stopped_early=True, best_state=m.best_state,
     )  # fmt: skip
 
 
@@ -402,7 +458,7 @@ def _finished(m: _Member, group: _Group, plateaued: bool = False) -> TrainResult
     )
     return TrainResult(
         metrics=metrics, history=m.history, epochs_run=m.epoch, best_epoch=m.best[1],
-        stopped_early=False, plateaued=plateaued,
+        stopped_early=False, plateaued=plateaued, best_state=m.best_state,
     )  # fmt: skip
 
 
@@ -414,5 +470,6 @@ __all__ = [
     "PopulationOnEpochs",
     "Refill",
     "RefillMany",
+    "Resume",
     "train_population",
 ]

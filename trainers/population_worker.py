@@ -19,6 +19,15 @@ while one waits. A member that leaves (completed, pruned, cancelled, failed) is 
 end of its group epoch, before its slot is leased again. Trials of another group (e.g. another
 batch size) train as a second stack beside the first, within the same K.
 
+Checkpoints and best models (issue 14), as the single-trial worker's: each member's state is
+sent every ``checkpoint_every_epochs`` (and at the epoch a worker shutting down stops at) through
+the same route and in the same format (``trainers.checkpoint_sync``), so a retry resumes on
+either kind of worker; a retry leased here resumes its member from its checkpoint; a member
+that completes sends its best model first when the lease asks for it.
+
+Tasks (``lr_range_test``, ``final_evaluation``) are not leased through the batched route: the
+worker's loop (``Worker.run``) asks for one before each batched lease and runs it alone.
+
 K = ``auto`` (``auto_population``): the largest power of two that fits in half the free device
 memory and still raised the measured samples/s by at least 10 % over half as many members.
 """
@@ -35,15 +44,25 @@ import torch
 
 from hpo_service.client import NoWork, ServerUnavailable, finite_metrics
 from hpo_service.schemas import ItemError, Lease, TrialComplete, TrialFail
+from trainers.checkpoint_sync import (
+    checkpoint_due,
+    fell_back,
+    fetch_resume,
+    say_resumed,
+    send_best_model,
+    send_checkpoint,
+)
+from trainers.checkpoints import TrainState
 from trainers.config import TrainConfig
 from trainers.data import load_dataset
 from trainers.errors import ConfigError
 from trainers.models import build_vae
-from trainers.population import NewMember, Outcome, train_population
+from trainers.population import NewMember, Outcome, Resume, train_population
 from trainers.population_stack import MemberStack, stacked_vae_step, unfusable_reason
 from trainers.train import (
     Decision,
     EpochMetrics,
+    TrainResult,
     amp_context,
     build_optimizer,
     parse_config,
@@ -144,6 +163,16 @@ def run_population(worker: Worker, first: list[Lease]) -> int:
         state = slots[slot].state
         return state.lost or state.stop_reason is not None
 
+    def resume_state(slot: Hashable) -> TrainState | None:
+        return fetch_resume(worker.client, slots[slot].lease, worker._retrying)
+
+    def resume_started(slot: Hashable, epoch: int | None, reason: str | None) -> None:
+        lease = slots[slot].lease
+        if epoch is not None:
+            say_resumed(worker.client, lease, epoch, worker._retrying)
+        else:
+            fell_back(worker.client, lease, worker._retrying, reason or "")
+
     def on_done(slot: Hashable, outcome: Outcome | Exception) -> None:
         with guard:
             active = slots.pop(slot)
@@ -158,6 +187,7 @@ def run_population(worker: Worker, first: list[Lease]) -> int:
                 train_population(
                     members, capacity=capacity, refill_many=refill_many, should_leave=should_leave,
                     on_done=on_done, on_epochs=on_epochs, patience=worker.options.patience,
+                    resume=Resume(resume_state, resume_started),
                 )  # fmt: skip
             except Exception as error:  # the fused step itself failed: every member, retryable
                 log.exception("population crashed")
@@ -196,6 +226,10 @@ def report_many(
             continue
         answer = worker.epoch_answered(active.lease, active.state, metrics, item.answer)
         decisions[key] = "stop" if answer == "stop" else "continue"
+        # issue 14: the member's state, as the single-trial worker sends its trial's
+        due = checkpoint_due(active.lease, metrics.epoch, answer, lambda: worker.shutting_down)
+        if metrics.checkpoint is not None and due:
+            send_checkpoint(worker.client, active.lease, metrics.epoch, metrics.checkpoint)
     return decisions
 
 
@@ -207,6 +241,9 @@ def settle_many(worker: Worker, settlements: list[Settlement]) -> int:
     completing = [s for s in settlements if not s.lost and s.values is not None]
     failing = [s for s in settlements if not s.lost and s.values is None]
     if completing:
+        for s in completing:  # issue 14: kept for the study's best, before complete
+            if isinstance(s.outcome, TrainResult):
+                send_best_model(worker.client, s.active.lease, s.outcome)
         results = [
             TrialComplete(
                 trial_id=s.active.lease.trial_id,

@@ -23,8 +23,8 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from hpo_service.client import (
@@ -33,17 +33,29 @@ from hpo_service.client import (
     LeaseLost,
     NoWork,
     ServerUnavailable,
-    finite_metrics,
 )
-from hpo_service.schemas import Lease, ReportAnswer, TrialReport
+from hpo_service.schemas import Lease, ReportAnswer
 from trainers.checkpoint_sync import send_best_model, train_resumable
 from trainers.errors import ConfigError, NonFiniteLossError
 from trainers.repro import reproducibility_record
 from trainers.train import EpochMetrics, TrainResult, train
+from trainers.trial_state import (
+    ActiveTrial,
+    Settlement,
+    TrialFlags,
+    epoch_report,
+    objective_values,
+    pick,
+    trial_timings,
+)
 
 log = logging.getLogger("hpo.worker")
 
+__all__ = ["TASK_KINDS", "ActiveTrial", "Settlement", "Worker", "WorkerOptions", "epoch_report"]
+
 T = TypeVar("T")
+#: The lease kinds that are tasks, not trials: run alone, never counted as trials.
+TASK_KINDS = ("lr_range_test", "final_evaluation")
 TrainFn = Callable[..., TrainResult]
 
 
@@ -61,58 +73,6 @@ class WorkerOptions:
     # End a trial once its validation −ELBO has not improved for this many epochs (train()'s
     # `patience`); None runs every trial's epochs.
     patience: int | None = None
-
-
-@dataclass
-class _TrialState:
-    """Flags the heartbeat thread and ``on_epoch`` share with the trial's main thread."""
-
-    stop: threading.Event = field(default_factory=threading.Event)
-    stop_reason: str | None = None
-    pruned: bool = False
-    lost: bool = False
-
-
-@dataclass
-class ActiveTrial:
-    """A leased trial being trained: its lease, resolved config, shared flags, heartbeat."""
-
-    lease: Lease
-    config: dict[str, Any]
-    state: _TrialState
-    beat: threading.Thread | None  # None: the population beats all its trials in one request
-    started: float  # time.monotonic() at lease
-
-
-@dataclass(frozen=True)
-class Settlement:
-    """How a trial that ended is settled with the server: ``complete`` with ``values`` (and
-    ``final`` metrics), else ``fail`` with ``reason`` and its flags — or nothing when the lease
-    was already lost (``lost``)."""
-
-    active: ActiveTrial
-    outcome: TrainResult | Exception
-    values: list[float] | None = None
-    final: dict[str, float] | None = None
-    reason: str = ""
-    retryable: bool = False
-    pruned: bool = False
-    diverged: bool = False
-    lost: bool = False
-
-    def settled(self, state: str) -> str:
-        """The outcome's name once the server answered with the trial's ``state``."""
-        if self.values is not None:
-            return "complete"
-        if state == "complete":  # issue 10: diverged, completed as infeasible
-            return "infeasible"
-        return "pruned" if self.pruned else ("handed back" if self.retryable else "failed")
-
-    def refused(self, why: str) -> str:
-        """The server refused the settlement (the lease is gone): logged, named ``lost``."""
-        what = "result refused" if self.values is not None else "could not settle"
-        log.warning("trial %d: %s: %s", self.active.lease.trial_number, what, why)
-        return "lost"
 
 
 class Worker:
@@ -166,12 +126,7 @@ class Worker:
             if self.options.max_trials is not None and self.trials_done >= self.options.max_trials:
                 break
             if self.options.population != 1:
-                # Imported here: trainers.population_worker imports this module.
-                from trainers.population_worker import lease_population, run_population
-
-                leases = lease_population(self)  # the batched routes, one identity per slot
-                if leases:
-                    self.trials_done += run_population(self, leases)
+                leases = self._population_round()
             else:
                 lease = self._retrying(
                     "lease",
@@ -179,26 +134,15 @@ class Worker:
                         self.lease_identity(),
                         self.options.wait_s,
                         self.options.device,
-                        kinds=("trial", "lr_range_test", "final_evaluation"),
+                        kinds=("trial", *TASK_KINDS),
                     ),
                 )
                 leases = []
                 if isinstance(lease, NoWork):
                     self.last_idle = lease.idle
-                elif lease.kind == "lr_range_test":  # a study's first step, not a trial
-                    from trainers.lr_task import run_lr_range_test  # it imports this module
-
-                    run_lr_range_test(self, lease)
-                    leases = [lease]
-                elif lease.kind == "final_evaluation":  # an ended study's winners (14.4)
-                    from trainers.final_eval_task import run_final_evaluation  # imports this
-
-                    run_final_evaluation(self, lease)
-                    leases = [lease]
                 else:
                     leases = [lease]
-                    self.run_trial(lease)
-                    self.trials_done += 1
+                    self._run_lease(lease)
             if not leases:
                 if self.last_idle and self.options.exit_when_idle:
                     log.info("no study can give work now; exiting")
@@ -210,6 +154,44 @@ class Worker:
                 continue
             idle_since = time.monotonic()
         return self.trials_done
+
+    def _run_lease(self, lease: Lease) -> None:
+        """Run one lease of any kind: a trial (counted) or a task."""
+        if lease.kind == "lr_range_test":  # a study's first step, not a trial
+            from trainers.lr_task import run_lr_range_test  # it imports this module
+
+            run_lr_range_test(self, lease)
+        elif lease.kind == "final_evaluation":  # an ended study's winners (14.4)
+            from trainers.final_eval_task import run_final_evaluation  # imports this
+
+            run_final_evaluation(self, lease)
+        else:
+            self.run_trial(lease)
+            self.trials_done += 1
+
+    def _population_round(self) -> list[Lease]:
+        """One round of ``--population K``: a task first (the batched route leases trials
+        only, and a population worker is often a study's only worker, so the LR range test
+        and the final evaluation must not wait for another kind of worker), else the
+        population's trials. Returns what was leased."""
+        # Imported here: trainers.population_worker imports this module.
+        from trainers.population_worker import lease_population, run_population
+
+        task = self._retrying(
+            "lease",
+            lambda: self.client.next_lease(
+                self.options.worker_id, 0.0, self.options.device, kinds=TASK_KINDS
+            ),
+        )
+        if not isinstance(task, NoWork):
+            self._run_lease(task)  # a trial only if this id still held one (a restart)
+            return [task]
+        leases = lease_population(self)  # the batched routes, one identity per slot
+        if leases:
+            self.trials_done += run_population(self, leases)
+        else:
+            self.last_idle = self.last_idle and task.idle  # idle only if both say so
+        return leases
 
     def retrying(self, what: str, call: Callable[[], T]) -> T:
         """Call ``call``, retrying while the server is unreachable (``_retrying``)."""
@@ -272,7 +254,7 @@ class Worker:
     def start_trial(self, lease: Lease, beat: bool = True) -> ActiveTrial:
         """Log the lease, resolve the config's device and start the trial's heartbeat thread
         (``beat=False``: the caller heartbeats it, as the population worker does)."""
-        state = _TrialState()
+        state = TrialFlags()
         log.info(
             "trial %d of %s: leased, training on %s",
             lease.trial_number,
@@ -352,12 +334,12 @@ class Worker:
         if outcome.stopped_early and self._shutdown.is_set():
             reason = "worker shut down; handed back for retry"
             return Settlement(active, outcome, reason=reason, retryable=True)
-        values = _objective_values(outcome.metrics, lease.objective_metrics)
+        values = objective_values(outcome.metrics, lease.objective_metrics)
         if values is None:
             return Settlement(
                 active,
                 outcome,
-                reason=f"objective not finite: {_pick(outcome.metrics, lease.objective_metrics)}",
+                reason=f"objective not finite: {pick(outcome.metrics, lease.objective_metrics)}",
                 diverged=True,  # issue 10: a non-finite result is a divergence too
             )
         final = {k: v for k, v in outcome.metrics.items() if isinstance(v, int | float)}
@@ -400,7 +382,7 @@ class Worker:
         if not isinstance(result, TrainResult):
             return
         lease = active.lease
-        timings = _timings(result, trained - active.started, time.monotonic() - trained)
+        timings = trial_timings(result, trained - active.started, time.monotonic() - trained)
         log.info(
             "trial %d of %s: %s after %d epochs in %.1fs (train %.1fs, final eval %.1fs, "
             "%.0f samples/s; %s)",
@@ -418,7 +400,7 @@ class Worker:
             extra={**self._fields(lease, "trial_finished"), "outcome": settled, **timings},
         )
 
-    def _on_epoch(self, lease: Lease, state: _TrialState) -> Callable[[EpochMetrics], str]:
+    def _on_epoch(self, lease: Lease, state: TrialFlags) -> Callable[[EpochMetrics], str]:
         def on_epoch(epoch: EpochMetrics) -> str:
             report = epoch_report(lease, epoch)
             try:
@@ -436,7 +418,7 @@ class Worker:
         return on_epoch
 
     def epoch_answered(
-        self, lease: Lease, state: _TrialState, epoch: EpochMetrics, answer: ReportAnswer
+        self, lease: Lease, state: TrialFlags, epoch: EpochMetrics, answer: ReportAnswer
     ) -> str:
         """Log a reported epoch and act on the server's answer: ``"stop"`` or ``"continue"``."""
         log.info(
@@ -466,7 +448,7 @@ class Worker:
             return "stop"
         return "continue"
 
-    def _heartbeat_loop(self, lease: Lease, state: _TrialState) -> None:
+    def _heartbeat_loop(self, lease: Lease, state: TrialFlags) -> None:
         while not state.stop.wait(lease.heartbeat_interval_s):
             try:
                 answer = self.client.heartbeat(lease.trial_id, lease.lease_token)
@@ -478,47 +460,3 @@ class Worker:
                 return
             if answer.action == "stop":
                 state.stop_reason = answer.reason or "stopped by the server"
-
-
-def epoch_report(lease: Lease, epoch: EpochMetrics) -> TrialReport:
-    """What a worker reports of an epoch: the pruning metric's value (None when it has none or
-    it is not finite) and every metric, with the KL per latent dimension."""
-    metrics: dict[str, Any] = {**epoch.values, "kl_per_dim": epoch.kl_per_dim}
-    value = epoch.values.get(lease.report_metric) if lease.report_metric else None
-    if value is not None and not math.isfinite(value):
-        value = None
-    return TrialReport(
-        trial_id=lease.trial_id,
-        lease_token=lease.lease_token,
-        epoch=epoch.epoch,
-        value=value,
-        metrics=finite_metrics(metrics),
-    )
-
-
-def _timings(result: TrainResult, train_s: float, settle_s: float) -> dict[str, float]:
-    """A trial's timings in seconds and its mean training throughput (samples per second,
-    the mean of the epochs' ``samples_per_sec``; NaN when no epoch ran). ``train_s`` is the
-    training function's wall time; its final evaluation (``final_eval_seconds``) is reported
-    apart as ``eval_s`` and not counted as training."""
-    rates = [e.values["samples_per_sec"] for e in result.history if "samples_per_sec" in e.values]
-    # --- issue 10: the final test evaluation (IS-NLL) is not training time
-    eval_s = float(result.metrics.get("final_eval_seconds", 0.0))
-    return {
-        "wall_s": train_s + settle_s,
-        "train_s": train_s - eval_s,
-        "eval_s": eval_s,
-        "settle_s": settle_s,
-        "samples_per_sec": sum(rates) / len(rates) if rates else math.nan,
-    }
-
-
-def _pick(metrics: Mapping[str, float], names: list[str]) -> dict[str, float | None]:
-    return {name: metrics.get(name) for name in names}
-
-
-def _objective_values(metrics: Mapping[str, float], names: list[str]) -> list[float] | None:
-    values = [metrics.get(name) for name in names]
-    if any(v is None or not math.isfinite(v) for v in values):
-        return None
-    return [float(v) for v in values if v is not None]

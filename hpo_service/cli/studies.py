@@ -23,7 +23,7 @@ from hpo_service.cli._common import (
     console,
 )
 from hpo_service.client import ClientError
-from hpo_service.final_eval import summary_lines
+from hpo_service.final_eval import summary_lines, trial_result
 from hpo_service.schemas import StudyInfo, TrialSummary
 
 
@@ -122,19 +122,34 @@ def best(
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """The best trial (or the Pareto front of a multi-objective study)."""
+    """The best trial (or the Pareto front of a multi-objective study), with the final
+    evaluation of the winners when there is one. With --json: a list of the best trials,
+    each with its final_evaluation (test IS-NLL, k, examples, best epoch, when it was
+    evaluated; null when it was not)."""
     try:
         info = _client(server, token).get_study(name)
     except ClientError as error:
         raise _api_error(error, server) from error
     if as_json:
-        _print_json([t.model_dump(mode="json") for t in info.best_trials])
+        _print_json(
+            [
+                {
+                    **t.model_dump(mode="json"),
+                    "final_evaluation": trial_result(info.final_evaluation, t.number),
+                }
+                for t in info.best_trials
+            ]
+        )
         return
     if not info.best_trials:
         raise _fail(f"study {name} has no completed trial yet")
     console.print(_trial_table(f"{name}: best", info.best_trials, info.metric_names))
     if info.final_evaluation is not None:  # issue 14.4: the winners' precise test IS-NLL
-        console.print("final evaluation (full test split):", markup=False)
+        when = info.final_evaluation.get("evaluated_at")
+        console.print(
+            "final evaluation (full test split" + (f", evaluated {when}" if when else "") + "):",
+            markup=False,
+        )
         for line in summary_lines(info.final_evaluation):
             console.print(f"  {line}", markup=False)
 

@@ -66,8 +66,9 @@ class StudyInfo(BaseModel):
     final_evaluation: dict[str, Any] | None = Field(
         None,
         description="The final evaluation of the winners (`spec.final_evaluation`): `status` "
-        "pending, complete (with `k` and the `results` by trial number: `test_is_nll`, "
-        "`n_examples`, `best_epoch`), skipped or failed (with the `reason`). Null when off.",
+        "pending, complete (with `k`, `evaluated_at` and the `results` by trial number: "
+        "`test_is_nll`, `n_examples`, `best_epoch`), skipped or failed (with the `reason`). "
+        "Null when off.",
     )
 
 

@@ -11,9 +11,10 @@ finished, when Optuna no longer lets the listing change.
 A retry of a failed trial (``_reaping.requeue``, same parameters) lists the earlier attempts in
 its ``retry_history``; the latest of them with a checkpoint is its ``resume_from``
 (``resume_source``), which its lease names and ``fetch`` serves. The worker then says how it
-started (``resumed``): resumed at epoch E — the earlier attempt's intermediate values up to E
-are copied onto the retry, so the pruner sees one curve, and ``resumed_from`` records where
-from — or fresh, with the reason (``resume_fallback``).
+started (``resumed``): resumed at epoch E — the earlier attempt's intermediate values and
+per-epoch records (``hpo_epoch_records``) up to E are copied onto the retry, so the pruner sees
+one curve and the retry's history and diagnostics plot show epochs 1..N, and ``resumed_from``
+records where from — or fresh, with the reason (``resume_fallback``).
 
 Retention (``lineage_ended``, ``after_complete``): once a trial's line of attempts ends
 (completed, pruned, or failed with no retry queued) every checkpoint of that line is deleted;
@@ -36,6 +37,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo_service.artifacts import artifact_id_for, read_artifact
 from hpo_service.errors import CheckpointNotFound, InvalidSpec
+from hpo_service.history import EpochHistory
 from hpo_service.logging_setup import trial_fields
 from hpo_service.models import LeaseRow
 from hpo_service.schemas import CheckpointAnswer, ResumedAnswer, ResumeFrom
@@ -53,6 +55,7 @@ class Checkpoints:
 
     def __init__(self, core: StudyCore) -> None:
         self.core = core
+        self.history = EpochHistory(core.db)
 
     # --- a running trial's files -------------------------------------------------------------
 
@@ -140,7 +143,8 @@ class Checkpoints:
         reason: str | None,
     ) -> ResumedAnswer:
         """Record how a retry started: resumed at ``epoch`` from trial ``from_trial_number``
-        (its intermediate values up to ``epoch`` are copied onto the retry), or fresh
+        (its intermediate values and epoch records up to ``epoch`` are copied onto the
+        retry), or fresh
         (``epoch`` None) for ``reason``. Raises ``InvalidSpec`` when the trial named is not an
         earlier attempt of this one, or ``epoch`` is past its checkpoint; ``TrialReaped``…"""
         core = self.core
@@ -185,14 +189,17 @@ class Checkpoints:
                     if step <= epoch and math.isfinite(value):
                         core.storage.set_trial_intermediate_value(trial_id, step, value)
                         copied += 1
+                # ... and its per-epoch records, so the retry's history is one run too.
+                records = self.history.copy_epochs(source_id, trial_id, row.study_id, epoch)
                 core.storage.set_trial_user_attr(
                     trial_id, "resumed_from", {"trial": from_trial_number, "epoch": epoch}
                 )
                 log.info(
-                    "trial %d resumed from trial %d at epoch %d",
+                    "trial %d resumed from trial %d at epoch %d (%d epoch records carried)",
                     row.trial_number,
                     from_trial_number,
                     epoch,
+                    records,
                     extra=_fields(row, "trial_resumed"),
                 )
         except UpdateFinishedTrialError as error:

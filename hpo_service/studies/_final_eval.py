@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 import optuna
 from optuna.artifacts.exceptions import ArtifactNotFound
@@ -18,11 +19,17 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo_service import final_eval
 from hpo_service.artifacts import artifact_id_for, read_artifact
-from hpo_service.errors import CheckpointNotFound, InvalidSpec, TrialNotFound, WrongLeaseKind
+from hpo_service.errors import (
+    CheckpointNotFound,
+    InvalidSpec,
+    LeaseRequired,
+    TrialNotFound,
+    WrongLeaseKind,
+)
 from hpo_service.lr_range import TASK_ATTR
 from hpo_service.models import LeaseRow
 from hpo_service.schemas import FinalEvaluationAnswer, FinalEvaluationResult
-from hpo_service.studies._checks import check_lease
+from hpo_service.studies._checks import check_lease, running_trial
 from hpo_service.studies._core import LoadedStudy, StudyCore
 from hpo_service.studies._task_results import settle_task_result
 
@@ -97,6 +104,22 @@ def _kept(
     return kept
 
 
+def _check_task_names(core: StudyCore, task_row: LeaseRow, trial_id: int) -> None:
+    """The task lease ``task_row`` is a running ``final_evaluation`` naming ``trial_id``."""
+    task = running_trial(core, task_row)
+    if task.user_attrs.get(TASK_ATTR) != final_eval.FINAL_EVALUATION:
+        raise WrongLeaseKind(
+            f"trial {task_row.trial_number}'s lease is not a final_evaluation task's: only "
+            "a final evaluation may fetch a best model"
+        )
+    winners = (task.user_attrs.get(SETTINGS_ATTR) or {}).get("winners", [])
+    if trial_id not in {int(w["trial_id"]) for w in winners}:
+        raise LeaseRequired(
+            f"the final_evaluation task (trial {task_row.trial_number}) does not name trial "
+            f"id {trial_id} among its winners"
+        )
+
+
 def _record_failed_for_good(core: StudyCore, study_id: int, task: FrozenTrial) -> None:
     attrs = core.storage.get_study_user_attrs(study_id)
     if final_eval.STUDY_ATTR in attrs:
@@ -112,13 +135,24 @@ class FinalEvaluations:
     def __init__(self, core: StudyCore) -> None:
         self.core = core
 
-    def best_model(self, trial_id: int) -> tuple[bytes, dict]:
-        """A finished trial's kept best model and its record (epoch, bytes, SHA-256). Raises
-        ``TrialNotFound`` or ``CheckpointNotFound`` (never kept, or deleted by retention)."""
+    def best_model(self, trial_id: int, task: tuple[int, str] | None) -> tuple[bytes, dict]:
+        """A finished trial's kept best model and its record (epoch, bytes, SHA-256).
+
+        ``task`` is the (trial id, lease token) of the caller's ``final_evaluation`` lease,
+        which must be live and name ``trial_id`` among its winners; None only for an admin
+        (the route decides). A model holds what a user trained on their data, so a worker
+        token alone is not enough. Raises ``LeaseRequired`` (403: no lease, or it does not
+        name this trial), ``LeaseMismatch``, ``TrialFinished``/``TrialReaped`` and
+        ``WrongLeaseKind`` (409: the lease is not live, or is not a final evaluation's),
+        ``TrialNotFound`` or ``CheckpointNotFound`` (never kept, or deleted by retention).
+        """
         core = self.core
         with core.db.session() as session:  # every trial that kept a model was leased
             lease = session.get(LeaseRow, trial_id)
             study_id = None if lease is None else lease.study_id
+            task_row = None if task is None else check_lease(session, task[0], task[1])
+        if task_row is not None:
+            _check_task_names(core, task_row, trial_id)
         if study_id is None:
             raise TrialNotFound(trial_id)
         trial = core.storage.get_trial(trial_id)
@@ -164,7 +198,10 @@ class FinalEvaluations:
         wrote: list[bool] = []
 
         def write() -> FinalEvaluationAnswer:
-            outcome = final_eval.outcome_attr(results, int(settings.get("k", 0)), row.trial_number)
+            evaluated_at = datetime.now(UTC).isoformat(timespec="seconds")
+            outcome = final_eval.outcome_attr(
+                results, int(settings.get("k", 0)), row.trial_number, evaluated_at
+            )
             core.storage.set_study_user_attr(row.study_id, final_eval.STUDY_ATTR, outcome)
             wrote.append(True)
             return FinalEvaluationAnswer(

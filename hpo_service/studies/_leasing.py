@@ -227,7 +227,9 @@ class LeaseProtocol:
                     probe = _Granted(
                         trial_id, number, token, config, {}, None, holders[0], kind=LR_RANGE_TEST
                     )
-            for worker_id in [] if probe else holders:
+            # A worker that lists only task kinds (a population worker between its batched
+            # trial leases) gets no trial here.
+            for worker_id in [] if probe or "trial" not in kinds else holders:
                 counted, running, _waiting, failures = tally(trials)
                 if failures >= budget.max_failed or counted >= budget.n_trials:
                     break

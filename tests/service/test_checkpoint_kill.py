@@ -108,8 +108,19 @@ def _wait(condition: Any, timeout_s: float, what: str) -> Any:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # a bound for a loaded 2-core machine; every wait is on a condition
+@pytest.mark.parametrize(
+    ("doomed_args", "rel_tol"),
+    [
+        ((), REL_TOL),
+        # A population worker's member checkpoints as a single trial does, so the single-trial
+        # rescuer resumes it; a member's numbers equal train()'s to relative 1e-5 (fused
+        # products sum in another order: tests/trainers/test_population.py).
+        (("--population", "2"), 1e-5),
+    ],
+    ids=["single", "population"],
+)
 def test_a_trial_killed_at_epoch_6_of_10_resumes_and_ends_as_if_never_killed(
-    tmp_path: Path,
+    tmp_path: Path, doomed_args: tuple[str, ...], rel_tol: float
 ) -> None:
     settings = Settings(
         database_url=f"sqlite:///{tmp_path / 'kill.db'}",
@@ -136,7 +147,7 @@ def test_a_trial_killed_at_epoch_6_of_10_resumes_and_ends_as_if_never_killed(
             "fixed": FIXED,
         }
         assert http.post("/v1/studies", json=body).status_code == 201, body
-        doomed = _worker(server.url, "doomed", tmp_path, "--max-trials", "1")
+        doomed = _worker(server.url, "doomed", tmp_path, "--max-trials", "1", *doomed_args)
         switch.pid = doomed.pid
         try:
             assert doomed.wait(timeout=600) == -signal.SIGKILL, (
@@ -159,6 +170,8 @@ def test_a_trial_killed_at_epoch_6_of_10_resumes_and_ends_as_if_never_killed(
         finally:
             rescuer.kill()
         retry = http.get("/v1/studies/killed/trials").json()["trials"][1]
+        # one history too: the killed attempt's epochs 1-6 carried over, then the retry's own
+        history = http.get("/v1/studies/killed/trials/1/history").json()["epochs"]
     study = optuna.load_study(study_name="killed", storage=settings.database_url)
     config = dict(study.trials[1].user_attrs["config"])  # what the sampler chose, resolved
     rescuer_log = (tmp_path / "rescuer.log").read_text()
@@ -176,7 +189,10 @@ def test_a_trial_killed_at_epoch_6_of_10_resumes_and_ends_as_if_never_killed(
     finally:
         torch.set_num_threads(threads)
     reference = {str(e.epoch): e.values["val_neg_elbo"] for e in whole.history}
-    assert retry["intermediate_values"] == pytest.approx(reference, rel=REL_TOL)
+    assert retry["intermediate_values"] == pytest.approx(reference, rel=rel_tol)
     for name in ("val_neg_elbo", "test_neg_elbo", "test_is_nll", "active_units", "best_epoch"):
-        assert retry["metrics"][name] == pytest.approx(whole.metrics[name], rel=REL_TOL), name
-    assert retry["values"][0] == pytest.approx(whole.metrics["val_neg_elbo"], rel=REL_TOL)
+        assert retry["metrics"][name] == pytest.approx(whole.metrics[name], rel=rel_tol), name
+    assert retry["values"][0] == pytest.approx(whole.metrics["val_neg_elbo"], rel=rel_tol)
+    assert [r["epoch"] for r in history] == list(range(1, EPOCHS + 1)), history
+    kept = {str(r["epoch"]): r["val_neg_elbo"] for r in history}
+    assert kept == pytest.approx(reference, rel=1e-5)  # records keep 6 significant digits

@@ -119,9 +119,51 @@ def test_a_retry_resumes_from_the_checkpoint_and_carries_the_curve(
     reference = {str(e.epoch): e.values["val_neg_elbo"] for e in whole.history}
     assert curve == pytest.approx(reference, rel=1e-6)
     assert retry["values"][0] == pytest.approx(whole.metrics["val_neg_elbo"], rel=1e-6)
+    _history_is_one_run(ckpt_client, "resume", 3, reference)
     assert retry["metrics"]["test_neg_elbo"] == pytest.approx(
         whole.metrics["test_neg_elbo"], rel=1e-6
     )
+
+
+def _history_is_one_run(
+    client: TestClient, name: str, resumed_at: int, reference: dict[str, float]
+) -> None:
+    """The retry's ``history``: the first attempt's records of epochs 1..``resumed_at``
+    (carried over by ``resumed``), then its own, so its plot is whole too; every epoch's
+    −ELBO that of the uninterrupted run (records keep 6 significant digits)."""
+    first, retry = (
+        client.get(f"/v1/studies/{name}/trials/{n}/history", headers=VIEWER).json() for n in (0, 1)
+    )
+    assert [r["epoch"] for r in retry["epochs"]] == list(range(1, EPOCHS + 1)), retry
+    assert retry["epochs"][:resumed_at] == first["epochs"][:resumed_at]
+    kept = {str(r["epoch"]): r["val_neg_elbo"] for r in retry["epochs"]}
+    assert kept == pytest.approx(reference, rel=1e-5)
+
+
+def test_a_population_worker_resumes_a_retry_from_its_checkpoint(
+    ckpt_client: TestClient, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The retry of a single trial's attempt, leased by ``--population 2``: its member starts
+    from the checkpoint's epoch, the server is told before its first report, and it ends as
+    the uninterrupted run (a member equals ``train()`` to relative 1e-5)."""
+    first = _interrupted(ckpt_client, "pop-resume")
+    caplog.set_level(logging.INFO, logger="hpo.worker")
+    ckpt_client.headers.update(WORKER)
+    options = WorkerOptions(worker_id="pop", wait_s=0, idle_exit_s=0, max_trials=1, population=2)
+    assert Worker(HPOClient(ckpt_client), options).run() == 1
+    retry = _trials(ckpt_client, "pop-resume")[1]
+    assert retry["state"] == "complete" and retry["worker_id"] == "pop/0", retry
+    assert retry["resumed_from"] == {"trial": 0, "epoch": 3}
+    assert "trial 1: resumed from trial 0 at epoch 3" in caplog.text
+    curve = retry["intermediate_values"]
+    assert {k: curve[k] for k in ("1", "2", "3")} == first["intermediate_values"]
+    whole = _uninterrupted(_config_of(database_url, "pop-resume", 1))
+    reference = {str(e.epoch): e.values["val_neg_elbo"] for e in whole.history}
+    assert curve == pytest.approx(reference, rel=1e-5)
+    assert retry["values"][0] == pytest.approx(whole.metrics["val_neg_elbo"], rel=1e-5)
+    # its member kept its best model, as a single trial does
+    study = optuna.load_study(study_name="pop-resume", storage=database_url)
+    assert "hpo:best_model" in study.trials[1].system_attrs
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "missing"])

@@ -5,8 +5,10 @@ the study stores them and ``hpo best`` shows them. Bad settings are 422."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from live import LiveServer
 from typer.testing import CliRunner
 
 from hpo_service.cli import app
-from hpo_service.client import HPOClient
+from hpo_service.client import HPOClient, NoWork
 from hpo_service.config import Settings
 from trainers.data import load_dataset
 from trainers.run_setup import parse_config
@@ -94,12 +96,32 @@ def test_the_ended_study_leases_one_evaluation_and_hpo_best_shows_it(
         elbo = trial.user_attrs["metrics"]["test_neg_elbo"]
         assert 0 < result["test_is_nll"] < elbo, (result, elbo)
 
-    shown = CliRunner().invoke(app, ["best", "final", "--server", url, "--token", "viewer-token"])
+    assert _near_now(outcome["evaluated_at"])
+    viewer = ["--server", url, "--token", "viewer-token"]
+    shown = CliRunner().invoke(app, ["best", "final", *viewer])
     assert shown.exit_code == 0, shown.output
-    assert "final evaluation" in shown.output
+    assert f"final evaluation (full test split, evaluated {outcome['evaluated_at']}):" in (
+        shown.output
+    )
     for trial in ranked[:2]:
         line = f"trial {trial.number}: test IS-NLL {results[str(trial.number)]['test_is_nll']:.3f}"
         assert line in shown.output, shown.output
+    as_json = CliRunner().invoke(app, ["best", "final", "--json", *viewer])
+    assert as_json.exit_code == 0, as_json.output
+    (best,) = json.loads(as_json.output)  # one objective: the best trial, with its evaluation
+    assert best["number"] == ranked[0].number
+    assert best["final_evaluation"] == {
+        **results[str(ranked[0].number)],
+        "evaluated_at": outcome["evaluated_at"],
+    }
+
+
+def _near_now(stamp: str) -> bool:
+    """An ISO 8601 UTC time within the last hour (the test's own span, on a slow box)."""
+    when = datetime.fromisoformat(stamp)
+    return (
+        when.utcoffset() == timedelta(0) and 0 <= (datetime.now(UTC) - when).total_seconds() < 3600
+    )
 
 
 KINDS = ["trial", "final_evaluation"]
@@ -150,8 +172,11 @@ def test_a_reaped_evaluation_is_retried_with_the_same_winners(client: TestClient
     # be reaped and retried); one that runs trials only is idle.
     assert _work(client, KINDS) == "wait" and _work(client, ["trial"]) == "idle"
     assert first["task"]["k"] == 2
+    _only_the_task_holder_gets_the_model(client, first, winner["trial_id"])
     time.sleep(2.2)  # past the 1 s lease timeout, by the database clock
     client.app.state.service.reap()  # type: ignore[attr-defined]
+    reaped = _best_model(client, winner["trial_id"], first)
+    assert reaped.status_code == 409 and reaped.json()["error"]["code"] == "trial_reaped"
     result = {"trial_number": winner["trial_number"], "test_is_nll": 50.0, "k": 2,
               "n_examples": 10, "best_epoch": 1}  # fmt: skip
     late = _send(client, first, [result])
@@ -175,6 +200,47 @@ def test_a_reaped_evaluation_is_retried_with_the_same_winners(client: TestClient
     assert info["state"] == "completed" and info["counts"]["fail"] == 0
     assert _lease(client, "w3") is None  # one evaluation per study
     assert _work(client, KINDS) == "idle"
+
+
+def _best_model(
+    client: TestClient,
+    trial_id: int,
+    task: dict[str, Any] | None,
+    headers: dict[str, str] = WORKER,
+    token: str | None = None,
+) -> httpx.Response:
+    lease = {}
+    if task is not None:
+        lease = {
+            "X-Lease-Trial": str(task["trial_id"]),
+            "X-Lease-Token": token or task["lease_token"],
+        }
+    return client.get(f"/v1/trials/{trial_id}/best-model", headers={**headers, **lease})
+
+
+def _only_the_task_holder_gets_the_model(
+    client: TestClient, task: dict[str, Any], winner_id: int
+) -> None:
+    """A best model is what a user trained on their data: a worker token alone does not get
+    it, only the live final_evaluation lease naming its trial (or an admin)."""
+    held = _best_model(client, winner_id, task)
+    assert held.status_code == 200, held.text
+    assert held.headers["X-Checkpoint-SHA256"] and len(held.content) > 0
+    assert _best_model(client, winner_id, None, ADMIN).content == held.content
+    refused = {
+        "no lease": (_best_model(client, winner_id, None), 403, "lease_required"),
+        "a viewer": (_best_model(client, winner_id, task, VIEWER), 403, "forbidden"),
+        "wrong token": (
+            _best_model(client, winner_id, task, token="x" * 32),
+            409,
+            "lease_mismatch",
+        ),
+        # the task's own trial is not one of its winners
+        "not named": (_best_model(client, task["trial_id"], task), 403, "lease_required"),
+    }
+    for why, (response, status, code) in refused.items():
+        assert response.status_code == status, (why, response.text)
+        assert response.json()["error"]["code"] == code, (why, response.text)
 
 
 def _cpu() -> Any:
@@ -233,3 +299,24 @@ def test_the_morning_report_lists_the_final_evaluation() -> None:
         "final evaluation: trial 4: test IS-NLL 91.250 nats (k=5000, 500 test examples, "
         "best epoch 7)",
     ]
+
+
+def test_an_sdk_loop_never_leases_a_task_and_says_what_to_do(client: TestClient) -> None:
+    """The SDK and `hpo agent` train the user's code: they lease trials only, so a study
+    whose LR range test is pending gives them nothing — and, rather than wait in silence,
+    they say so once, naming the study and what the user does (start one hpo-worker)."""
+    from hpo_service.task_watch import TaskWatch
+
+    body = spec(name="needs-a-worker", lr_range_test={"enabled": True, "num_iter": 10})
+    assert client.post("/v1/studies", json=body, headers=ADMIN).status_code == 201
+    client.headers.update(WORKER)
+    sdk_client = HPOClient(client)
+    assert isinstance(sdk_client.next_lease("sdk", 0.0), NoWork)  # trials only: nothing yet
+    watch = TaskWatch(sdk_client, after_s=0.0)
+    (said,) = watch.waited()
+    assert "study needs-a-worker" in said and "lr_range_test" in said
+    assert "hpo-worker --exit-when-idle" in said
+    assert watch.waited() == []  # once per study
+    # a worker that runs tasks gets the probe at once
+    lease = sdk_client.next_lease("hpo-worker", 0.0, kinds=["trial", "lr_range_test"])
+    assert not isinstance(lease, NoWork) and lease.kind == "lr_range_test"

@@ -65,7 +65,14 @@ def test_a_population_worker_trains_k_trials_at_once_and_settles_each(
     worker = make_worker(client, population=3)
     sent: list[tuple[str, Any]] = []
     client.event_hooks["request"].append(
-        lambda request: sent.append((request.url.path, json.loads(request.content or b"null")))
+        lambda request: sent.append(
+            (
+                request.url.path,
+                json.loads(request.content or b"null")
+                if request.headers.get("content-type") == "application/json"
+                else None,  # a best model's bytes
+            )
+        )
     )
     assert worker.run() == 5
     client.event_hooks["request"].clear()
@@ -77,11 +84,15 @@ def test_a_population_worker_trains_k_trials_at_once_and_settles_each(
     # one lease identity per slot, so the server never hands a slot's trial to another slot
     assert {t["worker_id"] for t in trials} == {"pop/0", "pop/1", "pop/2"}
     # Only the batched routes (issue 12): one report request per group epoch carrying all its
-    # members, one completion request for the members that ended together. The one exception:
-    # each trial's reproducibility record (issue 14), sent once when the trial starts.
-    per_trial = [path for path, _ in sent if not path.startswith("/v1/batch/")]
-    assert all(path.endswith("/record") for path in per_trial), sorted(set(per_trial))
-    assert len(per_trial) == 5  # once per trial
+    # members, one completion request for the members that ended together. The exceptions
+    # (issue 14): each trial's reproducibility record, sent once when the trial starts, and its
+    # best model, sent once before its completion; and the task lease (lr_range_test,
+    # final_evaluation) asked before each batched lease.
+    per_trial = [p for p, _ in sent if not p.startswith("/v1/batch/") and p != "/v1/leases"]
+    assert sorted(p.rsplit("/", 1)[1] for p in per_trial) == ["best-model"] * 5 + ["record"] * 5
+    assert {p for p, _ in sent if p.endswith("/best-model")} == {
+        f"/v1/trials/{t['trial_id']}/best-model" for t in trials
+    }
     reports = [body["reports"] for path, body in sent if path == "/v1/batch/report"]
     assert sum(len(items) for items in reports) == 5 * 3  # every member-epoch, once
     assert len(reports) < 5 * 3 and max(len(items) for items in reports) > 1
@@ -258,3 +269,37 @@ def test_a_sigkilled_population_worker_leaves_k_trials_each_retried_once(
     assert http.get("/v1/studies/popkill").json()["state"] == "completed"
     completed = {t["worker_id"] for t in trials if t["state"] == "complete"}
     assert completed <= {"rescuer/0", "rescuer/1", "rescuer/2"}
+
+
+def test_a_population_worker_alone_runs_the_lr_range_test_and_the_final_evaluation(
+    client: TestClient,
+) -> None:
+    """A population worker is often a study's only worker: the study's first step (the LR
+    range test) and its last (the final evaluation of the winners) are tasks the batched
+    route never leases, so the worker asks for them itself (issue 14.4) — and its members
+    keep the best models the evaluation reads."""
+    create(
+        client,
+        name="alone",
+        budget={"n_trials": 3, "max_concurrent": 3},
+        pruner={"name": "none"},
+        fixed={**TINY_FIXED, "batch_size": 128},
+        lr_range_test={"enabled": True, "start_lr": 1e-5, "end_lr": 1e-2, "num_iter": 10},
+        final_evaluation={"enabled": True, "top_k": 2, "k": 4},
+    )
+    assert make_worker(client, population=3).run() == 3  # tasks are not counted as trials
+    info = client.get("/v1/studies/alone", headers=VIEWER).json()
+    assert info["lr_range_test"]["status"] == "applied", info["lr_range_test"]
+    outcome = info["final_evaluation"]
+    assert outcome["status"] == "complete", outcome
+    every = trials_of(client, "alone")
+    assert every[0]["state"] == "fail" and every[-1]["state"] == "fail"  # the two tasks
+    trials = [t for t in every if t["state"] == "complete"]
+    assert len(trials) >= 2, every  # a sampled LR may still diverge (pruned); two suffice
+    ranked = sorted(trials, key=lambda t: (t["values"][0], t["number"]))
+    assert sorted(outcome["results"]) == sorted(str(t["number"]) for t in ranked[:2])
+    for trial in ranked[:2]:
+        result = outcome["results"][str(trial["number"])]
+        assert result["k"] == 4 and result["test_is_nll"] > 0
+        # the member's own best model: the epoch it selected
+        assert result["best_epoch"] == int(trial["metrics"]["best_epoch"]), (result, trial)

@@ -130,3 +130,106 @@ def test_the_best_model_round_trips() -> None:
     assert epoch == result.best_epoch
     assert set(weights) == set(result.best_state)
     assert all(torch.equal(weights[k], result.best_state[k].cpu()) for k in weights)
+
+
+# --- a population member's checkpoint is a single-trial checkpoint (issue 14, resume14.5) ------
+
+
+def _population_checkpoint(config: dict[str, Any], epoch: int) -> tuple[bytes, Any]:
+    """Member "a" (``config``) trained beside a second member; its checkpoint of ``epoch``."""
+    from trainers.population import train_population
+
+    saved: dict[int, bytes] = {}
+
+    def on_epoch(key: Any, metrics: EpochMetrics) -> Decision:
+        assert metrics.checkpoint is not None
+        if key == "a" and metrics.epoch == epoch:
+            saved[epoch] = to_bytes(metrics.checkpoint())
+        return "continue"
+
+    outcomes = train_population([("a", config), ("b", {**config, "seed": 12})], on_epoch)
+    return saved[epoch], outcomes["a"]
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for key in sorted(value, key=str) for t in _tensors(value[key])]
+    if isinstance(value, list | tuple):
+        return [t for item in value for t in _tensors(item)]
+    return []
+
+
+def test_a_population_members_checkpoint_is_the_single_trials(train_device: str) -> None:
+    config = {**RUN, "device": train_device}
+    alone: dict[int, bytes] = {}
+    whole = train(config, _checkpoint_at(4, alone))
+    member_bytes, member = _population_checkpoint(config, 4)
+    # One member's own weights, not the stacked storage of both (torch.save writes a view's
+    # whole storage): the same size as the single trial's, to a few bytes of zip framing.
+    assert abs(len(member_bytes) - len(alone[4])) < 0.01 * len(alone[4]), (
+        len(member_bytes),
+        len(alone[4]),
+    )
+    ours, theirs = from_bytes(member_bytes), from_bytes(alone[4])
+    assert (ours.epoch, ours.step) == (theirs.epoch, theirs.step)
+    assert ours.best[1] == theirs.best[1] and ours.best[0] == pytest.approx(theirs.best[0])
+    assert ours.model.keys() == theirs.model.keys()
+    assert len(ours.history) == len(theirs.history) == 4
+    assert torch.equal(ours.generator, theirs.generator)  # the same data order to come
+    for name in ("model", "optimizers", "best_state"):
+        a, b = _tensors(getattr(ours, name)), _tensors(getattr(theirs, name))
+        assert len(a) == len(b) > 0, name
+        for x, y in zip(a, b, strict=True):
+            assert x.shape == y.shape and torch.allclose(x, y, rtol=1e-5, atol=1e-6), name
+    # ...so the single-trial loop resumes it and ends where both uninterrupted runs end.
+    resumed = train(config, resume=ours)
+    assert _untimed(resumed.metrics) == pytest.approx(_untimed(whole.metrics), rel=1e-5, abs=1e-6)
+    assert _untimed(member.metrics) == pytest.approx(_untimed(whole.metrics), rel=1e-5, abs=1e-6)
+    assert member.best_state is not None  # what the worker sends as the kept best model
+
+
+def test_a_population_member_resumes_from_a_single_trials_checkpoint(train_device: str) -> None:
+    from trainers.population import Resume, train_population
+
+    config = {**RUN, "device": train_device}
+    alone: dict[int, bytes] = {}
+    whole = train(config, _checkpoint_at(4, alone))
+    said: list[tuple[Any, int | None, str | None]] = []
+    epochs: list[tuple[Any, int]] = []
+
+    def on_epoch(key: Any, metrics: EpochMetrics) -> Decision:
+        epochs.append((key, metrics.epoch))
+        return "continue"
+
+    resume = Resume(
+        state_of=lambda key: from_bytes(alone[4]) if key == "retry" else None,
+        started=lambda key, epoch, reason: said.append((key, epoch, reason)),
+    )
+    outcomes = train_population(
+        [("retry", config), ("fresh", {**config, "seed": 12})], on_epoch, resume=resume
+    )
+    assert said == [("retry", 4, None)]  # told before its first epoch; "fresh" had none
+    assert [e for k, e in epochs if k == "retry"] == [5, 6]  # the epoch count continues
+    assert [e for k, e in epochs if k == "fresh"] == [1, 2, 3, 4, 5, 6]
+    retry = outcomes["retry"]
+    assert not isinstance(retry, Exception) and len(retry.history) == 6
+    assert _untimed(retry.metrics) == pytest.approx(_untimed(whole.metrics), rel=1e-5, abs=1e-6)
+
+
+def test_a_checkpoint_that_does_not_fit_a_member_starts_it_fresh_and_says_so() -> None:
+    from trainers.population import Resume, train_population
+
+    config = {**RUN, "device": "cpu", "epochs": 3, "kl_warmup_epochs": 1.0}
+    alone: dict[int, bytes] = {}
+    train({**config, "hidden_sizes": (16,)}, _checkpoint_at(1, alone))  # another architecture
+    said: list[tuple[Any, int | None, str | None]] = []
+    resume = Resume(lambda key: from_bytes(alone[1]), lambda *told: said.append(told))
+    outcomes = train_population([("m", config)], resume=resume)
+    ((key, epoch, reason),) = said
+    assert key == "m" and epoch is None and "does not fit" in str(reason)
+    fresh = train(config)
+    result = outcomes["m"]
+    assert not isinstance(result, Exception)
+    assert _untimed(result.metrics) == pytest.approx(_untimed(fresh.metrics), rel=1e-5, abs=1e-6)

@@ -1,15 +1,26 @@
 """The final evaluation of an ended study's winners (issue 14.4, ``hpo_service.final_eval``): a
 worker fetches each winner's kept best model and sends the IS-NLLs its task asked for.
-Authenticated like every worker route (a worker token); the result also by the task's lease.
+Authenticated like every worker route (a worker token); a best model also by the lease of the
+task that names its trial (``X-Lease-Trial`` and ``X-Lease-Token``; an admin token needs none),
+the result by the task's lease.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Response
 
 from hpo_service.api.deps import ServiceDep, Worker
 from hpo_service.api.routes.workers import TrialId, _answers
-from hpo_service.schemas import ErrorResponse, FinalEvaluationAnswer, FinalEvaluationResult
+from hpo_service.config import Scope
+from hpo_service.errors import LeaseRequired
+from hpo_service.schemas import (
+    MAX_TRIAL_ID,
+    ErrorResponse,
+    FinalEvaluationAnswer,
+    FinalEvaluationResult,
+)
 
 router = APIRouter(tags=["workers"], dependencies=[Worker])
 
@@ -23,16 +34,53 @@ router = APIRouter(tags=["workers"], dependencies=[Worker])
             "description": "The kept best model's bytes (`trainers.checkpoints."
             "load_best_model`); `X-Checkpoint-SHA256` and `X-Checkpoint-Epoch` describe them.",
         },
+        403: {
+            "model": ErrorResponse,
+            "description": "`lease_required`: a worker token without a live `final_evaluation` "
+            "lease (`X-Lease-Trial`, `X-Lease-Token`) whose task names this trial.",
+        },
         404: {
             "model": ErrorResponse,
             "description": "`checkpoint_not_found`: the trial kept no best model, or retention "
             "deleted it (not among the study's best `HPO_BEST_MODELS_KEPT`); `trial_not_found`.",
         },
+        409: {
+            "model": ErrorResponse,
+            "description": "`lease_mismatch`, `trial_reaped`, `trial_finished` or "
+            "`wrong_lease_kind`: the lease named is not a live final evaluation's.",
+        },
     },
 )
-def best_model(service: ServiceDep, trial_id: TrialId) -> Response:
-    """A finished trial's kept best model (the selected epoch's weights)."""
-    content, meta = service.final_evaluations.best_model(trial_id)
+def best_model(
+    service: ServiceDep,
+    trial_id: TrialId,
+    scope: Annotated[Scope, Worker],
+    x_lease_trial: Annotated[
+        int | None,
+        Header(ge=0, le=MAX_TRIAL_ID, description="The trial id of the `final_evaluation` lease."),
+    ] = None,
+    x_lease_token: Annotated[
+        str | None,
+        Header(
+            min_length=1,
+            max_length=128,
+            pattern=r"^[A-Za-z0-9_\-]+$",
+            description="The `lease_token` of that lease.",
+        ),
+    ] = None,
+) -> Response:
+    """A finished trial's kept best model (the selected epoch's weights), for the final
+    evaluation task that names it (or an admin)."""
+    if x_lease_trial is None or x_lease_token is None:
+        if scope != "admin":
+            raise LeaseRequired(
+                "a best model is served only to the holder of a live final_evaluation lease "
+                "naming its trial: send `X-Lease-Trial` and `X-Lease-Token` (or an admin token)"
+            )
+        task = None
+    else:  # an admin naming a lease is checked like a worker
+        task = (x_lease_trial, x_lease_token)
+    content, meta = service.final_evaluations.best_model(trial_id, task)
     return Response(
         content,
         media_type="application/octet-stream",
