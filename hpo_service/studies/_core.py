@@ -19,9 +19,8 @@ from typing import Any
 
 import optuna
 from optuna.artifacts._protocol import ArtifactStore
+from optuna.distributions import BaseDistribution
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.storages._rdb.models import TrialUserAttributeModel
-from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial
 from sqlalchemy import ColumnElement, Float, cast, extract, func, select, text, update
 from sqlalchemy.orm import Session
@@ -36,6 +35,7 @@ from hpo_service.models import LeaseRow, StudyRow
 from hpo_service.optimizers import build_pruner, build_sampler, pruning_primary
 from hpo_service.schemas import StudySpec
 from hpo_service.search_space import Param, check_spec
+from hpo_service.studies import _optuna_rows
 from hpo_service.study_view import StudyView
 
 SPEC_ATTR = "spec"
@@ -67,6 +67,9 @@ class LoadedStudy:
     # ranges once "applied"; None while the test is pending (or off).
     lr_range_test: dict[str, Any] | None = None
     snapshot_read_s: float = 0.0  # how long the last read of the snapshot took
+    # Per parameter, its first distribution in the study (what a new one is checked against,
+    # ``_optuna_rows.first_distributions``); filled under the study lock.
+    distributions: dict[str, BaseDistribution] = field(default_factory=dict)
 
 
 @dataclass
@@ -110,6 +113,11 @@ class StudyCore:
         self.db = Database(self.storage.engine)
         prepare_service_schema(self.storage.engine)  # creates on an empty DB, never migrates
         self.is_postgres = self.storage.engine.dialect.name == "postgresql"
+        # New trials and reports written row by row through Optuna's models (issue 12), on the
+        # Optuna series and backends that module was checked against.
+        self.fast_rows = self.storage.engine.dialect.name in ("sqlite", "postgresql") and (
+            _optuna_rows.warn_if_unsupported()
+        )
         self.guard = threading.Lock()
         self._locks: dict[int, threading.RLock] = {}
         self._loaded: dict[int, LoadedStudy] = {}
@@ -189,43 +197,31 @@ class StudyCore:
             )
 
     def write_reports(
-        self, reports: Sequence[tuple[int, dict[str, Any], tuple[int, float] | None]]
+        self, reports: Sequence[tuple[int, dict[str, Any] | None, tuple[int, float] | None]]
     ) -> dict[int, UpdateFinishedTrialError]:
         """Reports' writes in one transaction: per ``(trial id, metrics, intermediate)`` the
-        ``metrics`` user attribute and, if given, the intermediate value ``(step, value)``.
-        Returns, by trial id, Optuna's ``UpdateFinishedTrialError`` for each trial no longer
-        running (nothing of it written); the others are written.
+        ``metrics`` user attribute (if given) and the intermediate value ``(step, value)`` (if
+        given). Returns, by trial id, Optuna's ``UpdateFinishedTrialError`` for each trial no
+        longer running (nothing of it written); the others are written.
 
-        Optuna's public API commits each write on its own (a transaction per call, the report
-        path's largest cost, issue 12). Its ``RDBStorage`` keeps the bodies of those calls as
-        ``_set_trial_attr_without_commit`` and ``_set_trial_intermediate_value_without_commit``
-        (optuna 5.0), which this runs in one session of Optuna's own; each checks the trial is
-        running before it writes. An Optuna without them gets the public calls. A conflicting
-        concurrent write (``IntegrityError``) fails the whole call, never silently a part.
+        Optuna's public API commits each write on its own and reads the trial for each (a
+        transaction and five statements per report, the report path's largest cost, issue
+        12): the rows go through ``_optuna_rows.write_reports`` instead, three statements
+        for the whole batch. An Optuna other than the series that module was checked against
+        gets the public calls. A conflicting concurrent write (``IntegrityError``) fails the
+        whole call, never silently a part.
         """
+        if self.fast_rows:
+            return _optuna_rows.write_reports(self.storage, reports)
         refused: dict[int, UpdateFinishedTrialError] = {}
-        if not reports:
-            return refused
-        storage = self.storage
-        set_attr = getattr(storage, "_set_trial_attr_without_commit", None)
-        set_value = getattr(storage, "_set_trial_intermediate_value_without_commit", None)
-        if set_attr is None or set_value is None:
-            for trial_id, metrics, intermediate in reports:
-                try:
-                    storage.set_trial_user_attr(trial_id, "metrics", metrics)
-                    if intermediate is not None:
-                        storage.set_trial_intermediate_value(trial_id, *intermediate)
-                except UpdateFinishedTrialError as error:
-                    refused[trial_id] = error
-            return refused
-        with _create_scoped_session(storage.scoped_session) as session:
-            for trial_id, metrics, intermediate in reports:
-                try:
-                    set_attr(session, TrialUserAttributeModel, trial_id, "metrics", metrics)
-                    if intermediate is not None:
-                        set_value(session, trial_id, *intermediate)
-                except UpdateFinishedTrialError as error:  # raised before this trial's writes
-                    refused[trial_id] = error
+        for trial_id, metrics, intermediate in reports:
+            try:
+                if metrics is not None:
+                    self.storage.set_trial_user_attr(trial_id, "metrics", metrics)
+                if intermediate is not None:
+                    self.storage.set_trial_intermediate_value(trial_id, *intermediate)
+            except UpdateFinishedTrialError as error:
+                refused[trial_id] = error
         return refused
 
     @staticmethod

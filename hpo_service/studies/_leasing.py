@@ -27,6 +27,7 @@ from hpo_service.lr_range import LR_RANGE_TEST, TASK_ATTR
 from hpo_service.models import LeaseRow, StudyRow
 from hpo_service.schemas import Lease, ResumeFrom
 from hpo_service.search_space import resolve_config, suggest
+from hpo_service.studies import _optuna_rows
 from hpo_service.studies._budget import tally
 from hpo_service.studies._checkpoints import resume_source
 from hpo_service.studies._checks import stop_reason
@@ -242,7 +243,7 @@ class LeaseProtocol:
                 sample = self._sample(loaded, trials)
                 if sample.config is None:
                     reason = {"fail_reason": sample.failure}
-                    _, number = self._write_leased_trial(study_id, sample, reason)
+                    _, number = self._write_leased_trial(study_id, sample, reason, trials)
                     loaded.study.tell(number, state=TrialState.FAIL)
                     log.warning("trial %d of %s has an %s", number, row.name, sample.failure)
                     trials = core.cache.get_all_trials(study_id, deepcopy=False)
@@ -250,7 +251,7 @@ class LeaseProtocol:
                 attrs = {"worker_id": worker_id, "config": sample.config}
                 if device is not None:  # issue 14: the device the worker asked to train on
                     attrs["worker_device"] = device
-                trial_id, number = self._write_leased_trial(study_id, sample, attrs)
+                trial_id, number = self._write_leased_trial(study_id, sample, attrs, trials)
                 leased: FrozenTrial | None = None
                 resume: ResumeFrom | None = None
                 if sample.view.pending is not None:  # the running trial as it stands
@@ -360,7 +361,7 @@ class LeaseProtocol:
             return _Sample(view, trial, None, f"invalid config: {error}")
 
     def _write_leased_trial(
-        self, study_id: int, sample: _Sample, attrs: dict[str, Any]
+        self, study_id: int, sample: _Sample, attrs: dict[str, Any], trials: list[FrozenTrial]
     ) -> tuple[int, int]:
         """Write the sampled trial with ``attrs`` as user attributes; returns (id, number).
 
@@ -375,6 +376,8 @@ class LeaseProtocol:
                 core.storage.set_trial_user_attr(trial._trial_id, key, value)
             return trial._trial_id, trial.number
         pending.user_attrs.update(attrs)
+        if core.fast_rows:
+            return self._write_new_trial(study_id, sample, trials)
         trial_id = core.cache.create_new_trial(study_id, template_trial=pending)
         # Optuna numbers a trial by counting the study's earlier trials; under the study lock
         # that is the snapshot's length, which the cache (filled by create_new_trial) confirms.
@@ -386,6 +389,22 @@ class LeaseProtocol:
         if confirmed != trial_id:  # a trial was made outside the service: ask the database
             number = core.storage.get_trial(trial_id).number
         return trial_id, number
+
+    def _write_new_trial(
+        self, study_id: int, sample: _Sample, trials: list[FrozenTrial]
+    ) -> tuple[int, int]:
+        """The pending trial's rows in 4–5 statements instead of Optuna's 38 for 10
+        parameters (``_optuna_rows.create_trial``); the number is the database's."""
+        core, pending = self.core, sample.view.pending
+        assert pending is not None
+        loaded = core.load(study_id)
+        known = loaded.distributions
+        if not known.keys() >= pending.distributions.keys():
+            known.update(_optuna_rows.first_distributions(trials))
+        written = _optuna_rows.create_trial(core.storage, study_id, pending, known)
+        for name, distribution in pending.distributions.items():
+            known.setdefault(name, distribution)
+        return written._trial_id, written.number
 
     def _lease_answer(
         self,
