@@ -11,6 +11,7 @@ from trainers.losses import (
     elbo_terms,
     free_bits_kl,
     gaussian_kl_per_dim,
+    member_free_bits_kl,
     reconstruction_nll,
 )
 
@@ -176,3 +177,21 @@ def test_the_default_free_bits_mode_is_batch_mean_per_group() -> None:
     assert default.kl_objective.item() != pytest.approx(other.kl_objective.item())
     fallen_through = elbo_terms(logits, x, mu, logvar, **common, free_bits_mode="global")
     assert default.kl_objective.item() != pytest.approx(fallen_through.kl_objective.item())
+
+
+@pytest.mark.parametrize("mode", ["batch_mean_per_group", "per_example_per_group", "global"])
+def test_a_kl_exactly_at_the_floor_is_not_counted_as_held_there(mode: str) -> None:
+    """At KL = λ the clamp still passes the gradient (``clamp``'s is 1 at its bound), so the
+    group is not held at the floor: the count, which reports "groups the floor holds", says 0
+    — alone and stacked (a member with λ = 0 beside it). 0.5 is exact in fp32."""
+    kl = torch.full((2, 2), 0.5, requires_grad=True)
+    value, floor = free_bits_kl(kl, 0.5, mode)  # type: ignore[arg-type]
+    (grad,) = torch.autograd.grad(value, kl)
+    assert floor.item() == 0.0
+    assert torch.equal(grad, torch.full((2, 2), 0.5))
+    stacked = torch.full((2, 2, 2), 0.5)
+    _, floors = member_free_bits_kl(stacked, torch.tensor([0.5, 0.0]), [mode, mode])  # type: ignore[list-item]
+    assert floors.tolist() == [0.0, 0.0]
+    # just above the floor's value, the same KL is held: counted (all 2 dims, or 2 per example)
+    _, above = free_bits_kl(kl.detach(), 0.5001, mode)  # type: ignore[arg-type]
+    assert above.item() == 2.0
