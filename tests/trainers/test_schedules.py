@@ -568,3 +568,36 @@ def test_an_unknown_lr_policy_is_named() -> None:
     with pytest.raises(ValueError) as caught:
         learning_rate(0, s)
     assert str(caught.value) == "unknown LR policy 'warp'"
+
+
+def test_one_step_per_epoch_and_batches_of_one_are_valid() -> None:
+    cfg = config(epochs=3, lr_policy="step", lr_step_epochs=1.0, lr_decay_gamma=0.5)
+    lr = lr_schedule_from_config(cfg, 1)
+    assert [learning_rate(t, lr) for t in range(3)] == [1e-3, 5e-4, 2.5e-4]
+    assert kl_schedule_from_config(cfg, 1).total_steps == 3
+    # LRs scale to a batch of one, and from a reference batch of one
+    assert lr_scale_factor(1, 128, "linear") == 1 / 128
+    assert lr_scale_factor(128, 1, "sqrt") == math.sqrt(128)
+    with pytest.raises(ValueError) as caught:
+        lr_scale_factor(64, 128, "cubic")  # type: ignore[arg-type]
+    assert str(caught.value) == "`rule` must be 'linear', 'sqrt' or 'none' (got 'cubic')"
+
+
+def test_periods_shorter_than_a_step_become_one_step() -> None:
+    """0.1 epoch of 5 steps rounds to 1 step (half up): a decay every step, a CLR half cycle
+    of one step (base, max, base, … — Smith 2017's triangle at its finest)."""
+    step = lr_schedule_from_config(
+        config(lr_policy="step", lr_step_epochs=0.1, lr_decay_gamma=0.5), 5
+    )
+    assert [learning_rate(t, step) for t in range(3)] == [1e-3, 5e-4, 2.5e-4]
+    clr = lr_schedule_from_config(
+        config(lr_policy="triangular", max_lr=4e-3, lr_half_cycle_epochs=0.1), 5
+    )
+    assert [learning_rate(t, clr) for t in range(4)] == pytest.approx([1e-3, 4e-3, 1e-3, 4e-3])
+
+
+def test_a_policy_without_a_peak_ignores_max_lr() -> None:
+    """``max_lr`` equals ``base_lr`` for the policies that do not use it (LRSchedule)."""
+    for policy in ("constant", "step", "exponential"):
+        s = lr_schedule_from_config(config(lr_policy=policy, max_lr=5e-3), 10)
+        assert s.max_lr == s.base_lr == 1e-3, policy
