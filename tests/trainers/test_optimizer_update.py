@@ -200,19 +200,44 @@ def test_build_optimizer_carries_the_config_s_optimizer_and_settings(
     """Class, β1/β2, ε, decay on weights only, and decoupled decay for RAdam; the LR placeholder
     is the base LR. None of these change a first Adam step's size, so the update tests above
     cannot see them."""
-    cfg = cfg_of(train_device, optimizer=name, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.05)
+    # base_lr 2e-3, not torch's default 1e-3, so a dropped `lr=` shows
+    cfg = cfg_of(
+        train_device, optimizer=name, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.05,
+        base_lr=2e-3,
+    )  # fmt: skip
     device = torch.device(train_device)
     vae = build_vae(cfg, (1, 8, 8)).to(device)
     optimizer = build_optimizer(vae, cfg, device)
     assert type(optimizer) is cls
     weights, biases = optimizer.param_groups
     for group in (weights, biases):
-        assert group["betas"] == (0.8, 0.99) and group["eps"] == 1e-6 and group["lr"] == 1e-3
+        assert group["betas"] == (0.8, 0.99) and group["eps"] == 1e-6 and group["lr"] == 2e-3
     assert weights["weight_decay"] == 0.05 and biases["weight_decay"] == 0.0
     assert all(p.ndim >= 2 for p in weights["params"]) and all(p.ndim < 2 for p in biases["params"])
     assert len(weights["params"]) + len(biases["params"]) == len(list(vae.parameters()))
     if name == "radam":
         assert optimizer.defaults["decoupled_weight_decay"] is True
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "radam"])
+def test_build_optimizer_uses_the_measured_kernels(name: str, train_device: str) -> None:
+    """docs/benchmarks.md: the fused single-kernel Adam/AdamW by default on CPU and CUDA (the
+    multi-tensor kernels spent about 3× as long in the optimizer); multi-tensor ``foreach``
+    when asked (``fused=False``), on other device types, and for RAdam (torch has no fused
+    RAdam). A wrong choice changes no result, only the speed, so only this test sees it."""
+    cfg = cfg_of(train_device, optimizer=name)
+    device = torch.device(train_device)
+    vae = build_vae(cfg, (1, 8, 8)).to(device)
+
+    def kernels(optimizer: torch.optim.Optimizer) -> tuple[object, object]:
+        return optimizer.defaults.get("fused"), optimizer.defaults.get("foreach")
+
+    multi_tensor = (None, True)
+    default = multi_tensor if name == "radam" else (True, None)
+    assert kernels(build_optimizer(vae, cfg, device)) == default
+    assert kernels(build_optimizer(vae, cfg, device, fused=False)) == multi_tensor
+    # a device type without fused kernels here (the parameters stay where they are)
+    assert kernels(build_optimizer(vae, cfg, torch.device("meta"))) == multi_tensor
 
 
 def test_set_schedule_cycles_beta1_inversely_to_the_lr_and_keeps_beta2(train_device: str) -> None:
@@ -249,3 +274,6 @@ def test_clipping_fires_only_above_the_threshold_and_by_value(train_device: str)
     assert clip([3.0, 4.0], 0.0, 3.5) == (pytest.approx(5.0), 1.0)  # by value only
     assert p.grad.tolist() == [3.0, 3.5]
     assert clip([3.0, -4.0], 0.0, 4.0) == (pytest.approx(5.0), 0.0)  # |−4| is not above 4
+    # a limit below 1 (small gradients): clipped by value, the sign kept
+    assert clip([0.3, -0.8], 0.0, 0.5) == (pytest.approx(0.8544, abs=1e-4), 1.0)
+    assert p.grad.tolist() == pytest.approx([0.3, -0.5])
