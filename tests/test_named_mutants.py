@@ -60,8 +60,7 @@ MUTANTS: dict[str, Mutant] = {
         "trainers/schedules.py",
         "return s.beta1_max - swing * _cosine_height(step, s)",
         "return s.beta1_max - swing / _cosine_height(step, s)",
-        "tests/trainers/test_schedules.py::"
-        "test_cycled_beta1_inside_a_cosine_cycle_mirrors_the_lr",
+        "tests/trainers/test_schedules.py::test_cycled_beta1_inside_a_cosine_cycle_mirrors_the_lr",
     ),
     # a log-scaled range starting at 0 accepted (Optuna would raise at the first sample)
     "search_space_log_range_from_zero": Mutant(

@@ -254,6 +254,11 @@ def test_a_batch_size_range_becomes_the_powers_of_two_inside_it() -> None:
             "search_space.activation",
             "a categorical parameter needs `choices`",
         ),
+        (  # a field of the config whose type is a set of names: categorical without saying so
+            {"search_space": {"activation": {}}},
+            "search_space.activation",
+            "a categorical parameter needs `choices`",
+        ),
         (
             {"search_space": {"latent_dim": {"low": 4}}},
             "search_space.latent_dim",

@@ -277,3 +277,51 @@ def test_clipping_fires_only_above_the_threshold_and_by_value(train_device: str)
     # a limit below 1 (small gradients): clipped by value, the sign kept
     assert clip([0.3, -0.8], 0.0, 0.5) == (pytest.approx(0.8544, abs=1e-4), 1.0)
     assert p.grad.tolist() == pytest.approx([0.3, -0.5])
+
+
+def test_a_skipped_gated_step_keeps_the_parameters_and_feeds_adam_a_zero_gradient(
+    train_device: str,
+) -> None:
+    """The VAE-GAN's equilibrium rule (``steps._gated_step``): a skipped module's parameters
+    are restored, and its Adam moments see a zero gradient (they decay), not the gradient of
+    the step it skipped; a passing gate steps as usual."""
+    from trainers.steps import _gated_step
+
+    device = torch.device(train_device)
+    p = torch.nn.Parameter(torch.tensor([0.5, -1.0, 2.0], device=device))
+    optimizer = torch.optim.Adam([p], lr=0.1)
+    before = p.detach().clone()
+    p.grad = torch.ones(3, device=device)
+    _gated_step(optimizer, [p], torch.tensor(False, device=device))
+    assert torch.equal(p.detach(), before)
+    assert torch.equal(optimizer.state[p]["exp_avg"], torch.zeros(3, device=device))
+    p.grad = torch.ones(3, device=device)
+    _gated_step(optimizer, [p], torch.tensor(True, device=device))
+    assert torch.all(p.detach() < before)  # Adam's step against a positive gradient
+    assert torch.all(optimizer.state[p]["exp_avg"] > 0)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_the_step_s_loss_is_the_config_s_likelihood_and_free_bits(
+    likelihood: str, train_device: str
+) -> None:
+    """``vae_loss_fn`` carries the config's likelihood, σ, β and free bits into the terms the
+    step back-propagates: the same forward's terms as ``elbo_terms`` with those settings."""
+    from trainers.losses import elbo_terms
+
+    cfg = cfg_of(
+        train_device, likelihood=likelihood, gaussian_std=0.3, free_bits=0.2,
+        free_bits_mode="global",
+    )  # fmt: skip
+    device = torch.device(train_device)
+    vae = build_vae(cfg, (1, 8, 8)).to(device)
+    x, eps = batch(cfg, device, seed=5)
+    terms = vae_loss_fn(vae, cfg, amp_context(cfg, device))(x, eps, 0.5)
+    with torch.no_grad():
+        mu, logvar, output = vae(x, eps)
+    expected = elbo_terms(
+        output, x, mu, logvar, beta=0.5, likelihood=likelihood,  # type: ignore[arg-type]
+        gaussian_std=0.3, free_bits=0.2, free_bits_mode="global",
+    )  # fmt: skip
+    for name in ("objective", "reconstruction", "kl_objective", "free_bits_floor_dims"):
+        torch.testing.assert_close(getattr(terms, name).detach(), getattr(expected, name))
