@@ -10,6 +10,7 @@ for ``train()``'s step and for the population trainer's fused step.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -306,22 +307,47 @@ def test_the_step_s_loss_is_the_config_s_likelihood_and_free_bits(
     likelihood: str, train_device: str
 ) -> None:
     """``vae_loss_fn`` carries the config's likelihood, σ, β and free bits into the terms the
-    step back-propagates: the same forward's terms as ``elbo_terms`` with those settings."""
-    from trainers.losses import elbo_terms
+    step back-propagates: the same forward's terms as ``elbo_terms`` with those settings. λ is
+    the median of the batch's per-dim KLs, where the global mode and the default
+    (batch-mean) mode give different values, so a dropped mode shows."""
+    from trainers.losses import elbo_terms, gaussian_kl_per_dim
 
-    cfg = cfg_of(
-        train_device, likelihood=likelihood, gaussian_std=0.3, free_bits=0.2,
-        free_bits_mode="global",
-    )  # fmt: skip
     device = torch.device(train_device)
-    vae = build_vae(cfg, (1, 8, 8)).to(device)
-    x, eps = batch(cfg, device, seed=5)
-    terms = vae_loss_fn(vae, cfg, amp_context(cfg, device))(x, eps, 0.5)
+    plain = cfg_of(train_device, likelihood=likelihood, gaussian_std=0.3)
+    vae = build_vae(plain, (1, 8, 8)).to(device)
+    x, eps = batch(plain, device, seed=5)
     with torch.no_grad():
         mu, logvar, output = vae(x, eps)
-    expected = elbo_terms(
-        output, x, mu, logvar, beta=0.5, likelihood=likelihood,  # type: ignore[arg-type]
-        gaussian_std=0.3, free_bits=0.2, free_bits_mode="global",
+    lam = float(gaussian_kl_per_dim(mu, logvar).mean(0).median())
+    cfg = cfg_of(
+        train_device, likelihood=likelihood, gaussian_std=0.3, free_bits=lam,
+        free_bits_mode="global",
     )  # fmt: skip
+    terms = vae_loss_fn(vae, cfg, amp_context(cfg, device))(x, eps, 0.5)
+    common: dict[str, Any] = {"beta": 0.5, "gaussian_std": 0.3, "free_bits": lam}
+    expected = elbo_terms(
+        output, x, mu, logvar, likelihood=likelihood, free_bits_mode="global", **common,  # type: ignore[arg-type]
+    )  # fmt: skip
+    batch_mean = elbo_terms(output, x, mu, logvar, likelihood=likelihood, **common)  # type: ignore[arg-type]
+    assert not torch.isclose(expected.kl_objective, batch_mean.kl_objective)  # not vacuous
     for name in ("objective", "reconstruction", "kl_objective", "free_bits_floor_dims"):
         torch.testing.assert_close(getattr(terms, name).detach(), getattr(expected, name))
+
+
+def test_the_step_checks_the_objective_it_back_propagated() -> None:
+    """``VAE_CHECKS`` is (objective, grad_norm): a non-finite objective is caught even where
+    the −ELBO beside it is finite (β·KL can overflow where KL does not)."""
+    from trainers.losses import ELBOTerms
+    from trainers.steps import VAE_CHECKS, VAE_STEP_STATS, vae_step_stats
+
+    values = dict.fromkeys(ELBOTerms._fields, torch.tensor(1.0)) | {
+        "objective": torch.tensor(math.inf),
+        "beta": 1.0,
+    }
+    stats, checks = vae_step_stats(ELBOTerms(**values), torch.tensor(2.0), torch.tensor(0.0))
+    assert VAE_CHECKS == ("objective", "grad_norm")
+    assert checks.tolist() == [math.inf, 2.0]
+    assert dict(zip(VAE_STEP_STATS, stats.tolist(), strict=True)) == {
+        "train_loss": math.inf, "train_neg_elbo": 1.0, "train_recon": 1.0, "train_kl": 1.0,
+        "free_bits_floor_dims": 1.0, "grad_norm": 2.0, "clipped": 0.0,
+    }  # fmt: skip
