@@ -494,3 +494,24 @@ def test_bounds_are_the_ends_of_a_range_or_every_choice() -> None:
     ends = Param("i", "int", 2.0, 6.0).bounds()
     assert ends == (2, 6) and all(type(v) is int for v in ends)
     assert Param("f", "float", 0.25, 0.75).bounds() == (0.25, 0.75)
+
+
+def test_a_cross_field_refusal_is_named_without_pydantic_s_prefix() -> None:
+    spec = _spec(drop=["max_lr_factor"])
+    with pytest.raises(InvalidSpec) as caught:
+        resolve_config(spec, {"lr_policy": "triangular"})
+    assert caught.value.field == "config"
+    assert caught.value.reason == "`max_lr` is required by lr_policy='triangular'"
+
+
+def test_the_batch_fit_counts_the_default_synthetic_size_and_a_searched_batch() -> None:
+    # synthetic_size left at its default, 512: 410 training examples (80/10/10)
+    assert _refusal(dataset="synthetic", fixed={"batch_size": 512}) == (
+        "fixed.batch_size",
+        "batch sizes [512] exceed the 410 training examples of 'synthetic' (synthetic_size 512)",
+    )
+    # the searched sizes decide, not the default 128 that would fit
+    assert _refusal(dataset="synthetic", search_space={"batch_size": {"choices": [256, 512]}}) == (
+        "search_space.batch_size",
+        "batch sizes [512] exceed the 410 training examples of 'synthetic' (synthetic_size 512)",
+    )
