@@ -55,6 +55,21 @@ MUTANTS: dict[str, Mutant] = {
         "tests/service/test_search_space_conditions.py::"
         "test_children_are_sampled_exactly_when_their_parent_uses_them",
     ),
+    # β1 cycled with the cosine policy is right at a cycle's ends only (mutmut's survivor)
+    "cycled_beta1_ignores_the_cosine_shape": Mutant(
+        "trainers/schedules.py",
+        "return s.beta1_max - swing * _cosine_height(step, s)",
+        "return s.beta1_max - swing / _cosine_height(step, s)",
+        "tests/trainers/test_schedules.py::test_cycled_beta1_inside_a_cosine_cycle_mirrors_the_lr",
+    ),
+    # a log-scaled range starting at 0 accepted (Optuna would raise at the first sample)
+    "search_space_log_range_from_zero": Mutant(
+        "hpo_service/search_space.py",
+        "if param.log and param.low <= 0:",
+        "if param.log and param.low < 0:",
+        "tests/service/test_search_space_rules.py::"
+        "test_a_bad_range_is_refused_naming_the_field_and_the_reason",
+    ),
     # the KL's μ² term with the wrong sign (Kingma & Welling 2014, App. B)
     "kl_mu_squared_sign": Mutant(
         "trainers/losses.py",

@@ -10,6 +10,7 @@ for ``train()``'s step and for the population trainer's fused step.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -200,19 +201,44 @@ def test_build_optimizer_carries_the_config_s_optimizer_and_settings(
     """Class, β1/β2, ε, decay on weights only, and decoupled decay for RAdam; the LR placeholder
     is the base LR. None of these change a first Adam step's size, so the update tests above
     cannot see them."""
-    cfg = cfg_of(train_device, optimizer=name, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.05)
+    # base_lr 2e-3, not torch's default 1e-3, so a dropped `lr=` shows
+    cfg = cfg_of(
+        train_device, optimizer=name, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.05,
+        base_lr=2e-3,
+    )  # fmt: skip
     device = torch.device(train_device)
     vae = build_vae(cfg, (1, 8, 8)).to(device)
     optimizer = build_optimizer(vae, cfg, device)
     assert type(optimizer) is cls
     weights, biases = optimizer.param_groups
     for group in (weights, biases):
-        assert group["betas"] == (0.8, 0.99) and group["eps"] == 1e-6 and group["lr"] == 1e-3
+        assert group["betas"] == (0.8, 0.99) and group["eps"] == 1e-6 and group["lr"] == 2e-3
     assert weights["weight_decay"] == 0.05 and biases["weight_decay"] == 0.0
     assert all(p.ndim >= 2 for p in weights["params"]) and all(p.ndim < 2 for p in biases["params"])
     assert len(weights["params"]) + len(biases["params"]) == len(list(vae.parameters()))
     if name == "radam":
         assert optimizer.defaults["decoupled_weight_decay"] is True
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "radam"])
+def test_build_optimizer_uses_the_measured_kernels(name: str, train_device: str) -> None:
+    """docs/benchmarks.md: the fused single-kernel Adam/AdamW by default on CPU and CUDA (the
+    multi-tensor kernels spent about 3× as long in the optimizer); multi-tensor ``foreach``
+    when asked (``fused=False``), on other device types, and for RAdam (torch has no fused
+    RAdam). A wrong choice changes no result, only the speed, so only this test sees it."""
+    cfg = cfg_of(train_device, optimizer=name)
+    device = torch.device(train_device)
+    vae = build_vae(cfg, (1, 8, 8)).to(device)
+
+    def kernels(optimizer: torch.optim.Optimizer) -> tuple[object, object]:
+        return optimizer.defaults.get("fused"), optimizer.defaults.get("foreach")
+
+    multi_tensor = (None, True)
+    default = multi_tensor if name == "radam" else (True, None)
+    assert kernels(build_optimizer(vae, cfg, device)) == default
+    assert kernels(build_optimizer(vae, cfg, device, fused=False)) == multi_tensor
+    # a device type without fused kernels here (the parameters stay where they are)
+    assert kernels(build_optimizer(vae, cfg, torch.device("meta"))) == multi_tensor
 
 
 def test_set_schedule_cycles_beta1_inversely_to_the_lr_and_keeps_beta2(train_device: str) -> None:
@@ -249,3 +275,79 @@ def test_clipping_fires_only_above_the_threshold_and_by_value(train_device: str)
     assert clip([3.0, 4.0], 0.0, 3.5) == (pytest.approx(5.0), 1.0)  # by value only
     assert p.grad.tolist() == [3.0, 3.5]
     assert clip([3.0, -4.0], 0.0, 4.0) == (pytest.approx(5.0), 0.0)  # |−4| is not above 4
+    # a limit below 1 (small gradients): clipped by value, the sign kept
+    assert clip([0.3, -0.8], 0.0, 0.5) == (pytest.approx(0.8544, abs=1e-4), 1.0)
+    assert p.grad.tolist() == pytest.approx([0.3, -0.5])
+
+
+def test_a_skipped_gated_step_keeps_the_parameters_and_feeds_adam_a_zero_gradient(
+    train_device: str,
+) -> None:
+    """The VAE-GAN's equilibrium rule (``steps._gated_step``): a skipped module's parameters
+    are restored, and its Adam moments see a zero gradient (they decay), not the gradient of
+    the step it skipped; a passing gate steps as usual."""
+    from trainers.steps import _gated_step
+
+    device = torch.device(train_device)
+    p = torch.nn.Parameter(torch.tensor([0.5, -1.0, 2.0], device=device))
+    optimizer = torch.optim.Adam([p], lr=0.1)
+    before = p.detach().clone()
+    p.grad = torch.ones(3, device=device)
+    _gated_step(optimizer, [p], torch.tensor(False, device=device))
+    assert torch.equal(p.detach(), before)
+    assert torch.equal(optimizer.state[p]["exp_avg"], torch.zeros(3, device=device))
+    p.grad = torch.ones(3, device=device)
+    _gated_step(optimizer, [p], torch.tensor(True, device=device))
+    assert torch.all(p.detach() < before)  # Adam's step against a positive gradient
+    assert torch.all(optimizer.state[p]["exp_avg"] > 0)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_the_step_s_loss_is_the_config_s_likelihood_and_free_bits(
+    likelihood: str, train_device: str
+) -> None:
+    """``vae_loss_fn`` carries the config's likelihood, σ, β and free bits into the terms the
+    step back-propagates: the same forward's terms as ``elbo_terms`` with those settings. λ is
+    the median of the batch's per-dim KLs, where the global mode and the default
+    (batch-mean) mode give different values, so a dropped mode shows."""
+    from trainers.losses import elbo_terms, gaussian_kl_per_dim
+
+    device = torch.device(train_device)
+    plain = cfg_of(train_device, likelihood=likelihood, gaussian_std=0.3)
+    vae = build_vae(plain, (1, 8, 8)).to(device)
+    x, eps = batch(plain, device, seed=5)
+    with torch.no_grad():
+        mu, logvar, output = vae(x, eps)
+    lam = float(gaussian_kl_per_dim(mu, logvar).mean(0).median())
+    cfg = cfg_of(
+        train_device, likelihood=likelihood, gaussian_std=0.3, free_bits=lam,
+        free_bits_mode="global",
+    )  # fmt: skip
+    terms = vae_loss_fn(vae, cfg, amp_context(cfg, device))(x, eps, 0.5)
+    common: dict[str, Any] = {"beta": 0.5, "gaussian_std": 0.3, "free_bits": lam}
+    expected = elbo_terms(
+        output, x, mu, logvar, likelihood=likelihood, free_bits_mode="global", **common,  # type: ignore[arg-type]
+    )  # fmt: skip
+    batch_mean = elbo_terms(output, x, mu, logvar, likelihood=likelihood, **common)  # type: ignore[arg-type]
+    assert not torch.isclose(expected.kl_objective, batch_mean.kl_objective)  # not vacuous
+    for name in ("objective", "reconstruction", "kl_objective", "free_bits_floor_dims"):
+        torch.testing.assert_close(getattr(terms, name).detach(), getattr(expected, name))
+
+
+def test_the_step_checks_the_objective_it_back_propagated() -> None:
+    """``VAE_CHECKS`` is (objective, grad_norm): a non-finite objective is caught even where
+    the −ELBO beside it is finite (β·KL can overflow where KL does not)."""
+    from trainers.losses import ELBOTerms
+    from trainers.steps import VAE_CHECKS, VAE_STEP_STATS, vae_step_stats
+
+    values = dict.fromkeys(ELBOTerms._fields, torch.tensor(1.0)) | {
+        "objective": torch.tensor(math.inf),
+        "beta": 1.0,
+    }
+    stats, checks = vae_step_stats(ELBOTerms(**values), torch.tensor(2.0), torch.tensor(0.0))
+    assert VAE_CHECKS == ("objective", "grad_norm")
+    assert checks.tolist() == [math.inf, 2.0]
+    assert dict(zip(VAE_STEP_STATS, stats.tolist(), strict=True)) == {
+        "train_loss": math.inf, "train_neg_elbo": 1.0, "train_recon": 1.0, "train_kl": 1.0,
+        "free_bits_floor_dims": 1.0, "grad_norm": 2.0, "clipped": 0.0,
+    }  # fmt: skip

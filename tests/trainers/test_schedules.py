@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 
+from trainers.cli import describe_kl
 from trainers.config import TrainConfig
 from trainers.schedules import (
     KLSchedule,
@@ -427,3 +428,176 @@ def test_matches_torch_one_cycle(three_phase: bool, epochs: int, spe: int, pct: 
     for t, (b_lr, b_beta) in enumerate(zip(torch_lrs, torch_betas, strict=True)):
         assert close(learning_rate(t, cycled), b_lr), t
         assert close(beta1_at(t, cycled) or 0.0, b_beta), t
+
+
+# --- settings refused and accepted, built from a config, held past their end (issue 17:
+# mutmut's survivors in trainers/schedules.py) -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"warmup_steps": -1}, "`warmup_steps` must be non-negative (got -1)"),
+        ({"cycle_steps": 0}, "`cycle_steps` must be at least 1 (got 0)"),
+        ({"ratio": 0.0}, "`ratio` must be in (0, 1] (got 0.0)"),
+        ({"ratio": 1.01}, "`ratio` must be in (0, 1] (got 1.01)"),
+        ({"beta_min": 0.6}, "`beta_min` (0.6) must not exceed `beta_target` (0.5)"),
+    ],
+)
+def test_a_kl_schedule_refuses_settings_outside_their_range_naming_them(
+    settings: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError) as caught:
+        KLSchedule(kind="cyclical", beta_target=0.5, **settings)
+    assert str(caught.value) == message
+
+
+def test_a_kl_schedule_accepts_each_limit_itself() -> None:
+    """One-step cycles, a full-cycle rise (R = 1) and β_min = β_target are valid settings."""
+    s = KLSchedule(kind="cyclical", beta_target=0.5, beta_min=0.5, cycle_steps=1, ratio=1.0)
+    assert [kl_beta(t, s) for t in range(3)] == [0.5, 0.5, 0.5]
+
+
+def test_the_config_s_kl_schedule_in_steps() -> None:
+    cfg = config(
+        epochs=10, kl_schedule="cyclical", kl_cycles=3, kl_ratio=0.4, kl_ramp="cosine",
+        beta_target=2.0, beta_min=0.1, kl_warmup_epochs=1.5,
+    )  # fmt: skip
+    s = kl_schedule_from_config(cfg, 7)
+    assert s == KLSchedule(
+        kind="cyclical",
+        beta_target=2.0,
+        beta_min=0.1,
+        warmup_steps=11,
+        total_steps=70,
+        cycle_steps=24,
+        ratio=0.4,
+        ramp="cosine",
+    )  # fmt: skip  (P = ⌈70/3⌉ = 24; 1.5 epochs of 7 steps = 10.5 → 11)
+    # what `hpo-train schedule` prints from it: ⌈T/P⌉ cycles of P steps
+    assert describe_kl(s).startswith("KL cyclical: 3 cycles of 24 steps")
+
+
+def test_more_cycles_than_steps_restart_beta_at_every_step() -> None:
+    """T = 2 steps, M = 4 cycles: P = max(1, ⌈2/4⌉) = 1, each step starts a cycle at β_min."""
+    cfg = config(epochs=1, kl_schedule="cyclical", kl_cycles=4, beta_min=0.25)
+    s = kl_schedule_from_config(cfg, 2)
+    assert s.cycle_steps == 1
+    assert [kl_beta(t, s) for t in range(4)] == [0.25] * 4
+
+
+@pytest.mark.parametrize("shape", ["linear", "cosine", "sigmoid"])
+def test_a_ramp_is_held_at_its_ends_outside_zero_to_one(shape: Any) -> None:
+    assert ramp(1.5, shape) == ramp(1.0, shape) == 1.0
+    assert ramp(-0.5, shape) == ramp(0.0, shape) == 0.0
+
+
+def test_an_unknown_ramp_shape_is_named() -> None:
+    with pytest.raises(ValueError) as caught:
+        ramp(0.5, "square")  # type: ignore[arg-type]
+    assert str(caught.value) == "unknown ramp shape 'square'"
+
+
+@pytest.mark.parametrize("three_phase", [False, True])
+def test_one_cycle_holds_its_final_lr_and_beta1_past_the_run(three_phase: bool) -> None:
+    cfg = config(
+        epochs=2, lr_policy="one_cycle", max_lr=1e-2, cycle_beta1=True,
+        one_cycle_three_phase=three_phase,
+    )  # fmt: skip
+    s = lr_schedule_from_config(cfg, 5)
+    last = s.total_steps - 1
+    final = (learning_rate(last, s), beta1_at(last, s))
+    assert final[0] == pytest.approx(s.one_cycle_min_lr, rel=1e-9)
+    for t in (last + 1, last + 2, last + 10):
+        assert (learning_rate(t, s), beta1_at(t, s)) == final
+
+
+def test_cycled_beta1_inside_a_cosine_cycle_mirrors_the_lr() -> None:
+    """β1 = β1_max − (β1_max − β1_min)·h(t), h the cosine height the LR uses (Smith & Topin
+    2017): at every step of a cycle, not only at its ends (where h is 0 or 1)."""
+    cfg = config(
+        epochs=4, lr_policy="cosine", base_lr=1e-3, max_lr=5e-3, lr_cosine_cycles=2,
+        cycle_beta1=True, beta1_min=0.85, beta1_max=0.95,
+    )  # fmt: skip
+    s = lr_schedule_from_config(cfg, 10)
+    for t in range(s.total_steps):
+        height = (learning_rate(t, s) - 1e-3) / (5e-3 - 1e-3)
+        assert beta1_at(t, s) == pytest.approx(0.95 - 0.1 * height, abs=1e-12), t
+    quarter = beta1_at(5, s)  # a quarter into a 20-step cycle: h = ½(1 + cos(π/4))
+    assert quarter == pytest.approx(0.95 - 0.1 * 0.5 * (1 + math.cos(math.pi / 4)))
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"total_steps": 0}, "`total_steps` must be at least 1 (got 0)"),
+        ({"base_lr": 0.0}, "`base_lr` and `max_lr` must be positive (got 0.0, 1.0)"),
+        ({"max_lr": 0.0}, "`base_lr` and `max_lr` must be positive (got 1.0, 0.0)"),
+        ({"step_size": 0}, "`step_size` must be at least 1 (got 0)"),
+        ({"steps_per_epoch": 0}, "`steps_per_epoch` must be at least 1 (got 0)"),
+        ({"half_cycle_steps": 0}, "`half_cycle_steps` must be at least 1 (got 0)"),
+        ({"cosine_cycles": 0}, "`cosine_cycles` must be at least 1 (got 0)"),
+        ({"warmup_steps": -1}, "`warmup_steps` must be non-negative (got -1)"),
+    ],
+)
+def test_an_lr_schedule_refuses_settings_outside_their_range_naming_them(
+    settings: dict[str, Any], message: str
+) -> None:
+    values: dict[str, Any] = {"policy": "cosine", "base_lr": 1.0, "max_lr": 1.0, "total_steps": 5}
+    with pytest.raises(ValueError) as caught:
+        LRSchedule(**values | settings)
+    assert str(caught.value) == message
+
+
+def test_an_lr_schedule_accepts_each_limit_itself() -> None:
+    """A one-step run, the smallest positive LRs, one-step periods, no warm-up."""
+    s = LRSchedule(policy="triangular", base_lr=1e-12, max_lr=2e-12, total_steps=1)
+    assert learning_rate(0, s) == 1e-12
+    assert learning_rate(0, LRSchedule(policy="constant", base_lr=3.0, max_lr=1e-9, total_steps=1))
+
+
+def test_another_group_s_base_lr_must_be_positive() -> None:
+    with pytest.raises(ValueError) as caught:
+        lr_schedule_from_config(config(), 10, base_lr=0.0)
+    assert str(caught.value) == "`base_lr` must be positive (got 0.0)"
+    assert lr_schedule_from_config(config(), 10, base_lr=1e-9).base_lr == 1e-9
+
+
+def test_an_unknown_lr_policy_is_named() -> None:
+    s = LRSchedule(policy="warp", base_lr=1.0, max_lr=1.0, total_steps=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError) as caught:
+        learning_rate(0, s)
+    assert str(caught.value) == "unknown LR policy 'warp'"
+
+
+def test_one_step_per_epoch_and_batches_of_one_are_valid() -> None:
+    cfg = config(epochs=3, lr_policy="step", lr_step_epochs=1.0, lr_decay_gamma=0.5)
+    lr = lr_schedule_from_config(cfg, 1)
+    assert [learning_rate(t, lr) for t in range(3)] == [1e-3, 5e-4, 2.5e-4]
+    assert kl_schedule_from_config(cfg, 1).total_steps == 3
+    # LRs scale to a batch of one, and from a reference batch of one
+    assert lr_scale_factor(1, 128, "linear") == 1 / 128
+    assert lr_scale_factor(128, 1, "sqrt") == math.sqrt(128)
+    with pytest.raises(ValueError) as caught:
+        lr_scale_factor(64, 128, "cubic")  # type: ignore[arg-type]
+    assert str(caught.value) == "`rule` must be 'linear', 'sqrt' or 'none' (got 'cubic')"
+
+
+def test_periods_shorter_than_a_step_become_one_step() -> None:
+    """0.1 epoch of 5 steps rounds to 1 step (half up): a decay every step, a CLR half cycle
+    of one step (base, max, base, … — Smith 2017's triangle at its finest)."""
+    step = lr_schedule_from_config(
+        config(lr_policy="step", lr_step_epochs=0.1, lr_decay_gamma=0.5), 5
+    )
+    assert [learning_rate(t, step) for t in range(3)] == [1e-3, 5e-4, 2.5e-4]
+    clr = lr_schedule_from_config(
+        config(lr_policy="triangular", max_lr=4e-3, lr_half_cycle_epochs=0.1), 5
+    )
+    assert [learning_rate(t, clr) for t in range(4)] == pytest.approx([1e-3, 4e-3, 1e-3, 4e-3])
+
+
+def test_a_policy_without_a_peak_ignores_max_lr() -> None:
+    """``max_lr`` equals ``base_lr`` for the policies that do not use it (LRSchedule)."""
+    for policy in ("constant", "step", "exponential"):
+        s = lr_schedule_from_config(config(lr_policy=policy, max_lr=5e-3), 10)
+        assert s.max_lr == s.base_lr == 1e-3, policy

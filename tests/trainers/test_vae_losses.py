@@ -11,6 +11,7 @@ from trainers.losses import (
     elbo_terms,
     free_bits_kl,
     gaussian_kl_per_dim,
+    member_free_bits_kl,
     reconstruction_nll,
 )
 
@@ -176,3 +177,78 @@ def test_the_default_free_bits_mode_is_batch_mean_per_group() -> None:
     assert default.kl_objective.item() != pytest.approx(other.kl_objective.item())
     fallen_through = elbo_terms(logits, x, mu, logvar, **common, free_bits_mode="global")
     assert default.kl_objective.item() != pytest.approx(fallen_through.kl_objective.item())
+
+
+@pytest.mark.parametrize("mode", ["batch_mean_per_group", "per_example_per_group", "global"])
+def test_a_kl_exactly_at_the_floor_is_not_counted_as_held_there(mode: str) -> None:
+    """At KL = λ the clamp still passes the gradient (``clamp``'s is 1 at its bound), so the
+    group is not held at the floor: the count, which reports "groups the floor holds", says 0
+    — alone and stacked (a member with λ = 0 beside it). 0.5 is exact in fp32."""
+    kl = torch.full((2, 2), 0.5, requires_grad=True)
+    value, floor = free_bits_kl(kl, 0.5, mode)  # type: ignore[arg-type]
+    (grad,) = torch.autograd.grad(value, kl)
+    assert floor.item() == 0.0
+    assert torch.equal(grad, torch.full((2, 2), 0.5))
+    stacked = torch.full((2, 2, 2), 0.5)
+    _, floors = member_free_bits_kl(stacked, torch.tensor([0.5, 0.0]), [mode, mode])  # type: ignore[list-item]
+    assert floors.tolist() == [0.0, 0.0]
+    # just above the floor's value, the same KL is held: counted (all 2 dims, or 2 per example)
+    _, above = free_bits_kl(kl.detach(), 0.5001, mode)  # type: ignore[arg-type]
+    assert above.item() == 2.0
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_elbo_terms_are_the_likelihood_s_nll_plus_the_analytic_kl(likelihood: str) -> None:
+    """Against torch.distributions, per example then averaged (Kingma & Welling 2014, Eq. 3):
+    reconstruction = −E log p(x|z) under the named likelihood, KL = KL(N(μ, σ²) ‖ N(0, I))."""
+    gen = torch.Generator().manual_seed(13)
+    x = torch.rand(6, 5, generator=gen)
+    output = torch.randn(6, 5, generator=gen)
+    mu, logvar = torch.randn(6, 3, generator=gen), 0.5 * torch.randn(6, 3, generator=gen)
+    terms = elbo_terms(
+        output, x, mu, logvar, beta=1.0, likelihood=likelihood,  # type: ignore[arg-type]
+        gaussian_std=0.4,
+    )  # fmt: skip
+    if likelihood == "bernoulli":
+        # x in [0, 1], not {0, 1}: the cross-entropy relaxation (losses.reconstruction_nll)
+        bernoulli = torch.distributions.Bernoulli(logits=output, validate_args=False)
+        log_lik = bernoulli.log_prob(x)
+    else:
+        log_lik = torch.distributions.Normal(output, 0.4).log_prob(x)
+    q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    kl = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).sum(-1)
+    torch.testing.assert_close(terms.reconstruction, -log_lik.sum(-1).mean())
+    torch.testing.assert_close(terms.kl_total, kl.mean())
+    torch.testing.assert_close(terms.neg_elbo, -log_lik.sum(-1).mean() + kl.mean())
+
+
+def test_per_member_modes_without_a_tensor_of_lambdas_are_refused() -> None:
+    kl_input = torch.zeros(2, 3, 4)
+    with pytest.raises(TypeError, match=r"^per-member free-bits modes need a \(K,\) tensor of λ$"):
+        elbo_terms(
+            kl_input, kl_input, kl_input[..., :2], kl_input[..., :2], beta=1.0,
+            likelihood="bernoulli", gaussian_std=1.0, free_bits=0.5,
+            free_bits_mode=["global", "global"],
+        )  # fmt: skip
+
+
+def test_free_bits_reduce_dims_then_examples_when_they_differ_in_number() -> None:
+    """N = 3 examples, d = 2 dims (unequal, so summing over the wrong axis shows), λ = 0.3 and
+    0.4, values worked by hand (VAE_DEFINITIONS §3.2)."""
+    kl = torch.tensor([[0.0, 0.9], [0.2, 0.4], [0.6, 0.1]])
+    # per example: rows clamp to 0.3+0.9, 0.3+0.4, 0.6+0.3 → mean 2.8/3; one pair below λ each
+    value, floor = free_bits_kl(kl, 0.3, "per_example_per_group")
+    assert value.item() == pytest.approx(2.8 / 3) and floor.item() == pytest.approx(1.0)
+    # global: totals 0.9, 0.6, 0.7 → mean 2.2/3 ≈ 0.733, under the floor λ·d = 0.8: clamped,
+    # and all d dims count as held
+    value, floor = free_bits_kl(kl, 0.4, "global")
+    assert value.item() == pytest.approx(0.8) and floor.item() == 2.0
+    value, floor = free_bits_kl(kl, 0.3, "global")  # floor 0.6 < 0.733: not clamped
+    assert value.item() == pytest.approx(2.2 / 3) and floor.item() == 0.0
+
+
+def test_a_stack_without_free_bits_gives_one_value_per_member() -> None:
+    kl = torch.rand(4, 6, 3, generator=torch.Generator().manual_seed(17))
+    value, floor = free_bits_kl(kl, 0.0, "batch_mean_per_group")
+    assert value.shape == floor.shape == (4,)
+    torch.testing.assert_close(value, kl.sum(-1).mean(-1))

@@ -146,3 +146,47 @@ def test_active_unit_variances_are_unbiased_and_the_threshold_is_strict() -> Non
     torch.testing.assert_close(variances, torch.tensor([0.0, 4.0 / 3.0, 16.0 / 3.0]))
     exact = torch.tensor([[0.0], [2.0]])  # variance exactly 2.0
     assert active_units(exact, 2.0).item() == 0 and active_units(exact, 1.999).item() == 1
+
+
+@pytest.mark.parametrize(("k", "rows_per_chunk"), [(10, 32), (3, 1), (4, 2)])
+def test_is_nll_chunks_hold_the_row_bound_and_cover_each_example_once(
+    k: int, rows_per_chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several examples per chunk (10 samples in 32 rows: 3 examples), and the bound down to
+    one row at a time: never more rows decoded at once, every example exactly k samples, one
+    estimate per example in order (the same chunking's estimates of the same examples)."""
+    torch.manual_seed(0)
+    vae = mlp_vae(input_dim=6, hidden_sizes=(8,), latent_dim=2, act="tanh")
+    x = torch.rand(7, 6, generator=torch.Generator().manual_seed(1))
+    rows: list[int] = []
+    real_decode = VAE.decode
+
+    def counting(self: VAE, z: torch.Tensor) -> torch.Tensor:
+        rows.append(z.shape[0])
+        return real_decode(self, z)
+
+    monkeypatch.setattr(VAE, "decode", counting)
+
+    def nll(data: torch.Tensor) -> torch.Tensor:
+        return importance_sampled_nll(
+            vae, data, k=k, likelihood="bernoulli", gaussian_std=1.0,
+            generator=torch.Generator().manual_seed(2), rows_per_chunk=rows_per_chunk,
+        )  # fmt: skip
+
+    all_at_once = nll(x)
+    assert max(rows) <= rows_per_chunk
+    assert sum(rows) == 7 * k
+    assert all_at_once.shape == (7,) and bool(torch.isfinite(all_at_once).all())
+    # the first chunk's examples alone get the same estimates (same generator, same chunks)
+    first = max(1, rows_per_chunk // k)
+    torch.testing.assert_close(nll(x[:first]), all_at_once[:first])
+
+
+def test_is_nll_refuses_zero_samples_naming_the_count() -> None:
+    vae = mlp_vae(4, (4,), 2, "relu")
+    with pytest.raises(ValueError) as caught:
+        importance_sampled_nll(
+            vae, torch.rand(2, 4), k=0, likelihood="bernoulli", gaussian_std=1.0,
+            generator=torch.Generator(),
+        )  # fmt: skip
+    assert str(caught.value) == "`k` must be at least 1 (got 0)"
