@@ -161,14 +161,25 @@ def _is_power_of_two(value: Any) -> bool:
 
 
 def _apply_override(name: str, base: Param | None, override: ParamSpec) -> Param:
-    kind = (
-        override.type
-        or ("categorical" if override.choices is not None else (base.kind if base else None))
-        or _field_kind(name)
-    )
+    ranged = override.low is not None or override.high is not None
+    if override.type:
+        kind = override.type
+    elif override.choices is not None:
+        kind = "categorical"
+    elif ranged and (base is None or base.kind == "categorical"):
+        # a range over a parameter whose default is a set of choices (the batch size): the
+        # field's own kind, never the default's choices kept and the range silently dropped
+        kind = _field_kind(name)
+    else:
+        kind = base.kind if base else _field_kind(name)
     if base is None:
         base = Param(name, kind)
     if kind == "categorical":
+        if ranged:
+            raise InvalidSpec(
+                f"search_space.{name}",
+                "`low`/`high` are for numbers: give `choices` for a categorical parameter",
+            )
         choices = override.choices if override.choices is not None else base.choices
         if choices is None:
             raise InvalidSpec(f"search_space.{name}", "a categorical parameter needs `choices`")
@@ -396,8 +407,13 @@ def check_spec(spec: StudySpec) -> list[Param]:
             try:
                 resolve_config(spec, probe)
             except InvalidSpec as error:
+                # Every other parameter is at its first value in the probe: when the trainer
+                # names one of those, the fault is that one's end, not the parameter probed.
+                culprit = error.field if error.field in probe else param.name
                 raise InvalidSpec(
-                    f"search_space.{param.name}", f"value {value!r} is invalid: {error.reason}"
+                    f"search_space.{culprit}",
+                    f"value {value if culprit == param.name else probe[culprit]!r} is invalid: "
+                    f"{error.reason}",
                 ) from error
     return space
 
