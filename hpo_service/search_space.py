@@ -162,6 +162,7 @@ def _is_power_of_two(value: Any) -> bool:
 
 def _apply_override(name: str, base: Param | None, override: ParamSpec) -> Param:
     ranged = override.low is not None or override.high is not None
+    kind: str
     if override.type:
         kind = override.type
     elif override.choices is not None:
