@@ -9,10 +9,13 @@ It writes one JSON line per answer to stdout, so a test can count statuses and s
 completions the server acknowledged.
 
     python protocol_worker.py URL TOKEN WORKER_ID [--epochs 3] [--epoch-s 0.3]
-        [--after-lease hang] [--idle-exit 5]
+        [--after-lease hang] [--idle-exit 5] [--exit-when-idle]
 
 Transport errors and 503s are retried (after ``Retry-After``), as ``hpo-worker`` does.
 ``--after-lease hang`` leases one trial, says so, and then never heartbeats (to be SIGKILLed).
+``--exit-when-idle`` exits (0) at the first empty lease answer whose ``HPO-Work`` header says
+``idle`` (no study can give work now), as ``hpo-worker --exit-when-idle`` does, instead of after
+``--idle-exit`` seconds without work.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ import time
 from typing import Any
 
 import httpx
+
+#: The empty lease answer's header (``hpo_service.schemas.worker.WORK_HEADER``), spelled out so
+#: this process imports httpx only and starts fast.
+WORK_HEADER = "HPO-Work"
 
 
 def emit(**record: Any) -> None:
@@ -54,11 +61,21 @@ class Worker:
                 return response
             time.sleep(min(float(response.headers.get("retry-after", "1")), 1.0))
 
-    def run(self, epochs: int, epoch_s: float, after_lease: str | None, idle_exit_s: float) -> int:
+    def run(
+        self,
+        epochs: int,
+        epoch_s: float,
+        after_lease: str | None,
+        idle_exit_s: float,
+        exit_when_idle: bool = False,
+    ) -> int:
         idle_since = time.monotonic()
         while True:
             granted = self.call("/v1/leases", {"worker_id": self.worker_id, "wait_s": 1})
             if granted.status_code == 204:
+                if exit_when_idle and granted.headers.get(WORK_HEADER) == "idle":
+                    emit(event="idle_exit")
+                    return 0
                 if time.monotonic() - idle_since > idle_exit_s:
                     return 0
                 continue
@@ -109,9 +126,12 @@ def main() -> int:
     parser.add_argument("--epoch-s", type=float, default=0.3)
     parser.add_argument("--after-lease", choices=["hang"], default=None)
     parser.add_argument("--idle-exit", type=float, default=5.0)
+    parser.add_argument("--exit-when-idle", action="store_true")
     args = parser.parse_args()
     worker = Worker(args.url, args.token, args.worker_id)
-    return worker.run(args.epochs, args.epoch_s, args.after_lease, args.idle_exit)
+    return worker.run(
+        args.epochs, args.epoch_s, args.after_lease, args.idle_exit, args.exit_when_idle
+    )
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def test_a_worker_killed_mid_trial_repeatedly(server: Server, tmp_path: Path) ->
         print(f"kill {kill}: trial {orphan} failed {_finished_at(reaped) - killed_at:.1f} s later")
 
     healthy = ProtocolWorker(
-        server.url, "healthy", tmp_path, "--epochs", "2", "--epoch-s", "0.05", "--idle-exit", "3"
+        server.url, "healthy", tmp_path, "--epochs", "2", "--epoch-s", "0.05", "--exit-when-idle"
     )
     wait_for(lambda: study_info(server.url, "chaos")["state"] == "completed", 90, "the study")
     assert healthy.finish() == 0, healthy.records()[-5:]
@@ -134,7 +134,7 @@ def test_a_server_killed_mid_sweep_and_restarted(server: Server, tmp_path: Path)
     _create(server.url, budget={"n_trials": n_trials, "max_concurrent": 2}, max_retries=3)
     workers = [
         ProtocolWorker(
-            server.url, f"w{i}", tmp_path, "--epochs", "3", "--epoch-s", "0.2", "--idle-exit", "4"
+            server.url, f"w{i}", tmp_path, "--epochs", "3", "--epoch-s", "0.2", "--exit-when-idle"
         )
         for i in range(2)
     ]

@@ -23,6 +23,12 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         run_scheduler=False,  # likewise, schedule tests tick a simulated clock themselves
         long_poll_step_s=0.05,
         db_connect_retries=0,
+        # No diagnostics plots: each app would spawn a drawing process (a matplotlib import at
+        # nice 19) on its first report, and its shutdown waits for the drawing under way, which
+        # made teardowns of 4 s alone and up to 40 s on a loaded box. The plots are tested where
+        # they are the point (test_history.py sets diagnostics_plot_every itself), and the real
+        # servers of the end-to-end tests keep the default.
+        diagnostics_plot_every=0,
     )
 
 

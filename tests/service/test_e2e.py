@@ -1,5 +1,14 @@
 """End to end: a real `hpo serve` process, real `hpo-worker` processes training tiny VAEs, and a
-worker killed with SIGKILL mid-trial — on SQLite and PostgreSQL."""
+worker killed with SIGKILL mid-trial — on PostgreSQL, the deployment where workers on several
+machines train.
+
+One backend is enough here: what this test alone checks is the real trainer's side (a worker that
+dies mid-epoch, two that take over and exit cleanly, real −ELBO values), which no backend changes.
+What a backend could change is checked on each elsewhere: a dead lease failed and retried with the
+same parameters (``test_reaping.py``, both backends, at every write), a SIGKILLed worker of a real
+`hpo serve` process on SQLite (``chaos/test_kills.py``) and on PostgreSQL across replicas
+(``test_replicas.py::test_both_replicas_reap_but_a_vanished_worker_is_retried_once``), and real
+`hpo-worker` processes on SQLite (``test_cli_demo.py``)."""
 
 from __future__ import annotations
 
@@ -22,6 +31,8 @@ from live import serve_process, stop
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 N_TRIALS = 5
+#: Epochs per trial: the doomed worker is killed after its first, with three still to train.
+EPOCHS = 4
 
 
 def _wait_for(predicate: Any, timeout_s: float, what: str) -> Any:
@@ -51,7 +62,9 @@ def server(database_url: str, tmp_path: Path) -> Iterator[str]:
         yield url
 
 
-def start_worker(url: str, worker_id: str, tmp_path: Path) -> subprocess.Popen[bytes]:
+def start_worker(
+    url: str, worker_id: str, tmp_path: Path, *, exit_when_idle: bool = False
+) -> subprocess.Popen[bytes]:
     log = (tmp_path / f"{worker_id}.log").open("wb")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
@@ -69,8 +82,9 @@ def start_worker(url: str, worker_id: str, tmp_path: Path) -> subprocess.Popen[b
             "cpu",
             "--wait",
             "1",
-            "--idle-exit",
-            "6",
+            # The workers that finish the study leave as soon as the server says it is done
+            # (not after a fixed idle time); the doomed one waits, to be killed mid-trial.
+            *(["--exit-when-idle"] if exit_when_idle else ["--idle-exit", "6"]),
         ],
         env=env,
         stdout=log,
@@ -78,12 +92,13 @@ def start_worker(url: str, worker_id: str, tmp_path: Path) -> subprocess.Popen[b
     )
 
 
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_two_workers_and_a_sigkill(server: str, database_url: str, tmp_path: Path) -> None:
     http = httpx.Client(base_url=server, headers=ADMIN, timeout=30)
     spec = {
         "name": "e2e",
         "dataset": "synthetic",
-        "epochs": 6,
+        "epochs": EPOCHS,
         "budget": {"n_trials": N_TRIALS, "max_concurrent": 2},
         "pruner": {"name": "none"},
         # A 2 s lease on a loaded box can expire for a live worker too; enough retries that the
@@ -122,7 +137,9 @@ def test_two_workers_and_a_sigkill(server: str, database_url: str, tmp_path: Pat
         if t["state"] == "running" and t["worker_id"] == "doomed"
     )
 
-    workers = [start_worker(server, name, tmp_path) for name in ("alpha", "beta")]
+    workers = [
+        start_worker(server, name, tmp_path, exit_when_idle=True) for name in ("alpha", "beta")
+    ]
 
     def finished() -> dict[str, Any] | None:
         info = http.get("/v1/studies/e2e").json()
@@ -162,7 +179,7 @@ def test_two_workers_and_a_sigkill(server: str, database_url: str, tmp_path: Pat
     completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(completed) == N_TRIALS
     for trial in completed:
-        assert trial.params and set(trial.intermediate_values) == set(range(1, 7))
+        assert trial.params and set(trial.intermediate_values) == set(range(1, EPOCHS + 1))
         assert trial.value == pytest.approx(trial.user_attrs["metrics"]["val_neg_elbo"])
         assert trial.value < 2000  # a real −ELBO of 28×28 binary-ish images, not a placeholder
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import optuna
+import optuna.storages._rdb.storage as optuna_rdb
 import pytest
 from helpers import spec
 from sqlalchemy import event
@@ -18,14 +20,18 @@ from hpo_service.errors import StorageUnavailable
 from hpo_service.schemas import StudySpec
 from hpo_service.studies import StudyService
 
-#: Generous: a dead lease is failed within lease timeout (1 s here) + one reap pass.
+#: Generous: a dead lease is failed within lease timeout (``LEASE_TIMEOUT_S``) + one reap pass.
 SETTLE_BOUND_S = 30.0
+#: Shorter than the shared fixture's 1 s (and still above its 0.2 s heartbeat interval, which
+#: Settings requires): every cut point waits for its lease to expire, so this wait is most of
+#: these tests' time. Leases are aged by the database clock, to the millisecond on both backends.
+LEASE_TIMEOUT_S = 0.3
 WRITES = ("INSERT", "UPDATE", "DELETE")
 
 
 @pytest.fixture
 def service(settings: Settings) -> Iterator[StudyService]:
-    studies = StudyService(settings)
+    studies = StudyService(settings.model_copy(update={"lease_timeout_s": LEASE_TIMEOUT_S}))
     yield studies
     studies.storage.engine.dispose()
 
@@ -46,6 +52,31 @@ def _writes_of(service: StudyService, call: Any) -> list[str]:
     return seen
 
 
+class _TimeWithoutBackoff:
+    """``time`` as Optuna's RDB storage module sees it, less the sleep before a retry."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(_seconds: float) -> None:
+        pass
+
+
+@contextmanager
+def _no_optuna_backoff() -> Iterator[None]:
+    """Optuna retries a trial creation that raised (``_create_new_trial``, up to five times) after
+    a random 0-2 s sleep, meant to spread out deadlocked writers. Most cut points fall inside
+    it, so that sleep was a third of these tests' time; the retry itself still runs, at once.
+    Nothing else in that module uses ``time``."""
+    real = optuna_rdb.time
+    optuna_rdb.time = _TimeWithoutBackoff()  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        optuna_rdb.time = real
+
+
 def _cut_at(service: StudyService, index: int, call: Any) -> None:
     """Run ``call()`` with the database "dying" at its ``index``-th write statement: that
     statement raises as a dropped connection does; what committed before it stays."""
@@ -60,7 +91,8 @@ def _cut_at(service: StudyService, index: int, call: Any) -> None:
 
     event.listen(service.storage.engine, "before_cursor_execute", die)
     try:
-        call()
+        with _no_optuna_backoff():
+            call()
     except (StorageUnavailable, optuna.exceptions.StorageInternalError, OperationalError):
         pass  # what a worker sees as a 503; it moves on
     finally:
@@ -119,7 +151,7 @@ def test_one_reap_pass_fails_fifty_dead_leases_with_a_fixed_number_of_lease_quer
     service.create_study(StudySpec.model_validate(body))
     leases = [service.lease(f"killed-{i}") for i in range(50)]
     assert all(lease is not None for lease in leases)
-    # Past the 1 s lease timeout by the database clock; no beat ever came.
+    # Past the lease timeout by the database clock; no beat ever came.
     time.sleep(service.settings.lease_timeout_s + 1.5)
     statements: list[str] = []
 
