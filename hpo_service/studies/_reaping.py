@@ -155,7 +155,11 @@ class Reaper:
                 session.scalars(select(LeaseRow.trial_id).where(LeaseRow.trial_id.in_(ids), live))
             )
         workers: dict[int, str | None] = {lease.trial_id: lease.worker_id for lease in expired}
-        workers.update({t._trial_id: None for t in running if t._trial_id not in leased})
+        # RUNNING without a live lease; an expired one (marked reaped above) keeps its worker,
+        # so the log says "lease expired", not "running without a lease"
+        workers.update(
+            {t._trial_id: None for t in running if t._trial_id not in leased | set(workers)}
+        )
         if not workers:
             return False
         failed: list[int] = []

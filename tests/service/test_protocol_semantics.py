@@ -175,7 +175,7 @@ def test_hpo_worker_exit_when_idle_exits_0_once_the_study_is_done(tmp_path: Path
         database_url=f"sqlite:///{tmp_path / 'idle.db'}",
         tokens="admin:admin-token,worker:worker-token,viewer:viewer-token",  # type: ignore[arg-type]
         heartbeat_interval_s=0.5,
-        lease_timeout_s=5,
+        lease_timeout_s=30,  # not a reaping test: a loaded box must not expire it
         run_scheduler=False,
     )
     fixed = {**TINY_FIXED, "synthetic_size": 64, "batch_size": 16, "final_is_samples": 0}

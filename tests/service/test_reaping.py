@@ -144,7 +144,7 @@ def test_a_lease_cut_off_at_any_write_leaves_no_trial_running(
 
 
 def test_one_reap_pass_fails_fifty_dead_leases_with_a_fixed_number_of_lease_queries(
-    service: StudyService,
+    service: StudyService, caplog: pytest.LogCaptureFixture
 ) -> None:
     body = spec("mass", budget={"n_trials": 50, "max_concurrent": 50}, max_retries=1)
     body["sampler"] = {"name": "random", "seed": 3}
@@ -170,6 +170,11 @@ def test_one_reap_pass_fails_fifty_dead_leases_with_a_fixed_number_of_lease_quer
     # (two per lease before: 100+ for 50).
     assert len(ours) <= 8, ours
     assert service.reaped_leases == 50
+    # each is logged as what it was, an expired lease with its worker (not "without a lease")
+    reaped = [r for r in caplog.records if getattr(r, "event", None) == "lease_reaped"]
+    assert len(reaped) == 50
+    assert all("lease expired" in r.getMessage() for r in reaped)
+    assert {getattr(r, "worker_id", None) for r in reaped} == {f"killed-{i}" for i in range(50)}
 
 
 def test_a_reap_pass_cut_off_at_any_write_leaves_no_trial_running(service: StudyService) -> None:
