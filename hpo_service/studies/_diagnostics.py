@@ -307,9 +307,19 @@ class Diagnostics:
 
 def _yield_to_the_server() -> None:
     """In the drawing process: the lowest CPU priority, so on a small host the server's
-    requests get the CPU first and the plot waits (it is not urgent)."""
+    requests get the CPU first and the plot waits (it is not urgent); and a watch that ends
+    this process once the server is gone (a SIGKILLed server cannot stop its pool, and the
+    orphan would sit waiting on its queue for ever)."""
     with contextlib.suppress(OSError):
         os.nice(19)
+    server = os.getppid()
+    threading.Thread(target=_exit_with, args=(server,), daemon=True, name="hpo-orphan").start()
+
+
+def _exit_with(server: int, every_s: float = 1.0) -> None:
+    while os.getppid() == server:  # re-parented (to init or a subreaper) once it died
+        time.sleep(every_s)
+    os._exit(0)
 
 
 class EpochReportLike(Protocol):

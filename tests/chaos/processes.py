@@ -85,9 +85,17 @@ class Server:
         return "\n".join(p.read_text() for p in sorted(self.folder.glob("server-*.log")))
 
     def kill(self) -> None:
+        """SIGKILL the server; its own children (the diagnostics drawing process) must end
+        by themselves, not linger as orphans."""
         assert self.process is not None
+        children = _descendants(self.process.pid)
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=30)
+        wait_for(
+            lambda: not [pid for pid in children if _alive(pid)],
+            120,
+            f"the killed server's children {children} to exit",
+        )
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -154,3 +162,20 @@ def study_info(url: str, study: str) -> dict[str, Any]:
     response.raise_for_status()
     info: dict[str, Any] = response.json()
     return info
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc; none where /proc has no children files)."""
+    found: list[int] = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in children.read_text().split():
+            found += [int(child), *_descendants(int(child))]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's wait is missing
