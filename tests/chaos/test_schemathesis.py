@@ -6,9 +6,9 @@ media type or headers (ST104–ST110), no schema-violating request accepted (ST2
 schema-valid request refused (ST202), except ST202 on the operations in ``CROSS_FIELD``: their
 bodies are valid or not by rules JSON Schema cannot state — between fields (a study spec's
 constraints against its latent sizes, a batch size against the dataset), against stored state
-(an enqueued parameter against the study's space), between a header and the body (a
-checkpoint's SHA-256), or over value sets no pattern captures (a cron expression's ranges, IANA
-zone names). Response time (ST112) is not asserted: it
+(an enqueued parameter against the study's space, a lease header against the live leases),
+between a header and the body (a checkpoint's SHA-256), or over value sets no pattern captures
+(a cron expression's ranges, IANA zone names). Response time (ST112) is not asserted: it
 measures the machine's load, not the service.
 """
 
@@ -41,6 +41,8 @@ CROSS_FIELD = {
     "POST /v1/trials/{trial_id}/lr-range-test",  # `losses`/`smoothed` one point per LR
     "PUT /v1/trials/{trial_id}/checkpoint",  # X-Checkpoint-SHA256 is the body's digest
     "PUT /v1/trials/{trial_id}/best-model",  # likewise
+    # X-Lease-Trial/-Token must name a live final_evaluation lease that names this trial
+    "GET /v1/trials/{trial_id}/best-model",
 }
 _OPERATION = re.compile(r"^_+ ([A-Z]+ /\S+) _+$")
 _CHECK = re.compile(r"^- (ST\d{3}) ")
