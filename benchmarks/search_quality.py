@@ -153,7 +153,8 @@ def _run_arm(client: TestClient, arm: str, seed: int, args: argparse.Namespace) 
     Worker(HPOClient(worker_client), options).run()
     wall = time.perf_counter() - started
     storage = client.app.state.service.storage
-    trials = optuna.load_study(study_name=body["name"], storage=storage).trials
+    study = optuna.load_study(study_name=body["name"], storage=storage)
+    trials = study.trials
     # The LR range test and final evaluation are stored as FAIL trials tagged ``task`` (so no
     # sampler learns from them): they are steps of the study, not trials of the budget.
     trials = [t for t in trials if "task" not in t.user_attrs]
@@ -164,8 +165,7 @@ def _run_arm(client: TestClient, arm: str, seed: int, args: argparse.Namespace) 
     if args.winners and best is not None:
         # the final evaluation's IS-NLL (k = --is-samples, the whole test split) of the best
         # feasible trial; None if it was not among the evaluated top trials
-        attrs = optuna.load_study(study_name=body["name"], storage=storage).user_attrs
-        evaluated = (attrs.get("final_evaluation") or {}).get("results", {})
+        evaluated = (study.user_attrs.get("final_evaluation") or {}).get("results", {})
         metrics["test_is_nll"] = (evaluated.get(str(best.number)) or {}).get("test_is_nll")
     n = len(trials)
     return {

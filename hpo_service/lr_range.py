@@ -49,6 +49,8 @@ LR_RANGE_TEST = "lr_range_test"
 TASK_OUTCOME_ATTR = "task_outcome"
 #: Study user attribute holding the test's outcome, ranges and curve.
 STUDY_ATTR = "lr_range_test"
+#: The file name of the test's plot among the study's artifacts (``lr_range_plot``).
+PLOT_FILENAME = "lr_range_test.png"
 #: The peak factor's bounds (the default space's ``max_lr_factor`` is [2, 10]).
 MIN_FACTOR, MIN_TOP_FACTOR, MAX_FACTOR = 2.0, 2.5, 10.0
 #: ``base_lr``'s top lies this many times below the curve's ``hi`` (module docstring).

@@ -30,9 +30,6 @@ from hpo_service.studies._task_results import settle_task_result
 
 log = logging.getLogger(__name__)
 
-#: The file name of the test's plot among the study's artifacts.
-PLOT_KIND = "lr_range_test.png"
-
 #: What a lease does with a study whose test is pending: wait (nothing to hand out), go on
 #: sampling (the test is settled), or hand out this probe (trial id, number, config).
 ProbeStep = Literal["wait", "settled"] | tuple[int, int, dict]
@@ -86,7 +83,8 @@ class ProbeLeasing:
 
 class ProbeResults:
     """``POST /v1/trials/{trial_id}/lr-range-test``: a probe's curve, once; its plot is drawn
-    off the request and listed on the study (``PLOT_KIND``) when the server has a store."""
+    off the request and listed on the study (``lr_range.PLOT_FILENAME``) when the server has a
+    store."""
 
     def __init__(self, core: StudyCore, diagnostics: Diagnostics) -> None:
         self.core = core
@@ -131,8 +129,8 @@ class ProbeResults:
         log.info("LR range test of %s: %s", loaded.spec.name, lr_range.summary(outcome))
         self.diagnostics.draw_study_plot(
             row.study_id,
-            artifact_id_for(row.study_id, trial_id, PLOT_KIND),
-            PLOT_KIND,
+            artifact_id_for(row.study_id, trial_id, lr_range.PLOT_FILENAME),
+            lr_range.PLOT_FILENAME,
             render_study_lr_range,
             loaded.spec.name,
             outcome,

@@ -222,7 +222,7 @@ class StudyRegistry:
             return {"status": "pending"}
         shown = {key: value for key, value in attr.items() if key != "curve"}
         shown["curve_points"] = len(attr.get("curve", {}).get("lrs", []))
-        plot = self._study_plot(study_id, "lr_range_test.png")
+        plot = self._study_plot(study_id, lr_range.PLOT_FILENAME)
         if plot is not None:
             shown["plot"] = plot
         return shown
