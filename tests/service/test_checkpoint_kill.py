@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import httpx
 import optuna
 import pytest
 import torch
+from byo_helpers import wait_for
 from helpers import ADMIN, TOKENS
 from live import LiveServer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -96,16 +96,6 @@ def _worker(url: str, worker_id: str, folder: Path, *extra: str) -> subprocess.P
     )  # fmt: skip
 
 
-def _wait(condition: Any, timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # a bound for a loaded 2-core machine; every wait is on a condition
 @pytest.mark.parametrize(
@@ -161,7 +151,7 @@ def test_a_trial_killed_at_epoch_6_of_10_resumes_and_ends_as_if_never_killed(
             trials = http.get("/v1/studies/killed/trials").json()["trials"]
             return trials if [t["state"] for t in trials] == ["fail", "waiting"] else None
 
-        first = _wait(retry_waiting, 120, "the killed trial to be reaped and retried")[0]
+        first = wait_for(retry_waiting, 120, "the killed trial to be reaped and retried")[0]
         assert set(first["intermediate_values"]) == {str(e) for e in range(1, KILL_EPOCH + 1)}
 
         rescuer = _worker(server.url, "rescuer", tmp_path, "--max-trials", "1")

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import struct
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from byo_helpers import wait_for
 from fastapi.testclient import TestClient
 from helpers import ADMIN, VIEWER, WORKER, spec
 from sqlalchemy import func, select
@@ -174,23 +174,12 @@ def _listed_plot(client: TestClient, study_id: int, trial_id: int) -> list[dict[
     return [a for a in trial["artifacts"] if a["filename"] == "diagnostics.png"]
 
 
-def _wait_for(check: Any, what: str, timeout_s: float = 120.0) -> Any:
-    """Poll until ``check()`` is truthy: the drawing runs on a background thread."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.05)
-    raise AssertionError(f"{what} within {timeout_s:.0f}s")
-
-
 def test_the_plot_is_listed_while_running_refreshed_and_served(app_client: TestClient) -> None:
     client = app_client
     lease = _lease(client, "plots")
     study_id, trial_id = lease["study_id"], lease["trial_id"]
     _report(client, lease, 1)  # the first epoch lists the plot (in the background)
-    listed = _wait_for(lambda: _listed_plot(client, study_id, trial_id), "plot listed")
+    listed = wait_for(lambda: _listed_plot(client, study_id, trial_id), 120, "plot listed")
     assert listed[0]["mimetype"] == "image/png"
     url = f"/artifacts/{study_id}/{trial_id}/{listed[0]['artifact_id']}"
     history = client.get("/v1/studies/plots/trials/0/history", headers=VIEWER).json()
@@ -201,8 +190,9 @@ def test_the_plot_is_listed_while_running_refreshed_and_served(app_client: TestC
 
     # Every 2 epochs (the setting) it is redrawn in place: same listing, new bytes.
     _report(client, lease, 2)
-    second = _wait_for(
+    second = wait_for(
         lambda: (got := client.get(url, headers=VIEWER).content) != first.content and got,
+        120,
         "plot redrawn at epoch 2",
     )
     _report(client, lease, 3)  # not a redraw epoch
@@ -213,8 +203,9 @@ def test_the_plot_is_listed_while_running_refreshed_and_served(app_client: TestC
     )
     assert done.status_code == 200, done.text
     # The last drawing (queued before the tell) shows all three epochs.
-    last = _wait_for(
+    last = wait_for(
         lambda: (got := client.get(url, headers=VIEWER).content) != second and got,
+        120,
         "last plot drawn after complete",
     )
     assert _png_size(last) == (1000, 752)
