@@ -23,6 +23,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from hpo_service.history import DIAGNOSTIC_KEYS
+
 #: Below this many nats per example a latent dimension carries no information (the active-units
 #: threshold of Burda et al. 2016 is on Var(E[z]) = 0.01; for KL a dimension at ≤ 0.01 nats
 #: is as good as the prior).
@@ -43,21 +45,8 @@ class PlotData:
         return values[-1] if values else None
 
 
-SERIES = (
-    "train_neg_elbo",
-    "val_neg_elbo",
-    "train_recon",
-    "val_recon",
-    "train_kl",
-    "val_kl",
-    "active_units",
-    "posterior_collapse",
-    "beta",
-    "lr",
-    "grad_norm_mean",
-    "grad_norm_max",
-    "clip_fraction",
-)
+#: The scalar series drawn: every kept diagnostic but the KL-per-dimension matrix (the heat map).
+SERIES = tuple(key for key in DIAGNOSTIC_KEYS if key != "kl_per_dim")
 
 
 def _number(value: Any) -> float | None:

@@ -47,6 +47,7 @@ DIAGNOSTIC_KEYS = (
     "val_kl",
     "kl_per_dim",
     "active_units",
+    "posterior_collapse",
     "beta",
     "lr",
     "grad_norm_mean",
