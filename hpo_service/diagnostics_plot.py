@@ -13,6 +13,7 @@ global state and is not thread-safe, and renders here run on a background thread
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Mapping, Sequence
@@ -157,3 +158,16 @@ def render_diagnostics(records: Sequence[Mapping[str, Any]], title: str) -> byte
     buffer = io.BytesIO()
     FigureCanvasAgg(figure).print_png(buffer)
     return buffer.getvalue()
+
+
+@functools.cache
+def placeholder_png() -> bytes:
+    """What a trial's plot shows until its first drawing replaces it (a trial that finished
+    before its plot was drawn): the real plot's size, one line of text. Drawn once per
+    process, in the caller's thread (one small figure, not worth the drawing process)."""
+    figure = Figure(figsize=(12.5, 9.4), dpi=80)
+    FigureCanvasAgg(figure)
+    figure.text(0.5, 0.5, "The diagnostics plot is being drawn.", ha="center", fontsize=20)
+    out = io.BytesIO()
+    figure.savefig(out, format="png")
+    return out.getvalue()

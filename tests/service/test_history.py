@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -212,15 +213,17 @@ def test_the_plot_is_listed_while_running_refreshed_and_served(app_client: TestC
     assert len(_listed_plot(client, study_id, trial_id)) == 1  # one listing, refreshed
 
 
-def test_a_trial_finished_before_its_first_drawing_is_drawn_before_the_tell(
+def test_a_trial_finished_before_its_first_drawing_is_listed_then_drawn(
     settings: Settings,
 ) -> None:
     app = create_app(settings.model_copy(update={"diagnostics_plot_every": 5}))
     diagnostics = app.state.service.diagnostics
+    queue = diagnostics._queue
     with TestClient(app) as client:
-        diagnostics._queue = lambda row, last: None  # type: ignore[method-assign]
+        # The first epoch's refresh is never queued: nothing is listed before the result.
+        diagnostics._queue = lambda row, last: queue(row, last=True) if last else None  # type: ignore[method-assign]
         lease = _lease(client, "quick")
-        _report(client, lease, 1)  # its refresh is never queued: nothing is listed yet
+        _report(client, lease, 1)
         # (asked of the storage: the dashboard would cache its answer for a few seconds)
         attrs = app.state.service.storage.get_trial_system_attrs(lease["trial_id"])
         assert not [key for key in attrs if key.startswith(ARTIFACT_ATTR_PREFIX)]
@@ -230,10 +233,55 @@ def test_a_trial_finished_before_its_first_drawing_is_drawn_before_the_tell(
             headers=WORKER,
         )
         assert failed.status_code == 200, failed.text
+        # Listed before the tell (Optuna refuses it after), with a real PNG in place...
         (listed,) = _listed_plot(client, lease["study_id"], lease["trial_id"])
-        png = client.get(
-            f"/artifacts/{lease['study_id']}/{lease['trial_id']}/{listed['artifact_id']}",
-            headers=VIEWER,
-        ).content
-        assert _png_size(png) == (1000, 752)
+        url = f"/artifacts/{lease['study_id']}/{lease['trial_id']}/{listed['artifact_id']}"
+        placeholder = client.get(url, headers=VIEWER).content
+        assert _png_size(placeholder) == (1000, 752)
+        # ...that the queued last drawing replaces with the trial's curves.
+        drawn = wait_for(
+            lambda: (got := client.get(url, headers=VIEWER).content) != placeholder and got,
+            120,
+            "the last drawing replaced the placeholder",
+        )
+        assert _png_size(drawn) == (1000, 752) and len(drawn) > 20_000
+        assert len(_listed_plot(client, lease["study_id"], lease["trial_id"])) == 1
+    app.state.service.storage.engine.dispose()
+
+
+def test_a_result_never_waits_for_the_drawing_process(settings: Settings) -> None:
+    """complete answers while every drawing is stuck: the result is told, the plot follows
+    (it made 32 concurrent completes wait ≈ 0.3 s each in series before)."""
+    app = create_app(settings.model_copy(update={"diagnostics_plot_every": 5}))
+    diagnostics = app.state.service.diagnostics
+    released = threading.Event()
+    in_child = diagnostics._in_child
+
+    def stuck(render: Any, *args: Any) -> Any:
+        released.wait()
+        return in_child(render, *args)
+
+    diagnostics._in_child = stuck  # type: ignore[method-assign]
+    with TestClient(app) as client:
+        lease = _lease(client, "stuck")
+        _report(client, lease, 1)  # its first drawing is now stuck
+        answers: list[int] = []
+        completing = threading.Thread(
+            target=lambda: answers.append(
+                client.post(
+                    f"/v1/trials/{lease['trial_id']}/complete",
+                    json={"lease_token": lease["lease_token"], "values": [90.0], "metrics": {}},
+                    headers=WORKER,
+                ).status_code
+            )
+        )
+        completing.start()
+        completing.join(timeout=300)  # generous: only a result that waits on the drawing hangs
+        alive = completing.is_alive()
+        released.set()  # let the drawings (and a hung complete) finish before the app stops
+        completing.join()
+        assert not alive, "complete waited for the drawing process"
+        assert answers == [200]
+        (listed,) = _listed_plot(client, lease["study_id"], lease["trial_id"])
+        assert listed["filename"] == "diagnostics.png"
     app.state.service.storage.engine.dispose()
