@@ -27,7 +27,9 @@ real VAEs on mnist5k with ``binarize: true``, one trial at a time:
   liar), the median pruner, no constraints, no phase-aware pruning, no curated starts;
 * ``service``: the service's defaults with issue 10 on — collapse/divergence constraints,
   phase-aware pruning, 4 random start-up trials, the LR range test step setting the LR ranges;
-* ``service-curated``: the same with the curated starts enqueued first (off by default).
+* ``service-curated``: the same with the curated starts enqueued first (off by default);
+* ``service-gp``: the service's defaults with Optuna's ``GPSampler`` instead of TPE (4 start-up
+  trials; the server then needs torch).
 
 Each seed gives every arm a distinct sampler seed (``seed·10 + arm``). Per arm and seed the
 best *feasible* trial (active units ≥ 10 % of the latent size, KL ≥ 0.1 nats, finite; judged
@@ -65,7 +67,8 @@ from hpo_service.constraints import measure  # noqa: E402
 from hpo_service.schemas import ConstraintSpec  # noqa: E402
 from trainers.worker import Worker, WorkerOptions  # noqa: E402
 
-ARMS = ("default-config", "random-2x", "tpe-optuna", "service", "service-curated")
+# New arms go last: an arm's sampler seed is derived from its index.
+ARMS = ("default-config", "random-2x", "tpe-optuna", "service", "service-curated", "service-gp")
 ADMIN = {"Authorization": "Bearer bench-admin"}
 WORKER = {"Authorization": "Bearer bench-worker"}
 
@@ -122,7 +125,8 @@ def _spec(arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         # The service's defaults (constraints on, phase-aware median pruner, 4 start-up trials)
         # with the LR range test step switched on; ``service-curated`` also enqueues the curated
         # starts first, which are off by default until this benchmark says they pay.
-        body["sampler"] = {"name": "tpe", "seed": sampler_seed, "n_startup_trials": 4}
+        sampler = "gp" if arm == "service-gp" else "tpe"  # GP: Optuna's GPSampler (needs torch)
+        body["sampler"] = {"name": sampler, "seed": sampler_seed, "n_startup_trials": 4}
         body["pruner"] = {"name": "median"}  # phase-aware by default
         body["lr_range_test"] = {"enabled": True}
         body["curated_starts"] = arm == "service-curated"
