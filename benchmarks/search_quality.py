@@ -244,6 +244,12 @@ def main(argv: list[str] | None = None) -> int:
         "best models, whole test split) instead of every trial; 0: every trial",
     )
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument(
+        "--database",
+        type=Path,
+        help="keep every arm's study in this SQLite file (e.g. to read the trials in the "
+        "dashboard or with Optuna's importances); default: a temporary file",
+    )
     args = parser.parse_args(argv)
     if args.winners and args.is_examples:
         parser.error("--winners evaluates on the whole test split: drop --is-examples")
@@ -253,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         settings = Settings(
-            database_url=f"sqlite:///{Path(folder) / 'bench.db'}",
+            database_url=f"sqlite:///{args.database or Path(folder) / 'bench.db'}",
             artifact_dir=Path(folder) / "artifacts",  # kept best models for --winners
             tokens="admin:bench-admin,worker:bench-worker",  # type: ignore[arg-type]
             run_reaper=False,
