@@ -28,19 +28,18 @@ that completes sends its best model first when the lease asks for it.
 Tasks (``lr_range_test``, ``final_evaluation``) are not leased through the batched route: the
 worker's loop (``Worker.run``) asks for one before each batched lease and runs it alone.
 
-K = ``auto`` (``auto_population``): the largest power of two that fits in half the free device
-memory and still raised the measured samples/s by at least 10 % over half as many members.
+K = ``auto`` (``auto_population``): the power of two that fits in half the free device memory
+and still raised the measured samples/s by at least 10 % over half as many members — if its
+samples/s beat ``train()``'s own single-trial step by at least 10 %; else K = 1, and then every
+trial is trained alone by ``train()``, as without ``--population``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Hashable, Mapping
-
-import torch
 
 from hpo_service.client import NoWork, ServerUnavailable, finite_metrics
 from hpo_service.schemas import ItemError, Lease, TrialComplete, TrialFail
@@ -53,28 +52,14 @@ from trainers.checkpoint_sync import (
     send_checkpoint,
 )
 from trainers.checkpoints import TrainState
-from trainers.config import TrainConfig
-from trainers.data import load_dataset
 from trainers.errors import ConfigError
-from trainers.models import build_vae
 from trainers.population import NewMember, Outcome, Resume, train_population
-from trainers.population_stack import MemberStack, stacked_vae_step, unfusable_reason
-from trainers.train import (
-    Decision,
-    EpochMetrics,
-    TrainResult,
-    amp_context,
-    build_optimizer,
-    parse_config,
-    resolve_device,
-)
+from trainers.population_auto import AUTO_MAX, auto_population
+from trainers.population_stack import unfusable_reason
+from trainers.train import Decision, EpochMetrics, TrainResult, parse_config
 from trainers.worker import ActiveTrial, Settlement, Worker, epoch_report
 
 log = logging.getLogger("hpo.worker")
-
-#: Members ``auto`` ever picks, and the gain in samples/s a doubling must bring to be kept.
-AUTO_MAX = 64
-AUTO_MIN_GAIN = 1.10
 
 
 def lease_population(worker: Worker) -> list[Lease]:
@@ -130,6 +115,9 @@ def run_population(worker: Worker, first: list[Lease]) -> int:
             reason = unfusable_reason(parse_config(lease.config))
         except ConfigError:
             reason = None  # the population reports the error as this member's outcome
+        if reason is None and capacity == 1 and worker.options.population == "auto":
+            # auto measured no gain from fusing: train() alone beats a stack of one
+            reason = "--population auto chose K = 1"
         # An unfusable trial waits for the population with a heartbeat of its own.
         active = worker.start_trial(lease, beat=reason is not None)
         if reason is not None:
@@ -336,63 +324,6 @@ def _capacity(worker: Worker, first: Lease | None) -> int:
             worker.auto_population = 1
         log.info("--population auto: %d members", worker.auto_population)
     return worker.auto_population or 1
-
-
-def auto_population(cfg: TrainConfig, steps: int = 5) -> int:
-    """K for ``cfg``'s group: free memory bounds it, the measured step time picks it.
-
-    Per member: weights, gradient and two Adam moments (4 × 4 bytes per parameter) plus about
-    three copies of every layer's activations for a batch. Then fused steps of K = 1, 2, 4, …
-    are timed (``steps`` each, after one warm-up step) and doubling stops once samples/s rises
-    by less than ``AUTO_MIN_GAIN``. Unfusable configs get 1.
-    """
-    if unfusable_reason(cfg) is not None:
-        return 1
-    device = resolve_device(cfg.device)
-    data = load_dataset(cfg, device)
-    vae = build_vae(cfg, data.image_shape)
-    n_params = sum(p.numel() for p in vae.parameters())
-    widths = sum(m.out_features for m in vae.modules() if isinstance(m, torch.nn.Linear))
-    per_member = 16 * n_params + 12 * cfg.batch_size * widths
-    fits = max(1, int(0.5 * _free_bytes(device) // per_member))
-    best_k, best_rate = 1, 0.0
-    k = 1
-    while k <= min(fits, AUTO_MAX):
-        rate = _fused_rate(cfg, device, data.train, k, steps)
-        if rate < best_rate * AUTO_MIN_GAIN:
-            break
-        best_k, best_rate = k, rate
-        k *= 2
-    return best_k
-
-
-def _free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def _fused_rate(
-    cfg: TrainConfig, device: torch.device, train_x: torch.Tensor, k: int, steps: int
-) -> float:
-    """Samples/s of ``k`` fused members of ``cfg`` (random batches of the real training set)."""
-    vaes = [build_vae(cfg, (1, 1, train_x.shape[1])).to(device) for _ in range(k)]
-    optimizers = [build_optimizer(v, cfg, device) for v in vaes]
-    stack = MemberStack(vaes)
-    bs = cfg.batch_size
-    idx = torch.randint(0, len(train_x), (k, bs), device=device)
-    x, eps = train_x[idx], torch.randn(k, bs, cfg.latent_dim, device=device)
-    beta, free_bits = torch.ones(k, device=device), torch.full((k,), cfg.free_bits, device=device)
-    autocast = amp_context(cfg, device)
-    configs = [cfg] * k
-    seconds = 0.0
-    for i in range(steps + 1):
-        start = time.perf_counter()
-        stats, _ = stacked_vae_step(stack, configs, optimizers, x, eps, beta, free_bits, autocast)
-        stats.sum().item()  # waits for the device
-        if i > 0:  # the first step allocates and warms up
-            seconds += time.perf_counter() - start
-    return steps * k * bs / max(seconds, 1e-9)
 
 
 __all__ = ["AUTO_MAX", "auto_population", "lease_population", "run_population"]
