@@ -7,15 +7,22 @@ curve; the worker sends them in config units, at the reference batch size).
 
 What the service sets from a suggested range ``[lo, hi]`` (``ranges_from``):
 
-* ``base_lr`` ∈ [lo, max(hi / 10, √(lo·hi))], log-scaled. ``base_lr`` is the whole LR of a
-  constant-LR trial and the floor of a peaked one. ``hi`` is where the loss stopped falling
-  during a ramp of ~100 steps: an LR that survives one step at each rung, not a whole run at
-  it, so the top of the range sits an order of magnitude below it (fastai's rule: an LR about
-  10× below the point where the loss is lowest; Howard & Gugger 2020, ch. 5), and never below
-  the range's geometric middle, so a narrow curve still leaves a range. Measured: with
-  ``[lo, hi]`` itself (session 6, ``benchmarks/search_quality.py`` seed 0, mnist5k, 20
-  epochs) the probe suggested [2.3e-4, 0.107] and 7 of the service arm's 16 trials drew
-  ``base_lr`` > 0.02, all pruned or ≥ 19 nats worse than the best (117.2 at 6.1e-3).
+* ``base_lr`` ∈ [max(lo, hi / 100), max(hi / 10, √(lo·hi))], log-scaled. ``base_lr`` is the
+  whole LR of a constant-LR trial and the floor of a peaked one. ``hi`` is where the loss
+  stopped falling during a ramp of ~100 steps: an LR that survives one step at each rung, not a
+  whole run at it, so the top of the range sits an order of magnitude below it (fastai's rule:
+  an LR about 10× below the point where the loss is lowest; Howard & Gugger 2020, ch. 5), and
+  never below the range's geometric middle, so a narrow curve still leaves a range. ``lo`` is
+  where the loss *started* to fall in that ramp: an LR that barely trains in 100 steps, far
+  too slow for a whole run, so the range spans at most two decades below ``hi`` (Smith 2017
+  §3.3 puts a cyclical base at 1/3–1/4 of the max; two decades leave room for constant-LR
+  trials). Measured (``benchmarks/search_quality.py``, mnist5k, 20 epochs; docs/benchmarks.md,
+  "Search quality"): with ``[lo, hi]`` itself (session 6) the probe suggested [2.3e-4, 0.107]
+  and 7 of the service arm's 16 trials drew ``base_lr`` > 0.02, all pruned or ≥ 19 nats worse
+  than the best (117.2 at 6.1e-3); with ``[lo, max(hi / 10, √(lo·hi))]`` (session 6) the arm's
+  best test IS-NLL on seeds 0–2 was 109.96 / 109.67 / 108.06 nats, with this rule (session 7)
+  106.44 / 110.66 / 106.81 (better on 2 of 3 seeds, by 1.3 nats on average: weak evidence,
+  and the principle above).
 * ``max_lr_factor`` ∈ [2, F] with F = clamp(hi / lo, 2.5, 10): the peak ``max_lr =
   base_lr × factor`` of a cyclical or one-cycle policy then reaches ≈ hi from a base near the
   range's top (Smith's max/base ≈ 3–4 lies inside whenever hi/lo ≥ 4), and F never exceeds
@@ -53,8 +60,10 @@ STUDY_ATTR = "lr_range_test"
 PLOT_FILENAME = "lr_range_test.png"
 #: The peak factor's bounds (the default space's ``max_lr_factor`` is [2, 10]).
 MIN_FACTOR, MIN_TOP_FACTOR, MAX_FACTOR = 2.0, 2.5, 10.0
-#: ``base_lr``'s top lies this many times below the curve's ``hi`` (module docstring).
+#: ``base_lr``'s top lies this many times below the curve's ``hi``, its bottom at most
+#: ``BASE_SPAN_BELOW_MAX`` times below it (module docstring).
 BASE_BELOW_MAX = 10.0
+BASE_SPAN_BELOW_MAX = 100.0
 
 
 def is_task(trial: FrozenTrial) -> bool:
@@ -84,7 +93,8 @@ def ranges_from(result: LRRangeTestResult) -> dict[str, list[float]] | str:
         return f"the suggested range is empty ({lo:g} >= {hi:g})"
     top = min(MAX_FACTOR, max(MIN_TOP_FACTOR, hi / lo))
     base_top = max(hi / BASE_BELOW_MAX, math.sqrt(lo * hi))
-    return {"base_lr": [lo, base_top], "max_lr_factor": [MIN_FACTOR, top]}
+    base_bottom = max(lo, hi / BASE_SPAN_BELOW_MAX)
+    return {"base_lr": [base_bottom, base_top], "max_lr_factor": [MIN_FACTOR, top]}
 
 
 def outcome_attr(
