@@ -109,12 +109,16 @@ class LeaseProtocol:
         A study's share is sampled and written under one hold of its lock, each trial sampled
         with the ones before it running (Optuna's constant liar), so a batch is diverse and
         the budget and concurrency caps hold exactly, across replicas.
+
+        A task (``kinds`` beyond ``trial``: an LR range test, a final evaluation) goes alone,
+        to the first free holder: the worker runs it by itself before any trial, so trials
+        leased beside it would only wait without a heartbeat.
         """
         holders = list(slots) if slots is not None else [worker_id] * count
         deadline = time.monotonic() + wait_s
         while True:
             leases, free = self._own_running_trials(holders)
-            if free:
+            if free and not any(lease.kind != "trial" for lease in leases):
                 leases += self._try_lease(free, kinds, device)
             if leases:
                 return leases
@@ -181,12 +185,14 @@ class LeaseProtocol:
         leases: list[Lease] = []
         free = list(holders)
         for study_id in candidates:
-            granted = self._lease_from(study_id, free, kinds, device)
+            # Once trials are granted, later studies add trials only (a task goes alone).
+            wanted = [k for k in kinds if k == "trial"] if leases else kinds
+            granted = self._lease_from(study_id, free, wanted, device)
             for lease in granted:
                 free.remove(str(lease.worker_id))
             leases += granted
-            if not free:
-                break
+            if not free or any(lease.kind != "trial" for lease in granted):
+                break  # a task goes alone (``lease_many``)
         return leases
 
     def _lease_from(
