@@ -234,10 +234,9 @@ class LeaseProtocol:
                     probe = _Granted(
                         trial_id, number, token, config, {}, None, holders[0], kind=LR_RANGE_TEST
                     )
-            # A worker that lists only task kinds (a population worker between its batched
-            # trial leases) gets no trial here.
+            # A worker that lists only task kinds gets no trial here.
             for worker_id in [] if probe or "trial" not in kinds else holders:
-                counted, running, _waiting, failures = tally(trials)
+                counted, running, _waiting, failures = tally(trials, loaded.tally)
                 if failures >= budget.max_failed or counted >= budget.n_trials:
                     break
                 if running >= min(budget.max_concurrent, row.max_concurrent):
@@ -283,7 +282,7 @@ class LeaseProtocol:
             if probe is not None:
                 granted.append(probe)
             if not granted and probe is None:
-                counted, running, _waiting, failures = tally(trials)
+                counted, running, _waiting, failures = tally(trials, loaded.tally)
                 ended = counted >= budget.n_trials and running == 0
                 if ended and failures < budget.max_failed:  # issue 14.4: evaluate the winners
                     task = task_step(core, study_id, loaded, trials, holders[0], kinds)
