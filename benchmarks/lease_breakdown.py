@@ -12,7 +12,8 @@ then ``--leases`` leases one after another, each completed at once. ``StudyCore.
 ``LeaseProtocol``'s parts are wrapped with ``perf_counter`` (no profiler: cProfile doubles TPE's
 time). Baseline in the same process afterwards: in-memory Optuna with the same sampler settings
 and trials, timing ``ask`` + the same ``suggest`` calls. Wall times, so they move with the load:
-compare within a run. Exits 0.
+compare within a run; beside them each lease's and each ask's CPU time (this thread's), which
+moves much less with other processes. Exits 0.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def run(backend: str, sampler: str, seed: int, leases: int, timings: Timings) ->
     trials = seeded_trials(spec, seed)
     per_lease: list[dict[str, float]] = []
     walls: list[float] = []
+    cpus: list[float] = []  # this thread's CPU time per lease: moves less with the load
     with database(backend) as url:
         service = StudyService(Settings(database_url=url, lease_timeout_s=600))
         service.create_study(spec)
@@ -97,34 +99,39 @@ def run(backend: str, sampler: str, seed: int, leases: int, timings: Timings) ->
             optuna.load_study(study_name=spec.name, storage=service.storage).add_trials(trials)
         for i in range(leases + 1):
             timings.take()
-            started = time.perf_counter()
+            cpu, started = time.thread_time(), time.perf_counter()
             lease = service.lease("w")
-            wall = time.perf_counter() - started
+            wall, cpu = time.perf_counter() - started, time.thread_time() - cpu
             spent = timings.take()
             assert lease is not None
             service.complete(lease.trial_id, lease.lease_token, [100.0 + i], {})
             if i:  # the first loads the study
                 walls.append(wall)
+                cpus.append(cpu)
                 per_lease.append(spent)
         service.storage.engine.dispose()
     memory = optuna.create_study(sampler=build_sampler(spec.sampler))
     memory.add_trials(trials)
     space = check_spec(spec)
     asks: list[float] = []
+    ask_cpus: list[float] = []
     for _ in range(leases):
-        started = time.perf_counter()
+        cpu, started = time.thread_time(), time.perf_counter()
         trial = memory.ask()
         suggest(trial, spec, space)
         asks.append(time.perf_counter() - started)
+        ask_cpus.append(time.thread_time() - cpu)
         memory.tell(trial, 100.0)
     lease_ms, ask_ms = 1e3 * statistics.median(walls), 1e3 * statistics.median(asks)
+    lease_cpu, ask_cpu = 1e3 * statistics.median(cpus), 1e3 * statistics.median(ask_cpus)
     keys = ["lock held", "sample", "write_leased_trial", "tally", "own_running_trials"]
     parts = ", ".join(
         f"{key} {1e3 * statistics.median(p.get(key, 0.0) for p in per_lease):.1f}" for key in keys
     )
     print(
         f"{backend:<11}{sampler} at {seed} finished trials: lease p50 {lease_ms:.1f} ms, in-memory "
-        f"ask + suggest p50 {ask_ms:.1f} ms ({lease_ms / ask_ms:.2f}×); per lease p50 ms: {parts}",
+        f"ask + suggest p50 {ask_ms:.1f} ms ({lease_ms / ask_ms:.2f}×); CPU p50 {lease_cpu:.1f} "
+        f"against {ask_cpu:.1f} ms ({lease_cpu / ask_cpu:.2f}×); per lease p50 ms: {parts}",
         flush=True,
     )
 

@@ -397,10 +397,13 @@ class HPOClient:
         wait_s: float = 0.0,
         device: str | None = None,
         slots: list[str] | None = None,
+        kinds: Sequence[str] | None = None,
     ) -> list[Lease]:
         """Up to ``count`` leases (the worker's own running trials first); [] if no work.
-        ``slots``: ``count`` distinct lease identities, one per lease (``Lease.worker_id``)."""
-        granted = self.next_leases(worker_id, count, wait_s, device, slots)
+        ``slots``: ``count`` distinct lease identities, one per lease (``Lease.worker_id``).
+        ``kinds``: the lease kinds this worker runs (``LeaseKind``; None: the server's
+        default, trials only); a task comes alone, held by the first slot."""
+        granted = self.next_leases(worker_id, count, wait_s, device, slots, kinds)
         return granted if isinstance(granted, list) else []
 
     def next_leases(
@@ -410,6 +413,7 @@ class HPOClient:
         wait_s: float = 0.0,
         device: str | None = None,
         slots: list[str] | None = None,
+        kinds: Sequence[str] | None = None,
     ) -> list[Lease] | NoWork:
         """``lease_many``, or ``NoWork`` saying whether work may still come."""
         body: dict[str, Any] = {
@@ -417,6 +421,8 @@ class HPOClient:
         }  # fmt: skip
         if slots is not None:
             body["slots"] = slots
+        if kinds is not None:
+            body["kinds"] = list(kinds)
         response = self._call("POST", "/batch/leases", json=body)
         answer = BatchLeases.model_validate(response.json())
         return answer.leases or NoWork(idle=answer.idle)

@@ -25,8 +25,12 @@ the same route and in the same format (``trainers.checkpoint_sync``), so a retry
 either kind of worker; a retry leased here resumes its member from its checkpoint; a member
 that completes sends its best model first when the lease asks for it.
 
-Tasks (``lr_range_test``, ``final_evaluation``) are not leased through the batched route: the
-worker's loop (``Worker.run``) asks for one before each batched lease and runs it alone.
+Tasks (``lr_range_test``, ``final_evaluation``): the population's first batched lease lists
+them in its ``kinds``, and the server answers a pending task alone, held by slot 0; the
+worker's loop (``Worker._population_round``) runs it by itself, as the single-trial worker
+does, then leases its slots again. Refills while members train ask for trials only. A
+population worker is often a study's only worker, so it must run them, and one request per
+round (not a task lease before every batched lease) does.
 
 K = ``auto`` (``auto_population``): the power of two that fits in half the free device memory
 and still raised the measured samples/s by at least 10 % over half as many members — if its
@@ -57,24 +61,31 @@ from trainers.population import NewMember, Outcome, Resume, train_population
 from trainers.population_auto import AUTO_MAX, auto_population
 from trainers.population_stack import unfusable_reason
 from trainers.train import Decision, EpochMetrics, TrainResult, parse_config
-from trainers.worker import ActiveTrial, Settlement, Worker, epoch_report
+from trainers.worker import TASK_KINDS, ActiveTrial, Settlement, Worker, epoch_report
 
 log = logging.getLogger("hpo.worker")
 
 
 def lease_population(worker: Worker) -> list[Lease]:
     """The first leases of a population: all K slots in one long-polled batched request (for
-    ``auto``, slot 0 alone until K is measured on its config, then the rest)."""
+    ``auto``, slot 0 alone until K is measured on its config, then the rest). The request
+    lists the task kinds too, so its answer may instead be one task (an LR range test, a
+    final evaluation), alone and held by slot 0, which the caller runs by itself."""
     wait_s = worker.options.wait_s
+    kinds = ("trial", *TASK_KINDS)
     if worker.options.population == "auto" and worker.auto_population is None:
-        first = _lease(worker, [0], wait_s)
-        if not first:
-            return []
+        first = _lease(worker, [0], wait_s, kinds)
+        if not first or first[0].kind != "trial":
+            return first  # nothing, or a task: K is measured on a trial's config
         return first + _lease(worker, list(range(1, _capacity(worker, first[0]))), 0.0)
-    return _lease(worker, list(range(_capacity(worker, None))), wait_s)
+    return _lease(worker, list(range(_capacity(worker, None))), wait_s, kinds)
 
 
-def _lease(worker: Worker, slots: list[int], wait_s: float) -> list[Lease]:
+def _lease(
+    worker: Worker, slots: list[int], wait_s: float, kinds: tuple[str, ...] | None = None
+) -> list[Lease]:
+    """A batched lease for ``slots``; ``kinds`` None: trials only (a refill while members
+    train, which could not run a task beside them)."""
     cap = worker.options.max_trials
     if cap is not None:
         slots = slots[: max(cap - worker.trials_done, 0)]
@@ -84,7 +95,12 @@ def _lease(worker: Worker, slots: list[int], wait_s: float) -> list[Lease]:
     granted = worker._retrying(
         "lease",
         lambda: worker.client.next_leases(
-            worker.options.worker_id, len(identities), wait_s, worker.options.device, identities
+            worker.options.worker_id,
+            len(identities),
+            wait_s,
+            worker.options.device,
+            identities,
+            kinds,
         ),
     )
     if isinstance(granted, NoWork):

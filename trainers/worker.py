@@ -170,27 +170,21 @@ class Worker:
             self.trials_done += 1
 
     def _population_round(self) -> list[Lease]:
-        """One round of ``--population K``: a task first (the batched route leases trials
-        only, and a population worker is often a study's only worker, so the LR range test
-        and the final evaluation must not wait for another kind of worker), else the
-        population's trials. Returns what was leased."""
+        """One round of ``--population K``: one batched lease listing the task kinds too (a
+        population worker is often a study's only worker, so the LR range test and the final
+        evaluation must not wait for another kind of worker). A task comes alone and is run
+        alone; else the population's trials train. Returns what was leased."""
         # Imported here: trainers.population_worker imports this module.
         from trainers.population_worker import lease_population, run_population
 
-        task = self._retrying(
-            "lease",
-            lambda: self.client.next_lease(
-                self.options.worker_id, 0.0, self.options.device, kinds=TASK_KINDS
-            ),
-        )
-        if not isinstance(task, NoWork):
-            self._run_lease(task)  # a trial only if this id still held one (a restart)
-            return [task]
         leases = lease_population(self)  # the batched routes, one identity per slot
-        if leases:
-            self.trials_done += run_population(self, leases)
-        else:
-            self.last_idle = self.last_idle and task.idle  # idle only if both say so
+        # The server sends a task alone, but a restarted worker's slots get back what they
+        # held, which may be a task beside trials: the task runs first, as it would alone.
+        for task in [lease for lease in leases if lease.kind != "trial"]:
+            self._run_lease(task)
+        trials = [lease for lease in leases if lease.kind == "trial"]
+        if trials:
+            self.trials_done += run_population(self, trials)
         return leases
 
     def retrying(self, what: str, call: Callable[[], T]) -> T:

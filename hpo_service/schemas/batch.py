@@ -16,10 +16,12 @@ from .worker import (
     FailRequest,
     HeartbeatAnswer,
     Lease,
+    LeaseKind,
     LeaseRequest,
     LeaseToken,
     ReportAnswer,
     ReportRequest,
+    _trials_only,
 )
 
 #: The most trials one batched request may carry.
@@ -30,9 +32,26 @@ SlotId = Annotated[str, Field(min_length=1, max_length=200)]
 class BatchLeaseRequest(LeaseRequest):
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"worker_id": "gpu-box-1-pop", "count": 16, "wait_s": 5}]},
+        json_schema_extra={
+            "examples": [
+                {"worker_id": "gpu-box-1-pop", "count": 16, "wait_s": 5},
+                {
+                    "worker_id": "gpu-box-1-pop",
+                    "count": 2,
+                    "slots": ["gpu-box-1-pop/0", "gpu-box-1-pop/1"],
+                    "kinds": ["trial", "lr_range_test", "final_evaluation"],
+                },
+            ]
+        },
     )
 
+    kinds: list[LeaseKind] = Field(
+        default_factory=_trials_only,
+        min_length=1,
+        description="The lease kinds this worker can run (default: trials only, as the single "
+        "lease). A task (`lr_range_test`, `final_evaluation`) comes alone: the answer is then "
+        "that one lease, held by the first slot (or `worker_id`), with no trial beside it.",
+    )
     count: WholeNumber = Field(..., ge=1, le=MAX_BATCH, description="Lease up to this many trials.")
     slots: list[SlotId] | None = Field(
         None,

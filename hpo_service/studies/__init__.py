@@ -243,8 +243,9 @@ class StudyService:
         wait_s: float = 0.0,
         slots: Sequence[str] | None = None,
         device: str | None = None,
+        kinds: Sequence[str] = ("trial",),
     ) -> list[Lease]:
-        return self.leasing.lease_many(worker_id, count, wait_s, slots=slots, device=device)
+        return self.leasing.lease_many(worker_id, count, wait_s, kinds, slots=slots, device=device)
 
     def heartbeat_many(self, leases: Sequence[tuple[int, str]]) -> list[HeartbeatAnswer | HPOError]:
         return self.reporting.heartbeat_many(leases)

@@ -36,6 +36,7 @@ from hpo_service.optimizers import build_pruner, build_sampler, pruning_primary
 from hpo_service.schemas import StudySpec
 from hpo_service.search_space import Param, check_spec
 from hpo_service.studies import _optuna_rows
+from hpo_service.studies._budget import TallyMemo
 from hpo_service.study_view import StudyView
 
 SPEC_ATTR = "spec"
@@ -70,6 +71,8 @@ class LoadedStudy:
     # Per parameter, its first distribution in the study (what a new one is checked against,
     # ``_optuna_rows.first_distributions``); filled under the study lock.
     distributions: dict[str, BaseDistribution] = field(default_factory=dict)
+    # The budget's count of the study's leading finished trials (``_budget.TallyMemo``).
+    tally: TallyMemo = field(default_factory=TallyMemo)
 
 
 @dataclass

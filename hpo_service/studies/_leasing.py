@@ -109,12 +109,16 @@ class LeaseProtocol:
         A study's share is sampled and written under one hold of its lock, each trial sampled
         with the ones before it running (Optuna's constant liar), so a batch is diverse and
         the budget and concurrency caps hold exactly, across replicas.
+
+        A task (``kinds`` beyond ``trial``: an LR range test, a final evaluation) goes alone,
+        to the first free holder: the worker runs it by itself before any trial, so trials
+        leased beside it would only wait without a heartbeat.
         """
         holders = list(slots) if slots is not None else [worker_id] * count
         deadline = time.monotonic() + wait_s
         while True:
             leases, free = self._own_running_trials(holders)
-            if free:
+            if free and not any(lease.kind != "trial" for lease in leases):
                 leases += self._try_lease(free, kinds, device)
             if leases:
                 return leases
@@ -181,12 +185,14 @@ class LeaseProtocol:
         leases: list[Lease] = []
         free = list(holders)
         for study_id in candidates:
-            granted = self._lease_from(study_id, free, kinds, device)
+            # Once trials are granted, later studies add trials only (a task goes alone).
+            wanted = [k for k in kinds if k == "trial"] if leases else kinds
+            granted = self._lease_from(study_id, free, wanted, device)
             for lease in granted:
                 free.remove(str(lease.worker_id))
             leases += granted
-            if not free:
-                break
+            if not free or any(lease.kind != "trial" for lease in granted):
+                break  # a task goes alone (``lease_many``)
         return leases
 
     def _lease_from(
@@ -228,10 +234,9 @@ class LeaseProtocol:
                     probe = _Granted(
                         trial_id, number, token, config, {}, None, holders[0], kind=LR_RANGE_TEST
                     )
-            # A worker that lists only task kinds (a population worker between its batched
-            # trial leases) gets no trial here.
+            # A worker that lists only task kinds gets no trial here.
             for worker_id in [] if probe or "trial" not in kinds else holders:
-                counted, running, _waiting, failures = tally(trials)
+                counted, running, _waiting, failures = tally(trials, loaded.tally)
                 if failures >= budget.max_failed or counted >= budget.n_trials:
                     break
                 if running >= min(budget.max_concurrent, row.max_concurrent):
@@ -277,7 +282,7 @@ class LeaseProtocol:
             if probe is not None:
                 granted.append(probe)
             if not granted and probe is None:
-                counted, running, _waiting, failures = tally(trials)
+                counted, running, _waiting, failures = tally(trials, loaded.tally)
                 ended = counted >= budget.n_trials and running == 0
                 if ended and failures < budget.max_failed:  # issue 14.4: evaluate the winners
                     task = task_step(core, study_id, loaded, trials, holders[0], kinds)

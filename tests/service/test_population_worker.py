@@ -86,9 +86,9 @@ def test_a_population_worker_trains_k_trials_at_once_and_settles_each(
     # Only the batched routes (issue 12): one report request per group epoch carrying all its
     # members, one completion request for the members that ended together. The exceptions
     # (issue 14): each trial's reproducibility record, sent once when the trial starts, and its
-    # best model, sent once before its completion; and the task lease (lr_range_test,
-    # final_evaluation) asked before each batched lease.
-    per_trial = [p for p, _ in sent if not p.startswith("/v1/batch/") and p != "/v1/leases"]
+    # best model, sent once before its completion. No single lease: the batched one lists the
+    # task kinds (lr_range_test, final_evaluation) itself.
+    per_trial = [p for p, _ in sent if not p.startswith("/v1/batch/")]
     assert sorted(p.rsplit("/", 1)[1] for p in per_trial) == ["best-model"] * 5 + ["record"] * 5
     assert {p for p, _ in sent if p.endswith("/best-model")} == {
         f"/v1/trials/{t['trial_id']}/best-model" for t in trials
@@ -274,10 +274,10 @@ def test_a_sigkilled_population_worker_leaves_k_trials_each_retried_once(
 def test_a_population_worker_alone_runs_the_lr_range_test_and_the_final_evaluation(
     client: TestClient,
 ) -> None:
-    """A population worker is often a study's only worker: the study's first step (the LR
-    range test) and its last (the final evaluation of the winners) are tasks the batched
-    route never leases, so the worker asks for them itself (issue 14.4) — and its members
-    keep the best models the evaluation reads."""
+    """A population worker is often a study's only worker: it runs the study's first step
+    (the LR range test) and its last (the final evaluation of the winners, issue 14.4) itself,
+    and its members keep the best models the evaluation reads. Both tasks come through its
+    batched lease, which lists their kinds: it sends no single ``POST /v1/leases``."""
     create(
         client,
         name="alone",
@@ -287,7 +287,12 @@ def test_a_population_worker_alone_runs_the_lr_range_test_and_the_final_evaluati
         lr_range_test={"enabled": True, "start_lr": 1e-5, "end_lr": 1e-2, "num_iter": 10},
         final_evaluation={"enabled": True, "top_k": 2, "k": 4},
     )
-    assert make_worker(client, population=3).run() == 3  # tasks are not counted as trials
+    worker = make_worker(client, population=3)
+    paths: list[str] = []
+    client.event_hooks["request"].append(lambda request: paths.append(request.url.path))
+    assert worker.run() == 3  # tasks are not counted as trials
+    client.event_hooks["request"].clear()
+    assert "/v1/leases" not in paths and "/v1/batch/leases" in paths, sorted(set(paths))
     info = client.get("/v1/studies/alone", headers=VIEWER).json()
     assert info["lr_range_test"]["status"] == "applied", info["lr_range_test"]
     outcome = info["final_evaluation"]

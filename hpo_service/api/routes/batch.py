@@ -63,12 +63,15 @@ def lease_many(service: ServiceDep, body: BatchLeaseRequest) -> BatchLeases:
     """Up to `count` trials, long-polling up to `wait_s` for the first; an empty list if none.
     Budget and concurrency caps hold exactly; the batch is sampled with Optuna's constant
     liar, so its parameter sets differ. With `slots`, each lease is held by one slot. With
-    none, `idle` tells "no study can give work now" (`true`: a worker may exit) from "wait and
-    ask again" (`false`)."""
+    `kinds` listing a task kind (`lr_range_test`, `final_evaluation`), the answer may instead
+    be one task, alone, held by the first slot: a population worker then needs no separate
+    `POST /v1/leases` for a study's tasks. Without `kinds`: trials only. With no lease, `idle`
+    tells "no study can give work now" (`true`: a worker may exit) from "wait and ask again"
+    (`false`), for a worker of `kinds`."""
     leases = service.lease_many(
-        body.worker_id, body.count, body.wait_s, body.slots, device=body.device
+        body.worker_id, body.count, body.wait_s, body.slots, device=body.device, kinds=body.kinds
     )
-    return BatchLeases(leases=leases, idle=not leases and not service.work_may_come())
+    return BatchLeases(leases=leases, idle=not leases and not service.work_may_come(body.kinds))
 
 
 @router.post("/heartbeat", response_model=BatchHeartbeatAnswer)
