@@ -312,3 +312,6 @@ def test_patience_must_be_a_positive_number_of_epochs(train_device: str) -> None
     with pytest.raises(ConfigError) as info:
         train({**SMALL, "device": train_device}, patience=0)
     assert info.value.field == "patience"
+    # One epoch is the smallest patience: accepted, and a one-epoch run ends as it would anyway.
+    shortest = train({**SMALL, "device": train_device, "epochs": 1}, patience=1)
+    assert shortest.epochs_run == 1 and not shortest.plateaued
