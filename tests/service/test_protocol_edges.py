@@ -22,8 +22,10 @@ from sqlalchemy import delete, update
 from hpo_service.config import Settings
 from hpo_service.errors import (
     InvalidSpec,
+    InvalidValue,
     LeaseMismatch,
     ReportConflict,
+    ResultConflict,
     TrialFinished,
     TrialReaped,
 )
@@ -51,6 +53,10 @@ def create(service: StudyService, name: str, **overrides: Any) -> int:
     return info.study_id
 
 
+def events(caplog: pytest.LogCaptureFixture, event: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if getattr(r, "event", None) == event]
+
+
 def age_leases(service: StudyService, seconds: float = 3600.0) -> None:
     """Every lease's last beat ``seconds`` earlier: expired for the next reap pass."""
     with service.db.session() as session:
@@ -58,11 +64,21 @@ def age_leases(service: StudyService, seconds: float = 3600.0) -> None:
 
 
 def test_a_lease_carries_the_server_s_settings_the_study_s_metrics_and_the_device(
-    service: StudyService,
+    service: StudyService, settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
-    create(service, "carry")
-    lease = service.lease("gpu-7", device="cuda:1")
+    study_id = create(service, "carry", budget={"n_trials": 4, "max_concurrent": 3})
+    with caplog.at_level(logging.INFO, logger="hpo_service.studies"):
+        lease = service.lease("gpu-7", device="cuda:1")
     assert lease is not None
+    [granted] = events(caplog, "lease_granted")
+    assert granted.getMessage() == "leased trial 0 of carry to gpu-7"
+    assert (granted.study, granted.study_id, granted.trial_id, granted.trial_number) == (  # type: ignore[attr-defined]
+        "carry",
+        study_id,
+        lease.trial_id,
+        0,
+    )
+    assert granted.worker_id == "gpu-7"  # type: ignore[attr-defined]
     assert (lease.kind, lease.study, lease.worker_id) == ("trial", "carry", "gpu-7")
     assert lease.task is None
     assert lease.heartbeat_interval_s == service.settings.heartbeat_interval_s == 0.2
@@ -85,6 +101,13 @@ def test_a_lease_carries_the_server_s_settings_the_study_s_metrics_and_the_devic
     other = service.lease("cpu-0")
     assert other is not None and other.trial_id != lease.trial_id
     assert "worker_device" not in service.storage.get_trial(other.trial_id).user_attrs
+    # A server that keeps best models (the default, 5 per study) asks for them.
+    keeping = StudyService(settings)
+    try:
+        kept = keeping.lease("cpu-1")
+        assert kept is not None and kept.keep_best_model is True
+    finally:
+        keeping.storage.engine.dispose()
 
 
 def test_a_batch_fills_the_study_served_longest_ago_first_then_the_next(
@@ -112,7 +135,9 @@ def test_a_batch_fills_the_study_served_longest_ago_first_then_the_next(
     assert nxt is not None and (nxt.study, nxt.trial_number) == ("second", 1)
 
 
-def test_a_study_past_its_timeout_stops_and_hands_out_nothing(service: StudyService) -> None:
+def test_a_study_past_its_timeout_stops_and_hands_out_nothing(
+    service: StudyService, caplog: pytest.LogCaptureFixture
+) -> None:
     study_id = create(service, "late", budget={"n_trials": 5, "max_concurrent": 5, "timeout_s": 60})
     create(service, "in-time", budget={"n_trials": 5, "max_concurrent": 5, "timeout_s": 3600})
     early = service.lease("early")  # within its minute
@@ -121,13 +146,17 @@ def test_a_study_past_its_timeout_stops_and_hands_out_nothing(service: StudyServ
         row = session.get(StudyRow, study_id)
         assert row is not None
         row.created_at = row.created_at - datetime.timedelta(seconds=120)
-    leases = service.lease_many("w", 6)  # "in-time" fills 5, then "late" is asked
+    with caplog.at_level(logging.INFO, logger="hpo_service.studies"):
+        leases = service.lease_many("w", 6)  # "in-time" fills 5, then "late" is asked
+    assert "study late reached its timeout; no new trials" in caplog.messages
     assert [lease.study for lease in leases] == ["in-time"] * 5
     assert service.get_study("late").state == "stopped"
     assert service.get_study("in-time").state == "running"
 
 
 def test_a_worker_that_runs_only_tasks_gets_no_trial(service: StudyService) -> None:
+    # long-polling with no study at all: waits, then answers nothing
+    assert service.lease("early", wait_s=0.12) is None
     create(service, "tasks")
     assert service.lease("evaluator", kinds=("final_evaluation",)) is None
     assert service.get_study("tasks").counts.running == 0
@@ -158,7 +187,7 @@ def test_slots_hold_one_lease_each_and_a_free_slot_is_refilled(service: StudySer
 
 
 def test_a_retry_keeps_the_parameters_and_its_history_within_max_retries(
-    service: StudyService,
+    service: StudyService, caplog: pytest.LogCaptureFixture
 ) -> None:
     create(service, "retry", max_retries=2, budget={"n_trials": 1, "max_concurrent": 1})
     service.enqueue("retry", [{"base_lr": 0.0005, "batch_size": 64}])
@@ -174,7 +203,8 @@ def test_a_retry_keeps_the_parameters_and_its_history_within_max_retries(
             assert trial.user_attrs["retry_history"] == numbers[:-1]
             assert trial.system_attrs["failed_trial"] == numbers[0]
             assert trial.system_attrs["retry_history"] == numbers[:-1]
-        answer = service.fail(lease.trial_id, lease.lease_token, "x" * 3000, retryable=True)
+        with caplog.at_level(logging.INFO, logger="hpo_service.studies"):
+            answer = service.fail(lease.trial_id, lease.lease_token, "x" * 3000, retryable=True)
         assert answer.state == "fail"
         failed = service.storage.get_trial(lease.trial_id)
         assert failed.state == TrialState.FAIL
@@ -183,6 +213,13 @@ def test_a_retry_keeps_the_parameters_and_its_history_within_max_retries(
             assert answer.retry_trial_number == lease.trial_number + 1
         else:  # two retries spent: the third failure is final
             assert answer.retry_trial_number is None
+    queued = events(caplog, "retry_queued")
+    assert [r.getMessage() for r in queued] == [
+        "trial 0 of retry queued again as trial 1",
+        "trial 1 of retry queued again as trial 2",
+    ]
+    assert [r.trial_number for r in queued] == [0, 1]  # type: ignore[attr-defined]
+    assert "trial 2 of retry failed for good after 2 retries" in caplog.messages
     info = service.get_study("retry")
     assert (info.counts.fail, info.counts.waiting, info.counts.running) == (3, 0, 0)
     assert service.lease("w") is None
@@ -210,6 +247,9 @@ def test_complete_stores_finite_metrics_and_the_output_tail_and_checks_the_value
     with pytest.raises(InvalidSpec) as wrong:
         service.complete(lease.trial_id, lease.lease_token, [1.0, 2.0], {})
     assert wrong.value.field == "values" and "1 objective(s)" in wrong.value.reason
+    with pytest.raises(InvalidValue) as infinite:
+        service.complete(lease.trial_id, lease.lease_token, [float("inf")], {})
+    assert infinite.value.field == "values"
     metrics = {"kl": float("inf"), "curve": [1.0, float("nan")], "n": 3}
     answer = service.complete(lease.trial_id, lease.lease_token, [5.0], metrics, output_tail="ok")
     assert (answer.state, answer.values, answer.trial_number) == ("complete", [5.0], 0)
@@ -217,6 +257,8 @@ def test_complete_stores_finite_metrics_and_the_output_tail_and_checks_the_value
     assert trial.values == [5.0]
     assert trial.user_attrs["metrics"] == {"kl": None, "curve": [1.0, None], "n": 3}
     assert trial.user_attrs["output_tail"] == "ok"
+    with pytest.raises(ResultConflict, match="with a different result; the first result stands"):
+        service.complete(lease.trial_id, lease.lease_token, [4.0], {})
     other = service.lease("v")
     assert other is not None
     service.complete(other.trial_id, other.lease_token, [6.0], {})
@@ -224,14 +266,23 @@ def test_complete_stores_finite_metrics_and_the_output_tail_and_checks_the_value
 
 
 def test_fail_stores_the_output_tail_and_a_pruned_fail_is_told_pruned(
-    service: StudyService,
+    service: StudyService, caplog: pytest.LogCaptureFixture
 ) -> None:
-    create(service, "tails", budget={"n_trials": 2, "max_concurrent": 2})
+    study_id = create(service, "tails", budget={"n_trials": 2, "max_concurrent": 2})
     failed, pruned = service.lease("a"), service.lease("b")
     assert failed is not None and pruned is not None
-    service.fail(failed.trial_id, failed.lease_token, "boom", False, output_tail="Traceback")
+    with caplog.at_level(logging.INFO, logger="hpo_service.studies"):
+        service.fail(failed.trial_id, failed.lease_token, "boom", False, output_tail="Traceback")
+        service.fail(pruned.trial_id, pruned.lease_token, "at epoch 3", False, pruned=True)
+    [told_failed] = events(caplog, "trial_failed")
+    [told_pruned] = events(caplog, "trial_pruned")
+    assert told_failed.getMessage() == "trial 0 of tails failed: boom"
+    assert told_pruned.getMessage() == "trial 1 of tails pruned: at epoch 3"
+    for record, lease in ((told_failed, failed), (told_pruned, pruned)):
+        assert record.study_id == study_id  # type: ignore[attr-defined]
+        assert record.trial_id == lease.trial_id  # type: ignore[attr-defined]
     assert service.storage.get_trial(failed.trial_id).user_attrs["output_tail"] == "Traceback"
-    answer = service.fail(pruned.trial_id, pruned.lease_token, "pruned", False, pruned=True)
+    answer = service.fail(pruned.trial_id, pruned.lease_token, "again", False, pruned=True)
     assert (answer.state, answer.retry_trial_number) == ("pruned", None)
     trial = service.storage.get_trial(pruned.trial_id)
     assert trial.state == TrialState.PRUNED and "fail_reason" not in trial.user_attrs
@@ -287,6 +338,7 @@ def test_reports_in_a_new_process_read_the_trial_and_follow_on(
     service.report(lease.trial_id, lease.lease_token, 1, 10.0, {})
     other = StudyService(settings)
     try:
+        assert other.heartbeat(lease.trial_id, lease.lease_token).action == "continue"
         assert other.report(lease.trial_id, lease.lease_token, 2, 9.0, {}).action == "continue"
         with pytest.raises(ReportConflict):  # epoch 1 as the first process stored it
             other.report(lease.trial_id, lease.lease_token, 1, 11.0, {})
@@ -296,7 +348,12 @@ def test_reports_in_a_new_process_read_the_trial_and_follow_on(
             service.report(lease.trial_id, lease.lease_token, 2, 1.0, {})
         trial = service.storage.get_trial(lease.trial_id)
         assert trial.intermediate_values == {1: 10.0, 2: 9.0, 4: 8.0}
-        service.complete(lease.trial_id, lease.lease_token, [8.0], {})
+        third = StudyService(settings)  # has never seen the trial: tells it through Optuna
+        try:
+            assert third.complete(lease.trial_id, lease.lease_token, [8.0], {}).values == [8.0]
+        finally:
+            third.storage.engine.dispose()
+        assert service.storage.get_trial(lease.trial_id).values == [8.0]
         with pytest.raises(TrialFinished) as late:
             other.report(lease.trial_id, lease.lease_token, 5, 7.0, {})
         assert late.value.state == "complete"
@@ -387,6 +444,9 @@ def test_the_reaper_fails_expired_and_lease_less_trials_and_retries_only_a_runni
     leases = {"live": live_lease, "halted": halted_lease}
     with service.db.session() as session:  # a crash between a trial's write and its lease's
         session.execute(delete(LeaseRow).where(LeaseRow.trial_id == orphan.trial_id))
+    done = service.lease("done")
+    assert done is not None and done.study == "halted"
+    finished = service.complete(done.trial_id, done.lease_token, [7.0], {})
     service.set_state("halted", "stopped")
     with caplog.at_level(logging.WARNING, logger="hpo_service.studies"):
         assert service.reap() == 2  # both studies checked; nothing expired yet
@@ -406,8 +466,18 @@ def test_the_reaper_fails_expired_and_lease_less_trials_and_retries_only_a_runni
     live, halted = service.get_study("live").counts, service.get_study("halted").counts
     assert (live.fail, live.waiting, live.running) == (2, 2, 0)  # both retried
     assert (halted.fail, halted.waiting, halted.running) == (1, 0, 0)  # stopped: no retry
-    messages = [r.getMessage() for r in caplog.records if "lease expired" in r.getMessage()]
-    assert len(messages) == 2
+    reaped = events(caplog, "lease_reaped")
+    assert sorted(r.getMessage() for r in reaped) == [
+        "trial 0 of halted: lease expired; trial failed",
+        "trial 0 of live: lease expired; trial failed",
+    ]
+    ids = {
+        "live": service.get_study("live").study_id,
+        "halted": service.get_study("halted").study_id,
+    }
+    assert {(r.study, r.study_id) for r in reaped} == set(ids.items())  # type: ignore[attr-defined]
+    # a lease that finished long ago is not the reaper's: its answer stands
+    assert service.complete(done.trial_id, done.lease_token, [7.0], {}) == finished
     with pytest.raises(TrialReaped):
         service.complete(leases["live"].trial_id, leases["live"].lease_token, [1.0], {})
     with pytest.raises(TrialReaped):
@@ -416,11 +486,54 @@ def test_the_reaper_fails_expired_and_lease_less_trials_and_retries_only_a_runni
     assert service.get_study("live").counts.waiting == 2
 
 
-def test_a_claim_the_reaper_caught_mid_complete_keeps_its_answer(service: StudyService) -> None:
-    """A complete whose answer was not recorded (the process died after the tell) leaves its
-    claim; the reaper marks the expired lease, sees the trial complete, and records the answer
-    the claim would have, so the worker's retry of the complete reads it."""
+@pytest.mark.parametrize("finish", ["complete", "pruned"])
+def test_a_claim_the_reaper_caught_mid_finish_keeps_its_answer(
+    service: StudyService, finish: str
+) -> None:
+    """A finish whose answer was not recorded (the process died after the tell) leaves its
+    claim; the reaper marks the expired lease, sees the trial finished as claimed, and records
+    the answer the claim would have, so the worker's retry reads it."""
     create(service, "settle")
+    lease = service.lease("w")
+    assert lease is not None
+
+    def finish_it() -> Any:
+        if finish == "complete":
+            return service.complete(lease.trial_id, lease.lease_token, [3.0], {})
+        return service.fail(lease.trial_id, lease.lease_token, "pruned", False, pruned=True)
+
+    real = service.finishing._record_answer
+    service.finishing._record_answer = lambda *args: None  # type: ignore[method-assign]
+    try:
+        finish_it()
+    finally:
+        service.finishing._record_answer = real  # type: ignore[method-assign]
+    age_leases(service)
+    service.reap()
+    assert service.reaped_leases == 0  # finished after all: not counted as reaped
+    expected: dict[str, Any] = {"trial_id": lease.trial_id}
+    if finish == "complete":
+        expected |= {"trial_number": lease.trial_number, "state": "complete", "values": [3.0]}
+    else:
+        expected |= {"state": "pruned", "retry_trial_number": None}
+    with service.db.session() as session:
+        row = session.get(LeaseRow, lease.trial_id)
+        assert row is not None
+        assert (row.outcome, row.answer) == (
+            "complete" if finish == "complete" else "fail",
+            expected,
+        )
+    assert finish_it().model_dump(mode="json") == expected
+    assert service.get_study("settle").counts.waiting == 0  # no retry of a finished trial
+
+
+def test_a_claim_left_by_a_dead_process_is_taken_over_only_by_the_same_result(
+    service: StudyService,
+) -> None:
+    """The claimant told Optuna and died before recording its answer: once the claim is older
+    than the lease timeout the same result takes it over and gets the answer; another result
+    is a conflict and takes nothing over."""
+    create(service, "takeover")
     lease = service.lease("w")
     assert lease is not None
     real = service.finishing._record_answer
@@ -430,17 +543,72 @@ def test_a_claim_the_reaper_caught_mid_complete_keeps_its_answer(service: StudyS
     finally:
         service.finishing._record_answer = real  # type: ignore[method-assign]
     age_leases(service)
-    service.reap()
-    assert service.reaped_leases == 0  # finished after all: not counted as reaped
+    with pytest.raises(ResultConflict):
+        service.complete(lease.trial_id, lease.lease_token, [4.0], {})
+    age_leases(service)
+    answer = service.complete(lease.trial_id, lease.lease_token, [3.0], {})
+    assert (answer.values, answer.state) == ([3.0], "complete")
     with service.db.session() as session:
         row = session.get(LeaseRow, lease.trial_id)
         assert row is not None and row.outcome == "complete"
-        assert row.answer == {
-            "trial_id": lease.trial_id,
-            "trial_number": lease.trial_number,
-            "state": "complete",
-            "values": [3.0],
-        }
-    again = service.complete(lease.trial_id, lease.lease_token, [3.0], {})
-    assert again.values == [3.0]
-    assert service.get_study("settle").counts.waiting == 0  # no retry of a finished trial
+    assert service.storage.get_trial(lease.trial_id).values == [3.0]
+
+
+@pytest.mark.parametrize("finish", ["complete", "fail"])
+def test_a_trial_failed_behind_the_service_s_back_is_reaped_for_every_later_call(
+    service: StudyService, finish: str
+) -> None:
+    """The trial ended FAIL in Optuna while its lease was open: the finish releases its claim
+    and says reaped, and so does the next try (not a wait on a claim nobody holds)."""
+    create(service, "behind")
+    lease = service.lease("w")
+    assert lease is not None
+    service.storage.set_trial_state_values(lease.trial_id, TrialState.FAIL)
+    for _ in range(2):
+        with pytest.raises(TrialReaped):
+            if finish == "complete":
+                service.complete(lease.trial_id, lease.lease_token, [1.0], {})
+            else:
+                service.fail(lease.trial_id, lease.lease_token, "OOM", True)
+        with service.db.session() as session:
+            row = session.get(LeaseRow, lease.trial_id)
+            assert row is not None and (row.outcome, row.fingerprint) == (None, None)
+
+
+def test_a_sampled_config_the_trainer_refuses_fails_that_trial_and_leases_the_next(
+    service: StudyService, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every range end is probed at creation, but a combination can still be refused."""
+    import hpo_service.studies._leasing as leasing
+
+    create(service, "refused", budget={"n_trials": 3, "max_concurrent": 2})
+    real = leasing.resolve_config
+    refusals = iter([True])
+
+    def refuse_first(spec: Any, params: Any) -> Any:
+        if next(refusals, False):
+            raise InvalidSpec("max_lr", "must be greater than base_lr")
+        return real(spec, params)
+
+    monkeypatch.setattr(leasing, "resolve_config", refuse_first)
+    with caplog.at_level(logging.WARNING, logger="hpo_service.studies"):
+        leases = service.lease_many("w", 2)
+    # the refused sample used up one of the two asked for (a batch is "up to" its count)
+    assert [lease.trial_number for lease in leases] == [1]
+    again = service.lease("w2")
+    assert again is not None and again.trial_number == 2
+    trials = service.storage.get_all_trials(service.get_study("refused").study_id)
+    assert trials[0].state == TrialState.FAIL
+    reason = trials[0].user_attrs["fail_reason"]
+    assert reason.startswith("invalid config: ") and "must be greater than base_lr" in reason
+    assert f"trial 0 of refused has an {reason}" in caplog.messages
+    assert service.get_study("refused").counts.running == 2
+
+
+def test_a_batch_pops_the_queued_trial_then_samples_the_rest(service: StudyService) -> None:
+    create(service, "queue", budget={"n_trials": 4, "max_concurrent": 4})
+    service.enqueue("queue", [{"base_lr": 0.0005, "batch_size": 64}])
+    first, second = service.lease_many("w", 2)
+    assert first.trial_number == 0 and first.config["base_lr"] == 0.0005
+    assert second.trial_number == 1 and second.trial_id != first.trial_id
+    assert service.get_study("queue").counts.running == 2
