@@ -16,9 +16,11 @@ from typing import Any
 
 import pytest
 from helpers import spec
+from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
 from sqlalchemy import delete, update
 
+from hpo_service.artifacts import artifact_id_for, read_artifact
 from hpo_service.config import Settings
 from hpo_service.errors import (
     InvalidSpec,
@@ -612,3 +614,31 @@ def test_a_batch_pops_the_queued_trial_then_samples_the_rest(service: StudyServi
     assert first.trial_number == 0 and first.config["base_lr"] == 0.0005
     assert second.trial_number == 1 and second.trial_id != first.trial_id
     assert service.get_study("queue").counts.running == 2
+
+
+@pytest.mark.parametrize("ending", ["reaped", "retryable fail", "final fail"])
+def test_a_retry_resumes_from_the_checkpoint_and_a_final_failure_deletes_it(
+    service: StudyService, ending: str
+) -> None:
+    create(service, "line", max_retries=1)
+    lease = service.lease("w")
+    assert lease is not None
+    service.checkpoints.store(lease.trial_id, lease.lease_token, "checkpoint", 2, b"state", None)
+    if ending == "reaped":
+        age_leases(service)
+        service.reap()
+    else:
+        service.fail(lease.trial_id, lease.lease_token, "OOM", ending == "retryable fail")
+    retry = service.lease("w2")
+    assert retry is not None
+    stored = artifact_id_for(service.get_study("line").study_id, lease.trial_id, "checkpoint")
+    if ending == "final fail":  # nothing will resume from it: the file is gone
+        assert retry.resume_from is None
+        with pytest.raises(ArtifactNotFound):
+            read_artifact(service.core.artifacts, stored)
+        return
+    assert read_artifact(service.core.artifacts, stored) == b"state"
+    assert retry.resume_from is not None
+    assert (retry.resume_from.trial_id, retry.resume_from.epoch) == (lease.trial_id, 2)
+    content, source = service.checkpoints.fetch(retry.trial_id, retry.lease_token)
+    assert content == b"state" and source == retry.resume_from
