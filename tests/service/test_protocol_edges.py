@@ -18,7 +18,7 @@ import pytest
 from helpers import spec
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
-from sqlalchemy import delete, update
+from sqlalchemy import delete, event, update
 
 from hpo_service.artifacts import artifact_id_for, read_artifact
 from hpo_service.config import Settings
@@ -642,3 +642,30 @@ def test_a_retry_resumes_from_the_checkpoint_and_a_final_failure_deletes_it(
     assert (retry.resume_from.trial_id, retry.resume_from.epoch) == (lease.trial_id, 2)
     content, source = service.checkpoints.fetch(retry.trial_id, retry.lease_token)
     assert content == b"state" and source == retry.resume_from
+
+
+def test_a_beat_that_lands_between_the_reaper_s_read_and_its_mark_keeps_the_lease(
+    service: StudyService,
+) -> None:
+    """The reaper marks the leases it read as expired with a compare-and-set that re-checks
+    the age: a heartbeat committed in between wins, and the trial keeps running."""
+    create(service, "late-beat")
+    lease = service.lease("w")
+    assert lease is not None
+    age_leases(service)
+    beaten: list[str] = []
+
+    def beat_first(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if not beaten and statement.lstrip().upper().startswith("UPDATE HPO_LEASES SET OUTCOME"):
+            beaten.append(statement)
+            service.heartbeat(lease.trial_id, lease.lease_token)  # on another connection
+
+    event.listen(service.storage.engine, "before_cursor_execute", beat_first)
+    try:
+        service.reap()
+    finally:
+        event.remove(service.storage.engine, "before_cursor_execute", beat_first)
+    assert beaten, "the reaper never marked a lease: the lease was not found expired"
+    assert service.storage.get_trial(lease.trial_id).state == TrialState.RUNNING
+    assert service.reaped_leases == 0
+    assert service.heartbeat(lease.trial_id, lease.lease_token).action == "continue"
