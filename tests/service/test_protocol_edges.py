@@ -669,3 +669,38 @@ def test_a_beat_that_lands_between_the_reaper_s_read_and_its_mark_keeps_the_leas
     assert service.storage.get_trial(lease.trial_id).state == TrialState.RUNNING
     assert service.reaped_leases == 0
     assert service.heartbeat(lease.trial_id, lease.lease_token).action == "continue"
+
+
+def test_an_ended_study_hands_its_final_evaluation_to_a_worker_that_runs_it(
+    settings: Settings,
+) -> None:
+    service = StudyService(settings)  # keeps best models (the fixture's service keeps none)
+    try:
+        _final_evaluation_is_leased(service)
+    finally:
+        service.storage.engine.dispose()
+
+
+def _final_evaluation_is_leased(service: StudyService) -> None:
+    create(
+        service,
+        "ended",
+        budget={"n_trials": 2, "max_concurrent": 2},
+        final_evaluation={"enabled": True, "top_k": 2, "k": 8},
+    )
+    leases = service.lease_many("w", 2)
+    for lease, value in zip(leases, [5.0, 4.0], strict=True):
+        service.checkpoints.store(lease.trial_id, lease.lease_token, "best_model", 3, b"m", None)
+        service.complete(lease.trial_id, lease.lease_token, [value], {})
+    assert service.lease("trainer") is None  # trials only: nothing left
+    task = service.lease("evaluator", kinds=("trial", "final_evaluation"))
+    assert task is not None
+    assert (task.kind, task.trial_number, task.worker_id) == ("final_evaluation", 2, "evaluator")
+    assert task.task is not None and task.config == {} and task.params == {}
+    winners = [int(w["trial_id"]) for w in task.task["winners"]]
+    assert winners == [leases[1].trial_id, leases[0].trial_id]  # the better first
+    again = service.lease("evaluator", kinds=("trial", "final_evaluation"))
+    # its own task back (its config, unused by the task, is then the study's base config)
+    assert again is not None
+    assert again.model_dump(exclude={"config"}) == task.model_dump(exclude={"config"})
+    assert service.lease("other", kinds=("final_evaluation",)) is None  # one task per study
