@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +19,7 @@ import pytest
 from helpers import spec
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
-from sqlalchemy import delete, event, update
+from sqlalchemy import delete, event, select, update
 
 from hpo_service.artifacts import artifact_id_for, read_artifact
 from hpo_service.config import Settings
@@ -259,6 +260,7 @@ def test_complete_stores_finite_metrics_and_the_output_tail_and_checks_the_value
     assert trial.values == [5.0]
     assert trial.user_attrs["metrics"] == {"kl": None, "curve": [1.0, None], "n": 3}
     assert trial.user_attrs["output_tail"] == "ok"
+    assert service.core.known_running(lease.trial_id) is None  # only running trials are held
     with pytest.raises(ResultConflict, match="with a different result; the first result stands"):
         service.complete(lease.trial_id, lease.lease_token, [4.0], {})
     other = service.lease("v")
@@ -284,6 +286,7 @@ def test_fail_stores_the_output_tail_and_a_pruned_fail_is_told_pruned(
         assert record.study_id == study_id  # type: ignore[attr-defined]
         assert record.trial_id == lease.trial_id  # type: ignore[attr-defined]
     assert service.storage.get_trial(failed.trial_id).user_attrs["output_tail"] == "Traceback"
+    assert service.core.known_running(failed.trial_id) is None  # only running trials are held
     answer = service.fail(pruned.trial_id, pruned.lease_token, "again", False, pruned=True)
     assert (answer.state, answer.retry_trial_number) == ("pruned", None)
     trial = service.storage.get_trial(pruned.trial_id)
@@ -704,3 +707,38 @@ def _final_evaluation_is_leased(service: StudyService) -> None:
     assert again is not None
     assert again.model_dump(exclude={"config"}) == task.model_dump(exclude={"config"})
     assert service.lease("other", kinds=("final_evaluation",)) is None  # one task per study
+
+
+def test_a_report_writes_a_beat_only_after_half_a_heartbeat_interval(
+    settings: Settings,
+) -> None:
+    """A report counts as a beat, written when this process last wrote one over half an
+    interval ago. The last write is moved back instead of waited for; the interval is long
+    (100 s) so the test's own time never crosses a threshold."""
+    service = StudyService(
+        settings.model_copy(update={"heartbeat_interval_s": 100.0, "lease_timeout_s": 200.0})
+    )
+    try:
+        create(service, "beats")
+        lease = service.lease("w")
+        assert lease is not None
+
+        def beat_written(epoch: int, written_ago_s: float) -> bool:
+            known = service.core.known_running(lease.trial_id)
+            assert known is not None
+            known.beat_at = time.monotonic() - written_ago_s
+            age_leases(service, 1000.0)
+            service.report(lease.trial_id, lease.lease_token, epoch, 100.0 - epoch, {})
+            with service.db.session() as session:
+                row = session.get(LeaseRow, lease.trial_id)
+                assert row is not None and row.beat_at_s is not None
+                aged = session.scalar(select(service.core.database_clock_s())) - row.beat_at_s
+            return bool(aged < 500.0)  # rewritten now, not left 1000 s back
+
+        assert not beat_written(1, 40.0)  # 40 s < 50 s
+        assert beat_written(2, 60.0)
+        # a report that skips an epoch re-reads the trial and keeps when the beat was written
+        assert not beat_written(4, 40.0)
+        assert beat_written(5, 55.0)
+    finally:
+        service.storage.engine.dispose()
