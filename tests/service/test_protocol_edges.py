@@ -742,3 +742,22 @@ def test_a_report_writes_a_beat_only_after_half_a_heartbeat_interval(
         assert beat_written(5, 55.0)
     finally:
         service.storage.engine.dispose()
+
+
+def test_a_diverged_fail_completes_infeasible_alone_and_in_a_batch(service: StudyService) -> None:
+    """``constraints.finite`` (on by default): the worst value seen, not a silent failure."""
+    create(service, "diverging", budget={"n_trials": 4, "max_concurrent": 3})
+    done, alone, batched = service.lease_many("w", 3)
+    service.complete(done.trial_id, done.lease_token, [100.0], {})
+    for lease, last in ((alone, 120.0), (batched, 90.0)):
+        service.report(lease.trial_id, lease.lease_token, 1, last, {})
+    answer = service.fail(alone.trial_id, alone.lease_token, "loss is nan", False, diverged=True)
+    [item] = service.fail_many(
+        [TrialFailure(batched.trial_id, batched.lease_token, "inf grad", diverged=True)]
+    )
+    assert (answer.state, getattr(item, "state", None)) == ("complete", "complete")
+    # the worst of the completed trials and its own last report: 120 for both
+    for lease, worst, reason in ((alone, 120.0, "loss is nan"), (batched, 120.0, "inf grad")):
+        trial = service.storage.get_trial(lease.trial_id)
+        assert trial.state == TrialState.COMPLETE and trial.values == [worst]
+        assert trial.user_attrs["fail_reason"] == reason
