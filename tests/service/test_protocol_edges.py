@@ -761,3 +761,25 @@ def test_a_diverged_fail_completes_infeasible_alone_and_in_a_batch(service: Stud
         trial = service.storage.get_trial(lease.trial_id)
         assert trial.state == TrialState.COMPLETE and trial.values == [worst]
         assert trial.user_attrs["fail_reason"] == reason
+
+
+def test_a_fail_claim_left_by_a_dead_process_is_taken_over_by_any_fail(
+    service: StudyService,
+) -> None:
+    """A fail's claim matches any fail (its state is not a result to conflict with): once it
+    is older than the lease timeout the next fail takes it over, finds the trial already told,
+    and says how it ended."""
+    create(service, "fail-takeover")
+    lease = service.lease("w")
+    assert lease is not None
+    real = service.finishing._record_answer
+    service.finishing._record_answer = lambda *args: None  # type: ignore[method-assign]
+    try:
+        service.fail(lease.trial_id, lease.lease_token, "pruned", False, pruned=True)
+    finally:
+        service.finishing._record_answer = real  # type: ignore[method-assign]
+    age_leases(service)
+    with pytest.raises(TrialFinished) as told:
+        service.fail(lease.trial_id, lease.lease_token, "OOM", True)
+    assert told.value.state == "pruned"
+    assert service.get_study("fail-takeover").counts.waiting == 0  # no retry queued
