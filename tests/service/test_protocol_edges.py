@@ -586,7 +586,7 @@ def test_a_sampled_config_the_trainer_refuses_fails_that_trial_and_leases_the_ne
     """Every range end is probed at creation, but a combination can still be refused."""
     import hpo_service.studies._leasing as leasing
 
-    create(service, "refused", budget={"n_trials": 3, "max_concurrent": 2})
+    create(service, "refused", budget={"n_trials": 5, "max_concurrent": 3})
     real = leasing.resolve_config
     refusals = iter([True])
 
@@ -608,6 +608,13 @@ def test_a_sampled_config_the_trainer_refuses_fails_that_trial_and_leases_the_ne
     assert reason.startswith("invalid config: ") and "must be greater than base_lr" in reason
     assert f"trial 0 of refused has an {reason}" in caplog.messages
     assert service.get_study("refused").counts.running == 2
+    # a queued trial the trainer refuses fails the same way
+    service.enqueue("refused", [{"base_lr": 0.0005, "batch_size": 64}])
+    refusals = iter([True])
+    assert service.lease("w3") is None  # its turn went to the refused one
+    queued = service.storage.get_all_trials(service.get_study("refused").study_id)[-1]
+    assert queued.state == TrialState.FAIL and queued.params["base_lr"] == 0.0005
+    assert queued.user_attrs["fail_reason"].startswith("invalid config: ")
 
 
 def test_a_batch_pops_the_queued_trial_then_samples_the_rest(service: StudyService) -> None:
@@ -617,6 +624,8 @@ def test_a_batch_pops_the_queued_trial_then_samples_the_rest(service: StudyServi
     assert first.trial_number == 0 and first.config["base_lr"] == 0.0005
     assert second.trial_number == 1 and second.trial_id != first.trial_id
     assert service.get_study("queue").counts.running == 2
+    popped = service.storage.get_trial(first.trial_id)  # the lease's attributes on the queued one
+    assert (popped.user_attrs["worker_id"], popped.user_attrs["config"]) == ("w", first.config)
 
 
 @pytest.mark.parametrize("ending", ["reaped", "retryable fail", "final fail"])
