@@ -92,6 +92,15 @@ MUTANTS: dict[str, Mutant] = {
         "    if False:\n",
         "tests/service/test_api.py::test_retries_are_bounded[sqlite]",
     ),
+    # the reaper's mark of expired leases loses its compare-and-set: a beat that landed after
+    # the read no longer saves the lease (``xǁReaperǁreap__mutmut_45`` of the service sample)
+    "reaper_mark_ignores_a_late_beat": Mutant(
+        "hpo_service/studies/_reaping.py",
+        ".where(LeaseRow.trial_id.in_([lease.trial_id for lease in found]), expired)",
+        ".where(LeaseRow.trial_id.in_([lease.trial_id for lease in found]))",
+        "tests/service/test_protocol_edges.py::"
+        "test_a_beat_that_lands_between_the_reaper_s_read_and_its_mark_keeps_the_lease[sqlite]",
+    ),
 }
 
 #: Run first in the subprocess: fail loudly (exit 3, not 1) unless the mutated copy is imported.

@@ -309,3 +309,48 @@ def test_stacked_clipping_clips_each_member_as_clip_gradients_does_alone() -> No
             assert torch.allclose(g[k], alone, rtol=1e-6, atol=1e-7)
     assert fired.tolist() == [1.0, 1.0, 0.0]  # norm 2 fired, value 0.5 fired, 1e6 never
     assert grads[2][1].abs().max() <= 0.5  # member 1 clamped by value only
+
+
+def _member_rows(shapes: list[tuple[int, ...]], rows: list[Any]) -> list[torch.Tensor]:
+    """Stacked gradients of ``shapes`` (K first) whose member k is ``rows[k](shape)``."""
+    return [torch.stack([make(s[1:]) for make in rows]) for s in shapes]
+
+
+@pytest.mark.parametrize(
+    ("max_norms", "max_values", "fired_by_member"),
+    [
+        # norm thresholds at most 1, a member with both clips off, gradients far below 1 (so
+        # the 1e-6 beside the norm matters at the tolerance below)
+        ([1e-4, 0.0, 0.5], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]),
+        # value clips only: member 0's peak is far above member 1's limit, member 1's L2 norm
+        # is above its own limit but no element is (a value clip reads each member's peak)
+        ([0.0, 0.0, 0.0], [0.0, 10.0, 0.3], [0.0, 0.0, 1.0]),
+    ],
+    ids=["small-norms", "values-only"],
+)
+def test_stacked_clipping_reads_each_member_s_own_norm_and_peak(
+    max_norms: list[float], max_values: list[float], fired_by_member: list[float]
+) -> None:
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(3, 40, 25), (3, 7)]
+    small = max_norms[0] > 0
+    rows = [
+        lambda s: torch.randn(*s, generator=gen) * (1e-4 if small else 100.0),
+        lambda s: 0.5 * torch.randn(*s, generator=gen).sign(),  # 1007 elements of ±0.5
+        lambda s: torch.randn(*s, generator=gen) * (1e-3 if small else 1.0),
+    ]
+    grads = _member_rows(shapes, rows)
+    expected = []
+    for k in range(3):
+        params = [torch.nn.Parameter(torch.zeros(g.shape[1:])) for g in grads]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g[k].clone()
+        norm, fired = clip_gradients(params, max_norms[k], max_values[k])  # type: ignore[arg-type]
+        expected.append((norm.item(), fired.item(), [p.grad for p in params]))
+    norms, fired = clip_stacked_gradients(grads, max_norms, max_values)
+    assert fired.tolist() == [e[1] for e in expected] == fired_by_member
+    for k, (norm, _, clipped) in enumerate(expected):
+        assert norms[k].item() == pytest.approx(norm, rel=1e-6)
+        for g, alone in zip(grads, clipped, strict=True):
+            # no absolute slack: the clipped values are ~1e-6 here
+            assert torch.allclose(g[k], alone, rtol=1e-5, atol=0.0)

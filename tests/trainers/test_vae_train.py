@@ -159,6 +159,27 @@ def test_nan_from_the_model_raises_with_epoch_and_first_bad_step(
     assert isinstance(info.value, TrainerError)
 
 
+def test_a_non_finite_validation_raises_with_its_epoch_and_the_epoch_s_last_step(
+    monkeypatch: pytest.MonkeyPatch, train_device: str
+) -> None:
+    """Training stays finite; the decoder goes bad only when evaluated after epoch 2."""
+    original = VAE.decode
+    steps = {"n": 0}
+
+    def bad_after_epoch_2(self: VAE, z: torch.Tensor) -> torch.Tensor:
+        out = original(self, z)
+        if self.training:  # one decode per training step
+            steps["n"] += 1
+        elif steps["n"] >= 22:  # 11 steps per epoch: epoch 2's validation
+            out = out * torch.nan
+        return out
+
+    monkeypatch.setattr(VAE, "decode", bad_after_epoch_2)
+    with pytest.raises(NonFiniteLossError) as info:
+        run(train_device)
+    assert (info.value.epoch, info.value.step, info.value.term) == (2, 21, "val_neg_elbo")
+
+
 def test_an_absurd_learning_rate_without_clipping_is_reported_as_non_finite(
     train_device: str,
 ) -> None:
@@ -312,3 +333,6 @@ def test_patience_must_be_a_positive_number_of_epochs(train_device: str) -> None
     with pytest.raises(ConfigError) as info:
         train({**SMALL, "device": train_device}, patience=0)
     assert info.value.field == "patience"
+    # One epoch is the smallest patience: accepted, and a one-epoch run ends as it would anyway.
+    shortest = train({**SMALL, "device": train_device, "epochs": 1}, patience=1)
+    assert shortest.epochs_run == 1 and not shortest.plateaued
