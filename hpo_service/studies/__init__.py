@@ -202,6 +202,15 @@ class StudyService:
         value: float | None,
         metrics: Mapping[str, Any],
     ) -> ReportAnswer:
+        """Store the epoch's objective value as an intermediate value and its metrics as a user
+        attribute, then ask the study's pruner. A repeated report of an epoch with the same value is
+        not re-stored.
+        A report counts as a heartbeat.
+
+        Raises ``TrialNotFound``, ``LeaseMismatch``, ``TrialFinished`` / ``TrialReaped`` (the
+        trial is no longer running), ``ReportConflict`` (the epoch was reported with another
+        value) or ``InvalidValue`` (a non-finite value).
+        """
         item = EpochReport(trial_id, token, epoch, value, metrics)
         answer = self.report_many([item])[0]
         if isinstance(answer, HPOError):
