@@ -69,6 +69,8 @@ from hpo_service.search_space import check_spec, resolve_config
 from hpo_service.studies import StudyService
 
 log = logging.getLogger(__name__)
+#: The detail of a fire time missed while no scheduler ran, coalesced into a later one.
+COALESCED = "missed; coalesced into a later fire time"
 
 #: Missed fire times recorded individually per tick; a longer outage is summarised in the log.
 MAX_RECORDED_MISSES = 100
@@ -146,7 +148,9 @@ class Scheduler:
                 now,
             )
             return done
-        kind = "catch_up" if missed else "scheduled"
+        # Another node ticking at the same moment may have recorded the misses first (its
+        # `_record_missed` moved the anchor past them): they still make this a catch-up.
+        kind = "catch_up" if missed or self._coalesced_before(schedule_id, latest) else "scheduled"
         firing_id = self._claim(
             schedule_id,
             key=fire_key(latest, zone),
@@ -186,7 +190,27 @@ class Scheduler:
             missed[0].local,
             missed[-1].local,
         )
-        self._skip(schedule_id, missed, zone, "missed; coalesced into a later fire time", now)
+        self._skip(schedule_id, missed, zone, COALESCED, now)
+
+    def _coalesced_before(self, schedule_id: int, latest: FireTime) -> bool:
+        """Whether fire times before ``latest`` and after the schedule's last one that ran
+        were recorded as missed and coalesced into a later one (by any node)."""
+        with self.db.session() as session:
+            last_run = session.scalar(
+                select(func.max(FiringRow.scheduled_for)).where(
+                    FiringRow.schedule_id == schedule_id,
+                    FiringRow.kind != "manual",
+                    FiringRow.status != "skipped",
+                )
+            )
+            query = select(FiringRow.id).where(
+                FiringRow.schedule_id == schedule_id,
+                FiringRow.detail == COALESCED,
+                FiringRow.scheduled_for < latest.instant,
+            )
+            if last_run is not None:
+                query = query.where(FiringRow.scheduled_for > last_run)
+            return session.scalar(query.limit(1)) is not None
 
     def _skip(
         self, schedule_id: int, fires: list[FireTime], zone: ZoneInfo, reason: str, now: datetime

@@ -284,7 +284,10 @@ class Diagnostics:
         with self._guard:
             if self._renderer is None:
                 self._renderer = ProcessPoolExecutor(
-                    1, mp_context=get_context("spawn"), initializer=_yield_to_the_server
+                    1,
+                    mp_context=get_context("spawn"),
+                    initializer=_yield_to_the_server,
+                    initargs=(os.getpid(),),
                 )
             renderer = self._renderer
         try:
@@ -309,14 +312,15 @@ class Diagnostics:
             renderer.shutdown(wait=True)
 
 
-def _yield_to_the_server() -> None:
+def _yield_to_the_server(server: int) -> None:
     """In the drawing process: the lowest CPU priority, so on a small host the server's
     requests get the CPU first and the plot waits (it is not urgent); and a watch that ends
-    this process once the server is gone (a SIGKILLed server cannot stop its pool, and the
-    orphan would sit waiting on its queue for ever)."""
+    this process once the server (pid ``server``) is gone (a SIGKILLed server cannot stop its
+    pool, and the orphan would sit waiting on its queue for ever). The server passes its pid:
+    read here with ``getppid``, a server killed while this process was still starting would
+    already be replaced by the new parent, and the watch would wait on that one for ever."""
     with contextlib.suppress(OSError):
         os.nice(19)
-    server = os.getppid()
     threading.Thread(target=_exit_with, args=(server,), daemon=True, name="hpo-orphan").start()
 
 

@@ -23,6 +23,7 @@ from schedule_helpers import (
 from sqlalchemy import select
 
 from hpo_service.errors import StudyExists
+from hpo_service.fire_times import fire_times_after, parse_zone
 from hpo_service.models import FiringRow, StudyRow
 from hpo_service.schedules import study_spec
 from hpo_service.schemas import ScheduleUpdate, StudyTemplate
@@ -107,6 +108,28 @@ def test_downtime_across_three_fire_times_gives_one_catch_up(database_url: str) 
             ("2026-01-04", "catch_up", "created"),
             ("2026-01-05", "scheduled", "created"),
         ]
+
+
+def test_misses_another_node_recorded_first_still_make_the_next_run_a_catch_up(
+    database_url: str,
+) -> None:
+    """The race the test above can lose: one node records the missed fire times (which moves
+    every node's anchor past them) and the other claims the latest one. Played in order here,
+    so it cannot pass by luck."""
+    clock = SimClock(utc(2026, 1, 1))
+    with nodes(schedule_settings(database_url), clock, 2) as pair:
+        info = pair[0].schedules.create(schedule_spec())
+        race(pair, [utc(2026, 1, 1, 3, 0)], clock)  # night 1 on time
+        zone = parse_zone("UTC")
+        missed = list(
+            fire_times_after("30 2 * * *", zone, utc(2026, 1, 1, 3), until=utc(2026, 1, 3, 3))
+        )
+        assert [m.local.day for m in missed] == [2, 3]
+        # Node 0 got as far as recording the misses; node 1 ticks next and claims 4 Jan.
+        pair[0].scheduler._record_missed(info.id, "nightly", zone, missed, utc(2026, 1, 4, 4))
+        pair[1].fired.extend(pair[1].scheduler.tick(utc(2026, 1, 4, 4, 0)))
+        summary = [(r.local_time[:10], r.kind, r.status) for r in firings(pair[0])]
+        assert summary[-1] == ("2026-01-04", "catch_up", "created")
 
 
 def test_a_miss_older_than_the_grace_period_is_logged_not_run(
