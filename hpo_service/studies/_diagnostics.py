@@ -201,7 +201,7 @@ class Diagnostics:
         if not self.plotting:
             return
         try:
-            if not self._is_listed(row) and self.history.records(row.trial_id):
+            if not self._is_listed(row) and self.history.latest_epoch(row.trial_id) is not None:
                 self._list_placeholder(row)
             self._queue(row, last=True)
         except Exception:
